@@ -1,0 +1,1008 @@
+# Copyright 2026 The Chimera/Mixpert HF port authors. Licensed under the Apache License, Version 2.0.
+"""Chimera: a generalist VLM that borrows domain skill from frozen expert vision encoders (arXiv 2412.05983).
+
+Layout (transformers' LLaVA convention): `ChimeraForConditionalGeneration.model` is a `ChimeraModel` holding
+
+* `generalist` — the unchanged native backbone (`LlavaOnevisionModel` / `Qwen2VLModel` / `InternVLModel`),
+* `router` — `Linear(vision_hidden, N_e + 1, bias=False)` on the generalist encoder's CLS/mean feature (§3.2),
+* `expert_encoders[domain]` — frozen expert vision encoders (CLIP, SigLIP, Pix2Struct, GOT-OCR2, ...),
+* `expert_projectors[domain]` — LayerNorm -> Linear -> GELU -> Linear into the LLM width (§3.2),
+
+and `lm_head` is the generalist's LM head.
+
+Expert tokens. When image `i` is routed to expert `k`, the expert's `n_k` tokens go right after the image's
+generalist tokens (optionally wrapped in start/end tokens and placed after the image-end token, to match the
+official checkpoints), as `n_k` copies of `config.expert_token_ids[k-1]` filled with the expert's features.
+Users never write these tokens:
+
+* `forward` given *compact* `input_ids` (what the processor produces) routes, inserts the expert tokens, runs the
+  LLM, and returns `last_hidden_state` / `logits` aligned with the caller's `input_ids` (position `t` still predicts
+  token `t + 1`), so `labels`, Trainer and TRL's DPO work unchanged;
+* `generate` routes *before* the decoding loop, decodes on the expanded prompt (KV cache consistent), and returns
+  `prompt + new tokens` without the inserted tokens, so `out[:, inputs.input_ids.shape[1]:]` is the answer;
+* `forward` given `input_ids` that already hold expert tokens uses them as they are (the expert is read off the
+  tokens) — what `generate` feeds, and what analyses of the expanded sequence use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
+
+
+try:
+    from .configuration_chimera import ChimeraConfig, ChimeraExpertConfig
+    from .vlm_backbones import check_image_token_count, get_backbone_family
+except ImportError:
+    from configuration_chimera import ChimeraConfig, ChimeraExpertConfig
+    from vlm_backbones import check_image_token_count, get_backbone_family
+
+
+logger = logging.get_logger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------- outputs
+
+
+@dataclass
+class ChimeraImageFeatures(ModelOutput):
+    r"""
+    Everything Chimera derives from the images of one batch, before the language model.
+
+    generalist_features (`tuple[torch.FloatTensor]`): per image, `(n_i, llm_hidden)` generalist tokens.
+    router_logits (`torch.FloatTensor` of shape `(num_images, num_experts + 1)`): router scores, class 0 = no expert.
+    expert_index (`torch.LongTensor` of shape `(num_images,)`): the expert used per image (0 = none).
+    expert_features (`tuple`): per image, `(m_i, llm_hidden)` expert tokens, or `None` when no expert is used.
+    image_rows (`torch.LongTensor` of shape `(num_images,)`, *optional*): the batch row of each image (set by
+        `generate`, used to repeat features for beam search).
+    """
+
+    generalist_features: tuple | None = None
+    router_logits: torch.FloatTensor | None = None
+    expert_index: torch.LongTensor | None = None
+    expert_features: tuple | None = None
+    image_rows: torch.LongTensor | None = None
+
+
+@dataclass
+class ChimeraModelOutputWithPast(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Aligned with the caller's `input_ids` (expert tokens inserted by the model are not part of it).
+    past_key_values (`Cache`, *optional*): the KV cache of the sequence the LLM actually saw (with expert tokens).
+    hidden_states (`tuple[torch.FloatTensor]`, *optional*): per layer, aligned like `last_hidden_state`.
+    attentions (`tuple[torch.FloatTensor]`, *optional*): per layer, over the sequence the LLM saw (with expert
+        tokens); `expanded_input_ids` tells what each position holds.
+    router_logits (`torch.FloatTensor` of shape `(num_images, num_experts + 1)`, *optional*): router scores.
+    expert_index (`torch.LongTensor` of shape `(num_images,)`, *optional*): the expert each image used (0 = none).
+    expanded_input_ids (`torch.LongTensor`, *optional*): the token ids the LLM saw.
+    expanded_attention_mask (`torch.LongTensor`, *optional*): the attention mask the LLM saw (GSCM zeros included).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    router_logits: torch.FloatTensor | None = None
+    expert_index: torch.LongTensor | None = None
+    expanded_input_ids: torch.LongTensor | None = None
+    expanded_attention_mask: torch.LongTensor | None = None
+
+
+@dataclass
+class ChimeraCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): `lm_loss + router_loss_weight * router_loss` (the router part rescaled
+        under Trainer's `num_items_in_batch`, see `ChimeraForConditionalGeneration.forward`).
+    lm_loss (`torch.FloatTensor`, *optional*): next-token cross-entropy.
+    router_loss (`torch.FloatTensor`, *optional*): router cross-entropy (mean over labelled images, unweighted).
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): aligned with `input_ids`.
+    past_key_values, hidden_states, attentions, router_logits, expert_index: as in `ChimeraModelOutputWithPast`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    router_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
+    router_logits: torch.FloatTensor | None = None
+    expert_index: torch.LongTensor | None = None
+
+
+# ------------------------------------------------------------------------------------------------------ experts
+
+
+class GotOcr2ExpertBackbone(nn.Module):
+    """GOT-OCR2's SAM-style encoder followed by its two stride-2 convolutions: 256 tokens for a 1024 px image.
+
+    This is the official Chimera GOT expert (`GoTVisionModel` with `net_2` / `net_3`). In transformers the two
+    convolutions live in `GotOcr2MultiModalProjector` (`conv_upsampler1/2`); the final linear of that projector is
+    not part of the expert (Chimera's own expert projector follows).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2VisionEncoder
+
+        channels = config.vision_config.output_channels
+        hidden = config.text_config.hidden_size
+        self.vision_tower = GotOcr2VisionEncoder(config.vision_config)
+        self.conv_upsampler1 = nn.Conv2d(channels, channels * 2, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv_upsampler2 = nn.Conv2d(channels * 2, hidden, kernel_size=3, stride=2, padding=1, bias=False)
+
+    def forward(self, pixel_values):
+        features = self.vision_tower(pixel_values).last_hidden_state  # (B, C, H/16, W/16)
+        features = self.conv_upsampler2(self.conv_upsampler1(features))  # (B, hidden, H/64, W/64)
+        return features.flatten(2).transpose(1, 2)
+
+
+def _build_expert_encoder(vision_config) -> nn.Module:
+    family = vision_config.model_type
+    if family == "pix2struct_vision_model":
+        from transformers import Pix2StructVisionModel
+
+        return Pix2StructVisionModel(vision_config)
+    if family == "got_ocr2_vision":
+        from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2VisionEncoder
+
+        return GotOcr2VisionEncoder(vision_config)
+    if family == "got_ocr2":
+        return GotOcr2ExpertBackbone(vision_config)
+    return AutoModel.from_config(vision_config)
+
+
+def expert_hidden_size(vision_config) -> int:
+    """Width of the tokens an expert encoder produces (the expert projector's input)."""
+    family = vision_config.model_type
+    if family == "got_ocr2_vision":
+        return vision_config.output_channels
+    if family == "got_ocr2":
+        return vision_config.text_config.hidden_size
+    return vision_config.hidden_size
+
+
+class ChimeraExpertEncoder(nn.Module):
+    """One frozen expert vision encoder and the rule that turns its output into tokens (official `uni_encode`)."""
+
+    def __init__(self, config: ChimeraExpertConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = _build_expert_encoder(config.vision_config)
+
+    @property
+    def family(self) -> str:
+        return self.config.vision_config.model_type
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """`inputs`: the expert's preprocessed images, `(n, ...)`. Returns `(n, tokens, expert_hidden)`."""
+        family, layer = self.family, self.config.feature_layer
+        if family == "got_ocr2":
+            features = self.encoder(inputs)
+        else:
+            kwargs = {"output_hidden_states": layer is not None}
+            if family == "pix2struct_vision_model":
+                # Pix2Struct rows are [row, col, pixels]; all-zero rows are padding (its processor's own mask rule).
+                outputs = self.encoder(flattened_patches=inputs, attention_mask=(inputs.sum(-1) != 0).long(), **kwargs)
+            else:
+                outputs = self.encoder(pixel_values=inputs, **kwargs)
+            features = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
+            if features.dim() == 4:  # GOT-OCR2 maps: (B, C, H, W) neck output or (B, H, W, C) layer outputs
+                features = features.flatten(2).transpose(1, 2) if layer is None else features.flatten(1, 2)
+        if self.config.feature_select_strategy == "default":
+            features = features[:, 1:]
+        return features
+
+
+class ChimeraExpertProjector(nn.Module):
+    """Expert tokens -> LLM width: LayerNorm -> Linear -> GELU -> Linear (Chimera §3.2; official `mlp[i]`)."""
+
+    def __init__(self, in_features: int, out_features: int, hidden_act: str = "gelu"):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(in_features)
+        self.linear_1 = nn.Linear(in_features, out_features)
+        self.act = ACT2FN[hidden_act]
+        self.linear_2 = nn.Linear(out_features, out_features)
+
+    def forward(self, features):
+        return self.linear_2(self.act(self.linear_1(self.layer_norm(features))))
+
+
+# ------------------------------------------------------------------------------------------------------- layout
+
+
+@dataclass
+class ExpertTokenLayout:
+    """Where every image's generalist and expert tokens sit in the sequence the LLM sees.
+
+    input_ids / attention_mask / mm_token_type_ids / position_ids: the expanded inputs.
+    source_positions (`(batch, orig_len)`): expanded position of each caller token; for the token an expert block
+        was inserted after, the position of the block's last token (so outputs keep next-token semantics).
+    keep_positions (`(batch, orig_len)`): expanded position of each caller token (to strip `generate` outputs).
+    image_positions (`list[torch.LongTensor]`): per image, expanded positions of its generalist tokens.
+    image_rows (`list[int]`): per image, the batch row it sits in.
+    inserted (`bool`): whether any token was inserted.
+    """
+
+    input_ids: torch.LongTensor
+    attention_mask: torch.Tensor | None
+    mm_token_type_ids: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    source_positions: torch.LongTensor
+    keep_positions: torch.LongTensor
+    image_positions: list
+    image_rows: list
+    inserted: bool
+
+
+def _image_token_spans(input_ids, image_token_id, counts):
+    """(row, first_col, last_col) of every image's generalist tokens, in masked_scatter order."""
+    mask = input_ids == image_token_id
+    total = int(mask.sum())
+    check_image_token_count(total, [torch.empty(c, 0) for c in counts])
+    flat = mask.flatten().nonzero().squeeze(-1)
+    seq_len = input_ids.shape[1]
+    spans, start = [], 0
+    for count in counts:
+        first, last = int(flat[start]), int(flat[start + count - 1])
+        row, first_col, last_col = first // seq_len, first % seq_len, last % seq_len
+        if last // seq_len != row:
+            raise ValueError(
+                "One image's tokens run across two samples of the batch: the image inputs do not match `input_ids`."
+            )
+        spans.append((row, first_col, last_col))
+        start += count
+    return spans
+
+
+# ------------------------------------------------------------------------------------------------------- models
+
+
+class ChimeraPreTrainedModel(PreTrainedModel):
+    config: ChimeraConfig
+    config_class = ChimeraConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+    _no_split_modules = []
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but safetensors only and no silent random init: a checkpoint with
+        missing or unexpected weights (a router, projector or expert that does not match the config) raises."""
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("use_safetensors", True)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys", []))
+        unexpected = sorted(info.get("unexpected_keys", []))
+        mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path!r} does not match its {cls.config_class.__name__}: "
+                f"missing weights {missing[:10]}{'...' if len(missing) > 10 else ''}, unexpected weights "
+                f"{unexpected[:10]}{'...' if len(unexpected) > 10 else ''}, wrong shapes {mismatched[:10]}. Nothing "
+                "is initialised at random on load. Re-save the model with `save_pretrained` after building it (e.g. "
+                "with `from_generalist` / `from_base`), or fix `config.json` so the experts and routers match the "
+                "weights."
+            )
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained` (safetensors) with every auto class in `config.auto_map`, so the folder
+        loads with `AutoConfig` / `AutoModel` / `AutoModelForImageTextToText` and `trust_remote_code=True`."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_chimera.ChimeraConfig",
+    "AutoModel": "modeling_chimera.ChimeraForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_chimera.ChimeraForConditionalGeneration",
+}
+
+
+class ChimeraModel(ChimeraPreTrainedModel):
+    """The generalist backbone plus router, frozen expert encoders and expert projectors (no LM head)."""
+
+    def __init__(self, config: ChimeraConfig):
+        super().__init__(config)
+        self.family = get_backbone_family(config.generalist_config.model_type)
+        self.generalist = AutoModel.from_config(config.generalist_config)
+        text_hidden = config.get_text_config().hidden_size
+        self.router = nn.Linear(self.family.tower_hidden_size(config.generalist_config), config.num_experts_with_none, bias=False)
+        self.expert_encoders = nn.ModuleDict({e.domain: ChimeraExpertEncoder(e) for e in config.experts})
+        self.expert_projectors = nn.ModuleDict(
+            {
+                e.domain: ChimeraExpertProjector(expert_hidden_size(e.vision_config), text_hidden, e.projector_hidden_act)
+                for e in config.experts
+            }
+        )
+        self.expert_encoders.requires_grad_(False)  # experts are frozen at every stage (Chimera §3.4)
+        self.post_init()
+
+    # -- plumbing
+
+    def get_input_embeddings(self):
+        return self.generalist.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.generalist.set_input_embeddings(value)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.expert_encoders.eval()  # frozen encoders never use dropout / batch statistics
+        return self
+
+    @property
+    def domains(self) -> list[str]:
+        return self.config.domains
+
+    # -- images
+
+    def _image_batch(self, pixel_values, input_ids=None, **image_inputs):
+        return self.family.image_batch(self.generalist.config, pixel_values, input_ids=input_ids, **image_inputs)
+
+    def _route_feature(self, acts, images):
+        mode = self.config.router_feature
+        if mode == "auto":
+            mode = "cls" if self.family.has_cls_token else "mean"
+        return self.family.routing_feature(self.generalist, self.generalist.config, acts, images, mode)
+
+    def _validate_expert_labels(self, expert_labels, num_images):
+        if expert_labels is None:
+            return None
+        expert_labels = torch.as_tensor(expert_labels).long().reshape(-1)
+        if expert_labels.numel() != num_images:
+            raise ValueError(
+                f"`expert_labels` must hold one label per image ({num_images} images in this batch), got "
+                f"{expert_labels.numel()}. Use 0 for 'no expert', k for the k-th expert ({self.domains}), -100 to "
+                "let the router decide without a router loss."
+            )
+        bad = (expert_labels != -100) & ((expert_labels < 0) | (expert_labels >= self.config.num_experts_with_none))
+        if bad.any():
+            raise ValueError(
+                f"`expert_labels` out of range: {expert_labels[bad].tolist()}. Valid: 0 (no expert), 1..{len(self.domains)} "
+                f"for {self.domains}, or -100 (unlabelled)."
+            )
+        return expert_labels
+
+    def encode_generalist(self, pixel_values, input_ids=None, **image_inputs):
+        """Generalist tokens per image, router logits, and the image grouping."""
+        images = self._image_batch(pixel_values, input_ids=input_ids, **image_inputs)
+        features, acts = self.family.encode(self.generalist, self.generalist.config, images)
+        router_logits = self.router(self._route_feature(acts, images).to(self.router.weight.dtype))
+        return features, router_logits, images
+
+    def encode_experts(self, expert_index, expert_pixel_values, num_images):
+        """Run each used expert once, on just the images routed to it (the official training code runs every expert
+        on every image). Returns per image `(m_i, llm_hidden)` or `None`."""
+        features = [None] * num_images
+        for k, domain in enumerate(self.domains, start=1):
+            routed = (expert_index == k).nonzero().squeeze(-1)
+            if routed.numel() == 0:
+                continue
+            inputs = None
+            if expert_pixel_values is not None and len(expert_pixel_values) >= k:
+                inputs = expert_pixel_values[k - 1]
+            if inputs is None:
+                raise ValueError(
+                    f"Image(s) {routed.tolist()} are routed to expert {k} ({domain!r}) but `expert_pixel_values` has no "
+                    f"inputs for it. Pass the `expert_pixel_values` that `ChimeraProcessor` returns (one tensor per "
+                    "expert, one row per image)."
+                )
+            if inputs.shape[0] != num_images:
+                raise ValueError(
+                    f"`expert_pixel_values[{k - 1}]` ({domain!r}) has {inputs.shape[0]} rows for {num_images} images."
+                )
+            encoder = self.expert_encoders[domain]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
+                tokens = encoder(inputs.index_select(0, routed.to(inputs.device)).to(self.dtype))
+            tokens = self.expert_projectors[domain](tokens.to(self.expert_projectors[domain].linear_1.weight.dtype))
+            for row, image in enumerate(routed.tolist()):
+                features[image] = tokens[row]
+        return tuple(features)
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.LongTensor | None = None,
+        expert_pixel_values: list | None = None,
+        expert_labels: torch.LongTensor | None = None,
+        expert_index: torch.LongTensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        image_num_patches: torch.Tensor | None = None,
+        **kwargs,
+    ) -> ChimeraImageFeatures:
+        """Encode a batch of images: generalist tokens, router scores, the expert choice and the expert tokens.
+
+        The expert is `expert_index` when given, else the labelled one (`expert_labels`, teacher forcing), else the
+        router's argmax. Only the chosen expert's encoder runs for an image.
+        """
+        features, router_logits, images = self.encode_generalist(
+            pixel_values, input_ids=input_ids, image_sizes=image_sizes, batch_num_images=batch_num_images,
+            image_grid_thw=image_grid_thw, image_num_patches=image_num_patches,
+        )
+        num_images = images.num_images
+        labels = self._validate_expert_labels(expert_labels, num_images)
+        if expert_index is None:
+            expert_index = router_logits.argmax(-1)
+            if labels is not None:
+                expert_index = torch.where(labels == -100, expert_index, labels.to(expert_index.device))
+        expert_features = self.encode_experts(expert_index, expert_pixel_values, num_images)
+        return ChimeraImageFeatures(
+            generalist_features=tuple(features),
+            router_logits=router_logits,
+            expert_index=expert_index,
+            expert_features=expert_features,
+        )
+
+    # -- token layout
+
+    def _expert_block(self, k: int, count: int) -> list[int]:
+        block = [self.config.expert_token_ids[k - 1]] * count
+        if self.config.expert_start_token_id is not None:
+            block = [self.config.expert_start_token_id] + block
+        if self.config.expert_end_token_id is not None:
+            block = block + [self.config.expert_end_token_id]
+        return block
+
+    def _check_expert_tokens_configured(self):
+        if self.config.experts and self.config.expert_token_ids is None:
+            raise ValueError(
+                "`config.expert_token_ids` is not set: build the model with `ChimeraForConditionalGeneration."
+                "from_generalist(...)`, which reserves one token id per expert, or set it in the config."
+            )
+
+    def has_expert_tokens(self, input_ids) -> bool:
+        return bool(self.config.expert_token_ids) and bool(
+            torch.isin(input_ids, torch.tensor(self.config.expert_token_ids, device=input_ids.device)).any()
+        )
+
+    def expert_index_from_tokens(self, input_ids, generalist_features) -> torch.LongTensor:
+        """For `input_ids` that already hold expert blocks: which expert follows each image (0 = none)."""
+        counts = [int(f.shape[0]) for f in generalist_features]
+        spans = _image_token_spans(input_ids, self.generalist_image_token_id, counts)
+        token_to_expert = {t: k for k, t in enumerate(self.config.expert_token_ids, start=1)}
+        skip = {self.config.expert_start_token_id, self.config.expert_insert_after_token_id} - {None}
+        index = []
+        for row, _, last in spans:
+            col = last + 1
+            while col < input_ids.shape[1] and int(input_ids[row, col]) in skip:
+                col += 1
+            index.append(token_to_expert.get(int(input_ids[row, col]), 0) if col < input_ids.shape[1] else 0)
+        return torch.tensor(index, dtype=torch.long, device=input_ids.device)
+
+    @property
+    def generalist_image_token_id(self) -> int:
+        return self.family.image_token_id(self.generalist.config)
+
+    def layout(
+        self,
+        input_ids: torch.LongTensor,
+        image_features: ChimeraImageFeatures,
+        attention_mask: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        padding_side: str | None = None,
+        pad_token_id: int | None = None,
+    ) -> ExpertTokenLayout:
+        """Insert each routed image's expert block after its generalist tokens (compact -> expanded inputs)."""
+        batch, seq_len = input_ids.shape
+        device = input_ids.device
+        gen_counts = [int(f.shape[0]) for f in image_features.generalist_features]
+        spans = _image_token_spans(input_ids, self.generalist_image_token_id, gen_counts) if gen_counts else []
+        expert_index = image_features.expert_index.tolist() if gen_counts else []
+        inserts = [[] for _ in range(batch)]  # per row: (anchor col, block ids)
+        for (row, _, last), k, feats in zip(spans, expert_index, image_features.expert_features or ()):
+            if k == 0:
+                continue
+            anchor = last
+            after = self.config.expert_insert_after_token_id
+            if after is not None and last + 1 < seq_len and int(input_ids[row, last + 1]) == after:
+                anchor = last + 1
+            inserts[row].append((anchor, self._expert_block(k, int(feats.shape[0]))))
+        arange = torch.arange(seq_len, device=device)
+        if not any(inserts):
+            positions = arange.expand(batch, seq_len)
+            image_positions = [torch.arange(f, l + 1, device=device) for _, f, l in spans]
+            return ExpertTokenLayout(input_ids, attention_mask, mm_token_type_ids, position_ids, positions, positions,
+                                     image_positions, [row for row, _, _ in spans], inserted=False)
+        if position_ids is not None and position_ids.dim() != 2:
+            raise ValueError(
+                "Chimera computes 3D (M-RoPE) positions itself when it inserts expert tokens: call it without "
+                "`position_ids`, or with input_ids that already hold the expert tokens (see `generate`)."
+            )
+        if padding_side is None:
+            left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any()) and bool((attention_mask[:, -1] == 1).all())
+            padding_side = "left" if left else "right"
+        added = [sum(len(b) for _, b in row) for row in inserts]
+        new_len = seq_len + max(added)
+        if pad_token_id is None:
+            pad_token_id = self.config.get_text_config().pad_token_id or 0
+        new_ids = torch.full((batch, new_len), pad_token_id, dtype=input_ids.dtype, device=device)
+        new_mask = torch.zeros((batch, new_len), dtype=torch.long, device=device)
+        new_types = torch.zeros((batch, new_len), dtype=mm_token_type_ids.dtype, device=device) if mm_token_type_ids is not None else None
+        new_pos = torch.zeros((batch, new_len), dtype=position_ids.dtype, device=device) if position_ids is not None else None
+        keep = torch.empty((batch, seq_len), dtype=torch.long, device=device)
+        source = torch.empty((batch, seq_len), dtype=torch.long, device=device)
+        for row in range(batch):
+            offset = new_len - seq_len - added[row] if padding_side == "left" else 0
+            shift = torch.zeros(seq_len, dtype=torch.long, device=device)
+            for anchor, block in inserts[row]:
+                shift[anchor + 1 :] += len(block)
+            keep[row] = arange + shift + offset
+            source[row] = keep[row]
+            new_ids[row, keep[row]] = input_ids[row]
+            new_mask[row, keep[row]] = attention_mask[row].long() if attention_mask is not None else 1
+            if new_types is not None:
+                new_types[row, keep[row]] = mm_token_type_ids[row]
+            if new_pos is not None:
+                new_pos[row, keep[row]] = position_ids[row] + shift
+            for anchor, block in inserts[row]:
+                start = int(keep[row, anchor]) + 1
+                new_ids[row, start : start + len(block)] = torch.tensor(block, dtype=input_ids.dtype, device=device)
+                new_mask[row, start : start + len(block)] = 1
+                if new_pos is not None:
+                    new_pos[row, start : start + len(block)] = position_ids[row, anchor] + 1 + torch.arange(len(block), device=device)
+                source[row, anchor] = start + len(block) - 1
+        image_positions = [keep[row, first : last + 1] for row, first, last in spans]
+        return ExpertTokenLayout(new_ids, new_mask, new_types, new_pos, source, keep, image_positions,
+                                 [row for row, _, _ in spans], inserted=True)
+
+    def _gscm_mask(self, attention_mask, layout, expert_index):
+        """Generalist-Specialist Collaboration Masking (Chimera §3.3): for each image that uses an expert, mask
+        `int(ratio * n)` of its `n` generalist tokens, chosen uniformly at random, from attention."""
+        ratio = float(self.config.gscm_ratio)
+        if not self.training or ratio <= 0 or expert_index is None or not bool((expert_index > 0).any()):
+            return attention_mask
+        if attention_mask is None:
+            attention_mask = torch.ones_like(layout.input_ids)
+        attention_mask = attention_mask.clone()
+        for image, positions in enumerate(layout.image_positions):
+            if int(expert_index[image]) <= 0:
+                continue
+            n_mask = int(ratio * positions.numel())
+            chosen = positions[torch.randperm(positions.numel(), device=positions.device)[:n_mask]]
+            attention_mask[layout.image_rows[image], chosen] = 0
+        return attention_mask
+
+    # -- forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        expert_pixel_values: list | None = None,
+        expert_labels: torch.LongTensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        image_num_patches: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> ChimeraModelOutputWithPast:
+        image_features = (mm_encoder_outputs or {}).get("image")
+        has_images = pixel_values is not None or image_features is not None
+        if not has_images:
+            if input_ids is not None and self.has_expert_tokens(input_ids):
+                raise ValueError("`input_ids` hold expert tokens but no images were given (`pixel_values`).")
+            outputs = self.family.language_forward(
+                self.generalist, inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids),
+                input_ids=input_ids, image_inputs={"image_grid_thw": image_grid_thw}, attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
+                mm_token_type_ids=mm_token_type_ids, **kwargs,
+            )
+            return ChimeraModelOutputWithPast(
+                last_hidden_state=outputs.last_hidden_state, past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            )
+        if input_ids is None:
+            raise ValueError("Chimera needs `input_ids` with images (to place generalist and expert tokens).")
+        self._check_expert_tokens_configured()
+        expanded = self.has_expert_tokens(input_ids)
+        image_inputs = dict(image_sizes=image_sizes, batch_num_images=batch_num_images, image_grid_thw=image_grid_thw,
+                            image_num_patches=image_num_patches)
+        if image_features is None:
+            features, router_logits, images = self.encode_generalist(pixel_values, input_ids=input_ids, **image_inputs)
+            labels = self._validate_expert_labels(expert_labels, images.num_images)
+            if expanded:
+                expert_index = self.expert_index_from_tokens(input_ids, features)
+                if labels is not None and bool(((labels != -100) & (labels.to(expert_index.device) != expert_index)).any()):
+                    raise ValueError(
+                        f"`expert_labels` {labels.tolist()} disagree with the expert tokens in `input_ids` "
+                        f"{expert_index.tolist()}: pass compact input_ids (without expert tokens) to teacher-force."
+                    )
+            else:
+                expert_index = router_logits.argmax(-1)
+                if labels is not None:
+                    expert_index = torch.where(labels.to(expert_index.device) == -100, expert_index, labels.to(expert_index.device))
+            image_features = ChimeraImageFeatures(
+                generalist_features=tuple(features), router_logits=router_logits, expert_index=expert_index,
+                expert_features=self.encode_experts(expert_index, expert_pixel_values, images.num_images),
+            )
+        if past_key_values is not None and past_key_values.get_seq_length() > 0 and not expanded and bool(
+            (image_features.expert_index > 0).any()
+        ):
+            raise ValueError(
+                "Cannot insert expert tokens into a sequence that continues a KV cache; use `generate()`, which "
+                "routes before decoding, or pass input_ids that already hold the expert tokens."
+            )
+
+        if expanded:
+            layout = self.layout(input_ids, ChimeraImageFeatures(
+                generalist_features=image_features.generalist_features, expert_index=torch.zeros_like(image_features.expert_index),
+                expert_features=image_features.expert_features), attention_mask, mm_token_type_ids, position_ids)
+        else:
+            layout = self.layout(input_ids, image_features, attention_mask, mm_token_type_ids, position_ids)
+
+        ids = layout.input_ids
+        embeds = self.get_input_embeddings()(ids)
+        embeds = self._scatter(embeds, ids == self.generalist_image_token_id, image_features.generalist_features, "image")
+        for k, token_id in enumerate(self.config.expert_token_ids or [], start=1):
+            chosen = [f for f, e in zip(image_features.expert_features, image_features.expert_index.tolist()) if e == k]
+            mask = ids == token_id
+            if chosen or bool(mask.any()):
+                embeds = self._scatter(embeds, mask, chosen, f"expert-{k} ({self.domains[k - 1]!r})")
+        attention = self._gscm_mask(layout.attention_mask, layout, image_features.expert_index)
+
+        outputs = self.family.language_forward(
+            self.generalist, embeds, input_ids=ids, image_inputs={"image_grid_thw": image_grid_thw},
+            attention_mask=attention, position_ids=layout.position_ids, past_key_values=past_key_values,
+            use_cache=use_cache, mm_token_type_ids=layout.mm_token_type_ids, **kwargs,
+        )
+        hidden, all_hidden = outputs.last_hidden_state, outputs.hidden_states
+        if layout.inserted and not expanded:
+            index = layout.source_positions.unsqueeze(-1)
+            realign = lambda h: h.gather(1, index.expand(-1, -1, h.shape[-1]))  # noqa: E731
+            hidden = realign(hidden)
+            all_hidden = tuple(realign(h) for h in all_hidden) if all_hidden is not None else None
+        return ChimeraModelOutputWithPast(
+            last_hidden_state=hidden,
+            past_key_values=outputs.past_key_values,
+            hidden_states=all_hidden,
+            attentions=outputs.attentions,
+            router_logits=image_features.router_logits,
+            expert_index=image_features.expert_index,
+            expanded_input_ids=ids,
+            expanded_attention_mask=attention,
+        )
+
+    @staticmethod
+    def _scatter(embeds, mask, features, what):
+        check_image_token_count(int(mask.sum()), list(features), what)
+        if not features:
+            return embeds
+        source = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
+        return embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), source)
+
+
+class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
+    """Chimera with the generalist's LM head. See the module docstring for the expert-token layout."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.generalist.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: ChimeraConfig):
+        super().__init__(config)
+        self.model = ChimeraModel(config)
+        text_config = config.get_text_config()
+        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    @property
+    def domains(self) -> list[str]:
+        return self.config.domains
+
+    def get_image_features(self, pixel_values, **kwargs) -> ChimeraImageFeatures:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        expert_labels: torch.LongTensor | None = None,
+        expert_pixel_values: list | None = None,
+        image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        image_num_patches: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ChimeraCausalLMOutputWithPast:
+        r"""
+        expert_labels (`torch.LongTensor` of shape `(num_images,)`, *optional*):
+            Per image: 0 = no expert, k = the k-th expert of `config.experts`, -100 = unlabelled. Labelled images use
+            their expert (teacher forcing) and add the router's cross-entropy to the loss.
+        expert_pixel_values (`list[torch.Tensor]`, *optional*):
+            One tensor per expert (config order), one row per image: that expert's preprocessed input (what
+            `ChimeraProcessor` returns). Only the rows of images routed to an expert are used.
+
+        Loss: `lm_loss + router_loss_weight * router_loss`. Under `Trainer` (which passes `num_items_in_batch` and
+        then no longer divides by the gradient-accumulation steps) the router term is multiplied by this micro-batch's
+        share of the label tokens, so over an accumulated (and data-parallel) batch it sums to a weighted mean of
+        the per-micro-batch router losses with weights adding up to 1 — the same scale as without accumulation.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, expert_pixel_values=expert_pixel_values,
+            expert_labels=expert_labels, image_sizes=image_sizes, batch_num_images=batch_num_images,
+            image_grid_thw=image_grid_thw, image_num_patches=image_num_patches, mm_token_type_ids=mm_token_type_ids,
+            mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, slice_indices, :])
+
+        lm_loss = router_loss = loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size,
+                num_items_in_batch=num_items_in_batch, **kwargs,
+            )
+            loss = lm_loss
+        if expert_labels is not None and outputs.router_logits is not None:
+            targets = torch.as_tensor(expert_labels).long().reshape(-1).to(outputs.router_logits.device)
+            if bool((targets != -100).any()):
+                router_loss = F.cross_entropy(outputs.router_logits.float(), targets, ignore_index=-100)
+                weighted = self.config.router_loss_weight * router_loss
+                if num_items_in_batch is not None and labels is not None:
+                    local_items = labels[..., 1:].ne(-100).sum()
+                    weighted = weighted * local_items.to(weighted.device) / torch.as_tensor(num_items_in_batch).to(weighted.device)
+                loss = weighted if loss is None else loss + weighted
+        return ChimeraCausalLMOutputWithPast(
+            loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=logits,
+            past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions, router_logits=outputs.router_logits, expert_index=outputs.expert_index,
+        )
+
+    # ------------------------------------------------------------------------------------------------ generation
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        text_positions = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+        input_ids = model_kwargs.get("input_ids")
+        if input_ids is None or input_ids.shape[1] == 0:
+            input_ids = inputs_tensor
+        return self.model.family.generation_position_ids(self.model.generalist, text_positions, input_ids, model_kwargs)
+
+    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
+        # Beam search / num_return_sequences repeat every row; repeat its images' features with it.
+        features = mm_encoder_output.get("image")
+        if not isinstance(features, ChimeraImageFeatures):
+            return super()._expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size, inputs_embeds)
+        rows = features.image_rows.tolist()
+        order = [i for row in sorted(set(rows)) for _ in range(expand_size) for i, r in enumerate(rows) if r == row]
+        pick = lambda seq: tuple(seq[i] for i in order)  # noqa: E731
+        index = torch.tensor(order, device=features.router_logits.device)
+        mm_encoder_output["image"] = ChimeraImageFeatures(
+            generalist_features=pick(features.generalist_features),
+            router_logits=features.router_logits.index_select(0, index),
+            expert_index=features.expert_index.index_select(0, index),
+            expert_features=pick(features.expert_features),
+            image_rows=torch.tensor([rows[i] * expand_size for i in order], device=features.image_rows.device),
+        )
+        return mm_encoder_output
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+        """`GenerationMixin.generate` with routing before the decoding loop.
+
+        With images: encode them once (generalist, router, chosen experts), insert each routed image's expert
+        tokens into the prompt, decode on that expanded prompt, and return the caller's prompt + the new tokens
+        (the inserted tokens are removed again, so `out[:, input_ids.shape[1]:]` is the continuation). Pass
+        `expert_labels` to force experts (0 = none); `return_dict_in_generate=True` also gives `expert_index` and
+        `router_logits` through `model.last_routing`.
+        """
+        image_kwargs = {name: kwargs.pop(name, None) for name in (
+            "expert_pixel_values", "expert_labels", "image_sizes", "batch_num_images", "image_grid_thw",
+            "image_num_patches",
+        )}
+        if pixel_values is None or input_ids is None or self.model.has_expert_tokens(input_ids):
+            passthrough = {k: v for k, v in image_kwargs.items() if v is not None and k != "expert_labels"}
+            return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                    **passthrough, **kwargs)
+        self.model._check_expert_tokens_configured()
+        features = self.model.get_image_features(pixel_values, input_ids=input_ids, **image_kwargs)
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        pad_token_id = kwargs.get("pad_token_id", generation_config.pad_token_id)
+        layout = self.model.layout(
+            input_ids, features, attention_mask=attention_mask, mm_token_type_ids=kwargs.pop("mm_token_type_ids", None),
+            padding_side="left", pad_token_id=pad_token_id,
+        )
+        features.image_rows = torch.tensor(layout.image_rows, dtype=torch.long, device=input_ids.device)
+        self.last_routing = {"expert_index": features.expert_index, "router_logits": features.router_logits}
+        extra = {}
+        if layout.mm_token_type_ids is not None:
+            extra["mm_token_type_ids"] = layout.mm_token_type_ids
+        if image_kwargs["image_grid_thw"] is not None:
+            extra["image_grid_thw"] = image_kwargs["image_grid_thw"]
+        attention = layout.attention_mask if layout.attention_mask is not None else torch.ones_like(layout.input_ids)
+        output = super().generate(
+            input_ids=layout.input_ids, attention_mask=attention, mm_encoder_outputs={"image": features}, **extra,
+            **kwargs,
+        )
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        expand = sequences.shape[0] // input_ids.shape[0]
+        keep = layout.keep_positions.repeat_interleave(expand, dim=0)
+        prompt_len = layout.input_ids.shape[1]
+        stripped = torch.cat([sequences[:, :prompt_len].gather(1, keep), sequences[:, prompt_len:]], dim=1)
+        if isinstance(output, torch.Tensor):
+            return stripped
+        output.sequences = stripped
+        return output
+
+    # ------------------------------------------------------------------------------------------------- assembly
+
+    @classmethod
+    def from_generalist(
+        cls,
+        generalist,
+        experts: dict,
+        expert_token_ids: list[int] | None = None,
+        router_feature: str = "auto",
+        gscm_ratio: float = 0.0,
+        router_loss_weight: float = 1.0,
+        dtype: torch.dtype | None = None,
+        **config_kwargs,
+    ) -> "ChimeraForConditionalGeneration":
+        """Assemble Chimera from an existing generalist and expert encoders.
+
+        Args:
+            generalist: a native LLaVA-OneVision / Qwen2-VL / InternVL `...ForConditionalGeneration` object, or a
+                local path / Hub repo id of one (loaded with `AutoModelForImageTextToText`, safetensors only).
+                The object's modules are reused, not copied; its vocabulary grows by one row per expert.
+            experts: `{domain: expert}` in router order. An expert is a vision model object (`CLIPVisionModel`,
+                `SiglipVisionModel`, `Pix2StructVisionModel`, `GotOcr2VisionEncoder`, or a full `CLIPModel`,
+                `SiglipModel`, `Pix2StructForConditionalGeneration`, `GotOcr2ForConditionalGeneration`, whose
+                vision part is taken), a path / repo id of one, or a dict `{"model": ..., "feature_layer": ...,
+                "feature_select_strategy": ...}`. Expert encoders are frozen.
+            expert_token_ids: reuse existing vocabulary ids as expert placeholders instead of adding new rows.
+            router_feature, gscm_ratio, router_loss_weight, **config_kwargs: see `ChimeraConfig`.
+        """
+        from transformers.initialization import no_init_weights
+
+        if not isinstance(experts, dict) or not experts:
+            raise ValueError("`experts` must be a non-empty dict {domain: expert vision model or path}.")
+        if isinstance(generalist, str):
+            generalist = AutoModelForImageTextToText.from_pretrained(generalist, dtype=dtype, use_safetensors=True)
+        if not hasattr(generalist, "lm_head") or not hasattr(generalist, "model"):
+            raise ValueError(
+                f"`generalist` must be a native `...ForConditionalGeneration` model (with `.model` and `.lm_head`), "
+                f"got {type(generalist).__name__}."
+            )
+        get_backbone_family(generalist.config.model_type)  # clear error for unsupported families
+        expert_specs, expert_modules = [], {}
+        for domain, spec in experts.items():
+            options = dict(spec) if isinstance(spec, dict) else {"model": spec}
+            vision_config, module = load_expert_encoder(options.pop("model"), dtype=dtype)
+            expert_specs.append(ChimeraExpertConfig(domain=domain, vision_config=vision_config, **options))
+            expert_modules[domain] = module
+
+        vocab = generalist.config.get_text_config().vocab_size
+        new_rows = 0
+        if expert_token_ids is None:
+            expert_token_ids, new_rows = list(range(vocab, vocab + len(expert_specs))), len(expert_specs)
+        config = ChimeraConfig(
+            generalist_config=generalist.config, experts=expert_specs, expert_token_ids=expert_token_ids,
+            router_feature=router_feature, gscm_ratio=gscm_ratio, router_loss_weight=router_loss_weight,
+            **config_kwargs,
+        )
+        with torch.device("meta"), no_init_weights():
+            model = cls(config)
+        # Reuse the given modules; only the router and the expert projectors are new.
+        model.model.generalist = generalist.model
+        model.lm_head = generalist.lm_head
+        for domain, module in expert_modules.items():
+            model.model.expert_encoders[domain].encoder = module.requires_grad_(False)
+        reference = next(generalist.parameters())
+        for new in [model.model.router, *model.model.expert_projectors.values()]:
+            new.to_empty(device=reference.device)
+            for sub in new.modules():
+                model._init_weights(sub)
+            new.to(reference.dtype)
+        model.generation_config = generalist.generation_config
+        if new_rows:
+            model.resize_token_embeddings(vocab + new_rows, mean_resizing=True)
+            config.get_text_config().vocab_size = vocab + new_rows
+        # Expert placeholders are inputs only: never generate them.
+        suppress = list(model.generation_config.suppress_tokens or [])
+        model.generation_config.suppress_tokens = suppress + [t for t in expert_token_ids if t not in suppress]
+        model.eval() if not generalist.training else model.train()
+        return model
+
+
+ChimeraForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+
+def load_expert_encoder(spec, dtype=None):
+    """`(vision_config, module)` for an expert given as a model object or a path / repo id (safetensors only)."""
+    from transformers import AutoConfig
+
+    if isinstance(spec, str):
+        config = AutoConfig.from_pretrained(spec)
+        family = config.model_type
+        if family in ("clip", "siglip", "siglip2"):
+            spec = AutoModel.from_pretrained(spec, dtype=dtype, use_safetensors=True)
+        elif family == "pix2struct":
+            from transformers import Pix2StructForConditionalGeneration
+
+            spec = Pix2StructForConditionalGeneration.from_pretrained(spec, dtype=dtype, use_safetensors=True)
+        elif family == "got_ocr2":
+            spec = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, use_safetensors=True)
+        elif family == "pix2struct_vision_model":
+            from transformers import Pix2StructVisionModel
+
+            spec = Pix2StructVisionModel.from_pretrained(spec, dtype=dtype, use_safetensors=True)
+        else:
+            spec = AutoModel.from_pretrained(spec, dtype=dtype, use_safetensors=True)
+    if not isinstance(spec, nn.Module) or not hasattr(spec, "config"):
+        raise ValueError(f"An expert must be a transformers vision model or a path to one, got {type(spec).__name__}.")
+    config = spec.config
+    family = config.model_type
+    if family in ("clip", "siglip", "siglip2") and hasattr(spec, "vision_model"):
+        with torch.device("meta"):
+            module = AutoModel.from_config(config.vision_config)
+        module.vision_model = spec.vision_model
+        return config.vision_config, module
+    if family == "pix2struct" and hasattr(spec, "encoder"):
+        return config.vision_config, spec.encoder
+    if family == "got_ocr2":
+        inner = spec.model if hasattr(spec, "model") else spec
+        with torch.device("meta"):
+            module = GotOcr2ExpertBackbone(config)
+        module.vision_tower = inner.vision_tower
+        module.conv_upsampler1 = inner.multi_modal_projector.conv_upsampler1
+        module.conv_upsampler2 = inner.multi_modal_projector.conv_upsampler2
+        return config, module
+    return config, spec
+
+
+__all__ = [
+    "ChimeraPreTrainedModel",
+    "ChimeraModel",
+    "ChimeraForConditionalGeneration",
+    "ChimeraImageFeatures",
+    "ChimeraModelOutputWithPast",
+    "ChimeraCausalLMOutputWithPast",
+]

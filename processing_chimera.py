@@ -1,0 +1,209 @@
+# Copyright 2026 The Chimera/Mixpert HF port authors. Licensed under the Apache License, Version 2.0.
+"""ChimeraProcessor: the generalist's own processor plus one image processor per expert encoder."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+import transformers
+from transformers import BatchFeature, ProcessorMixin
+
+
+# Which output of an expert's image processor the expert encoder consumes.
+_EXPERT_INPUT_KEY = {"Pix2StructImageProcessor": "flattened_patches", "Pix2StructImageProcessorFast": "flattened_patches"}
+
+
+def _to_rgb(image):
+    """RGBA / LA / P / grayscale -> RGB (PIL images and HWC / HW numpy arrays); a clear error for empty images."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a transformers vision dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"Got an empty image of size {image.size}: every image needs at least 1x1 pixels.")
+        if image.mode == "RGB":
+            return image
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            background = Image.new("RGB", image.size, (255, 255, 255))
+            background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
+            return background
+        return image.convert("RGB")
+    if isinstance(image, (np.ndarray, torch.Tensor)):
+        array = image.numpy() if isinstance(image, torch.Tensor) else image
+        if array.size == 0 or min(array.shape[:2] if array.ndim >= 2 else (0,)) == 0:
+            raise ValueError(f"Got an empty image array of shape {tuple(array.shape)}.")
+        channels_first = array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4)
+        if channels_first:
+            array = np.moveaxis(array, 0, -1)
+        if array.ndim == 2:
+            array = np.stack([array] * 3, axis=-1)
+        elif array.shape[-1] in (1, 2):
+            array = np.concatenate([array[..., :1]] * 3, axis=-1)
+        elif array.shape[-1] == 4:
+            array = array[..., :3]
+        return array
+    return image
+
+
+def _flatten_images(images):
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        flat = []
+        for item in images:
+            flat.extend(_flatten_images(item))
+        return flat
+    return [images]
+
+
+def _renest(images, converted):
+    """Put converted images back into the caller's nesting (the generalist processor reads it)."""
+    it = iter(converted)
+
+    def walk(item):
+        if isinstance(item, (list, tuple)):
+            return [walk(x) for x in item]
+        return next(it)
+
+    return walk(images)
+
+
+class ChimeraProcessor(ProcessorMixin):
+    r"""
+    Processor for [`ChimeraForConditionalGeneration`]: runs the generalist's native processor (LLaVA-OneVision,
+    Qwen2-VL or InternVL: chat template, image tokens, tiles) and, for every image, each expert's image processor,
+    returned as `expert_pixel_values` (one tensor per expert in config order, one row per image). The model uses
+    only the rows of the expert each image is routed to.
+
+    RGBA / palette / grayscale images are converted to RGB (transparent areas on white) before either processor sees
+    them; an empty image raises.
+
+    Args:
+        image_processor, tokenizer, video_processor: the generalist processor's parts.
+        chat_template (`str`, *optional*): defaults to the generalist's template.
+        generalist_processor_class (`str`): class name of the generalist's processor (e.g. `"InternVLProcessor"`).
+        generalist_kwargs (`dict`): the generalist processor's other init arguments (e.g. `image_seq_length`).
+        expert_preprocessing (`dict[str, dict]`): `{domain: image processor config dict}` in expert order.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        video_processor=None,
+        chat_template=None,
+        generalist_processor_class: str | None = None,
+        generalist_kwargs: dict | None = None,
+        expert_preprocessing: dict | None = None,
+        **kwargs,
+    ):
+        if generalist_processor_class is None:
+            raise ValueError(
+                "`generalist_processor_class` is required; build a ChimeraProcessor with "
+                "`ChimeraProcessor.from_generalist(generalist_processor, expert_image_processors)`."
+            )
+        super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template)
+        self.generalist_processor_class = generalist_processor_class
+        self.generalist_kwargs = dict(generalist_kwargs or {})
+        generalist_cls = getattr(transformers, generalist_processor_class)
+        self.generalist = generalist_cls(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+            chat_template=chat_template, **self.generalist_kwargs,
+        )
+        self.expert_preprocessing = dict(expert_preprocessing or {})
+        self.expert_image_processors = {
+            domain: _image_processor_from_dict(config) for domain, config in self.expert_preprocessing.items()
+        }
+
+    @classmethod
+    def from_generalist(cls, generalist_processor, expert_image_processors: dict, chat_template=None):
+        """Wrap a native processor (object, path or repo id) and `{domain: image processor}` (objects, paths or
+        repo ids), in the same domain order as the model's experts."""
+        if isinstance(generalist_processor, str):
+            generalist_processor = transformers.AutoProcessor.from_pretrained(generalist_processor)
+        name = type(generalist_processor).__name__
+        if name not in ("LlavaOnevisionProcessor", "Qwen2VLProcessor", "InternVLProcessor"):
+            raise ValueError(
+                f"Unsupported generalist processor {name}: expected LlavaOnevisionProcessor, Qwen2VLProcessor or "
+                "InternVLProcessor."
+            )
+        attributes = set(type(generalist_processor).get_attributes()) | {"self", "chat_template", "kwargs", "args"}
+        init_params = inspect.signature(type(generalist_processor).__init__).parameters
+        generalist_kwargs = {
+            p: getattr(generalist_processor, p) for p in init_params if p not in attributes and hasattr(generalist_processor, p)
+        }
+        preprocessing = {}
+        for domain, processor in expert_image_processors.items():
+            if isinstance(processor, str):
+                processor = transformers.AutoImageProcessor.from_pretrained(processor)
+            preprocessing[domain] = processor.to_dict()
+        return cls(
+            image_processor=generalist_processor.image_processor,
+            tokenizer=generalist_processor.tokenizer,
+            video_processor=generalist_processor.video_processor,
+            chat_template=chat_template if chat_template is not None else generalist_processor.chat_template,
+            generalist_processor_class=name,
+            generalist_kwargs=generalist_kwargs,
+            expert_preprocessing=preprocessing,
+        )
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.expert_preprocessing)
+
+    @property
+    def model_input_names(self):
+        return list(self.generalist.model_input_names) + ["expert_pixel_values"]
+
+    def __call__(self, images=None, text=None, videos=None, experts: list[str] | None = None, **kwargs) -> BatchFeature:
+        """Process like the generalist processor, plus `expert_pixel_values`.
+
+        Args:
+            experts (`list[str]`, *optional*): only preprocess for these domains (the others get `None` entries),
+                e.g. when the domain of every image is known. Default: all experts.
+        """
+        flat = [_to_rgb(image) for image in _flatten_images(images)]
+        if images is not None:
+            images = _renest(images, flat)
+        outputs = self.generalist(images=images, text=text, videos=videos, **kwargs)
+        if flat:
+            unknown = sorted(set(experts or []) - set(self.domains))
+            if unknown:
+                raise ValueError(f"Unknown expert domains {unknown}; this processor has {self.domains}.")
+            expert_inputs = []
+            for domain, processor in self.expert_image_processors.items():
+                if experts is not None and domain not in experts:
+                    expert_inputs.append(None)
+                    continue
+                key = _EXPERT_INPUT_KEY.get(type(processor).__name__, "pixel_values")
+                expert_inputs.append(processor(images=flat, return_tensors="pt")[key])
+            outputs["expert_pixel_values"] = expert_inputs
+        return outputs
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens=True, **kwargs):
+        return self.generalist.post_process_image_text_to_text(
+            generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs
+        )
+
+
+def _image_processor_from_dict(config: dict):
+    config = dict(config)
+    class_name = config.pop("image_processor_type", None)
+    cls = getattr(transformers, class_name, None) if class_name else None
+    if cls is None:
+        raise ValueError(f"Cannot rebuild an expert image processor of type {class_name!r} from its saved config.")
+    return cls.from_dict(config)
+
+
+ChimeraProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = ["ChimeraProcessor"]

@@ -1,0 +1,47 @@
+"""Chimera + Mixpert for transformers: installs the Hub-repo modules (top level) and the `train` package."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+HUB_MODULES = [
+    "vlm_backbones",
+    "configuration_chimera",
+    "modeling_chimera",
+    "processing_chimera",
+    "configuration_mixpert",
+    "modeling_mixpert",
+]
+
+setup(
+    name="chimera-mixpert",
+    version="0.1.0",
+    description="Chimera and Mixpert vision-language models for Hugging Face transformers, TRL and PEFT",
+    long_description=Path("README.md").read_text(encoding="utf-8") if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    py_modules=HUB_MODULES,
+    packages=find_packages(include=["train", "train.*"]),
+    package_data={"train": ["configs/*/*.yaml"]},
+    install_requires=[
+        "torch>=2.6",
+        "torchvision>=0.21",
+        "transformers>=5.23,<6",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "tokenizers>=0.22",
+        "accelerate>=1.10",
+        "datasets>=4.0",
+        "peft>=0.17",
+        "trl>=1.16,<2",
+        "pillow>=10",
+        "numpy>=1.26",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+    },
+)

@@ -1,0 +1,572 @@
+# Copyright 2026 The Chimera/Mixpert HF port authors. Licensed under the Apache License, Version 2.0.
+"""Everything this project knows about the native vision-language families it wraps.
+
+Chimera and Mixpert both sit on top of an unchanged transformers VLM ("the backbone": `LlavaOnevisionModel`,
+`Qwen2VLModel` or `InternVLModel`). This module is the only place that knows, per family,
+
+* how the vision tower is run layer by layer (so Mixpert can share the first layers and give each expert its own
+  last `K` layers, and Chimera can read a routing feature on the way),
+* which modules turn tower activations into LLM tokens (feature-layer selection, final norm, pixel shuffle,
+  projector, LLaVA-OneVision's anyres packing, Qwen2-VL's patch merger),
+* how one image's tokens are pooled into a single vector for a router,
+* how image features reach the language model (placeholder token, `mm_token_type_ids`, 3D RoPE positions).
+
+The layer-by-layer path reproduces each family's `get_image_features` exactly (tested to 0.0 at fp32): it is
+the native code split at layer boundaries, calling the native modules and helpers, not a re-implementation.
+
+Units: the vision tower sees *units*. For LLaVA-OneVision and InternVL a unit is one tile (crop) of an image;
+Qwen2-VL encodes each image at native resolution, so there a unit is one whole image (its patches packed).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+
+SUPPORTED_FAMILIES = ("llava_onevision", "qwen2_vl", "internvl")
+
+
+def unsupported_family_error(model_type) -> ValueError:
+    return ValueError(
+        f"Unsupported backbone model_type {model_type!r}. Supported families: {', '.join(SUPPORTED_FAMILIES)} "
+        "(transformers' native LlavaOnevision*, Qwen2VL* and InternVL* models). Convert other checkpoints to one of "
+        "these first (e.g. InternVL2 remote-code checkpoints to the native `internvl` format)."
+    )
+
+
+@dataclass
+class VisionActivations:
+    """Vision-tower activations of a set of units, carried between the shared layers and an expert's layers.
+
+    Attributes:
+        hidden (`torch.Tensor`): current activations; `(num_units, seq, dim)` for tiled families, packed
+            `(num_patches, dim)` for Qwen2-VL.
+        taps (`dict[int, torch.Tensor]`): hidden states kept for feature selection, keyed by their index in
+            `(embeddings, layer_1, ..., layer_L)`.
+        unit_image (`torch.LongTensor` of shape `(num_units,)`): index of the image each unit belongs to.
+        depth (`int`): how many tower layers have been applied so far.
+        grid_thw (`torch.LongTensor`, Qwen2-VL only): `(num_units, 3)` patch grid per unit.
+        rotary (`tuple[torch.Tensor, torch.Tensor]`, Qwen2-VL only): per-patch rotary `(cos, sin)`.
+    """
+
+    hidden: torch.Tensor
+    unit_image: torch.Tensor
+    taps: dict = field(default_factory=dict)
+    depth: int = 0
+    grid_thw: torch.Tensor | None = None
+    rotary: tuple | None = None
+
+    @property
+    def num_units(self) -> int:
+        return int(self.unit_image.shape[0])
+
+
+@dataclass
+class ImageBatch:
+    """The images of one forward pass, as the backbone's processor delivered them, plus where they sit.
+
+    Attributes:
+        pixel_values: the family's `pixel_values` (tiles for LLaVA-OV / InternVL, packed patches for Qwen2-VL).
+        units_per_image (`list[int]`): tiles per image (all ones for Qwen2-VL).
+        tokens_per_image (`list[int] | None`): LLM image tokens per image when known before encoding.
+        extra (`dict`): family inputs needed after encoding (`image_sizes`, `image_grid_thw`, ...).
+    """
+
+    pixel_values: torch.Tensor
+    units_per_image: list
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.units_per_image)
+
+    def unit_image(self, device=None) -> torch.LongTensor:
+        counts = torch.tensor(self.units_per_image, dtype=torch.long, device=device)
+        return torch.repeat_interleave(torch.arange(len(self.units_per_image), device=device), counts)
+
+
+class BackboneFamily(ABC):
+    """Family-specific knowledge; one stateless instance per family (see `get_backbone_family`)."""
+
+    model_type: str = ""
+    #: name of the tower attribute on the backbone model
+    tower_attr: str = "vision_tower"
+    #: names of the image inputs this family's forward takes (listed explicitly in our forwards)
+    image_input_names: tuple = ()
+    #: whether units are sub-images (tiles) that can be routed one by one
+    has_tiles: bool = True
+    #: whether the tower has a real CLS token at position 0
+    has_cls_token: bool = False
+
+    # ----------------------------------------------------------------------------------------------- config
+
+    def image_token_id(self, config) -> int:
+        return config.image_token_id
+
+    def vision_config(self, config):
+        return config.vision_config
+
+    def tower(self, backbone) -> nn.Module:
+        return getattr(backbone, self.tower_attr)
+
+    @abstractmethod
+    def vision_layers(self, backbone) -> nn.ModuleList:
+        """The tower's list of transformer layers."""
+
+    def num_vision_layers(self, config) -> int:
+        return self.vision_config(config).num_hidden_layers
+
+    def tower_hidden_size(self, config) -> int:
+        """Width of the tower's layers (router input)."""
+        return self.vision_config(config).hidden_size
+
+    @abstractmethod
+    def feature_taps(self, config) -> tuple[tuple[int, ...], bool]:
+        """Hidden-state indices the projector reads (0 = embeddings, i = after layer i) and whether the tower's
+        final norm is applied to the last of them."""
+
+    def used_depth(self, config) -> int:
+        """Number of tower layers whose output reaches the LLM (layers after it are dead weight)."""
+        return max(self.feature_taps(config)[0])
+
+    def final_norm(self, backbone) -> nn.Module | None:
+        return None
+
+    def projector(self, backbone) -> nn.Module:
+        return backbone.multi_modal_projector
+
+    def projector_attr(self) -> str:
+        return "multi_modal_projector"
+
+    # ------------------------------------------------------------------------------------------ vision path
+
+    @abstractmethod
+    def image_batch(self, config, pixel_values, input_ids=None, **image_inputs) -> ImageBatch:
+        """Group the processor's image inputs into units and images."""
+
+    @abstractmethod
+    def embed(self, backbone, images: ImageBatch) -> VisionActivations:
+        """Patch embedding (+ positions): the activations before the first tower layer."""
+
+    def run_layers(self, layers, acts: VisionActivations, keep: tuple[int, ...]) -> VisionActivations:
+        """Apply `layers` (a slice of the tower's layers, continuing at `acts.depth`), keeping hidden states whose
+        index is in `keep`."""
+        hidden, taps, depth = acts.hidden, dict(acts.taps), acts.depth
+        for layer in layers:
+            hidden = self._call_layer(layer, hidden, acts)
+            depth += 1
+            if depth in keep:
+                taps[depth] = hidden
+        return replace(acts, hidden=hidden, taps=taps, depth=depth)
+
+    def _call_layer(self, layer, hidden, acts):
+        return layer(hidden)
+
+    def select_units(self, acts: VisionActivations, unit_index: torch.LongTensor) -> VisionActivations:
+        """The activations of a subset of units (for grouped expert dispatch)."""
+        return replace(
+            acts,
+            hidden=acts.hidden.index_select(0, unit_index),
+            taps={k: v.index_select(0, unit_index) for k, v in acts.taps.items()},
+            unit_image=acts.unit_image.index_select(0, unit_index),
+        )
+
+    @abstractmethod
+    def project(self, backbone, acts, config, final_norm=None, projector=None) -> list[torch.Tensor]:
+        """Feature selection + (final norm) + projection: one `(tokens, llm_hidden)` tensor per unit."""
+
+    def assemble(self, backbone, unit_features: list, images: ImageBatch) -> list[torch.Tensor]:
+        """Per-unit LLM tokens -> per-image LLM tokens, in the order the processor laid out the placeholders."""
+        out, start = [], 0
+        for count in images.units_per_image:
+            out.append(torch.cat(unit_features[start : start + count], dim=0))
+            start += count
+        return out
+
+    def pool(self, acts: VisionActivations, tap: int) -> torch.Tensor:
+        """Global average pool of hidden state `tap` per unit: `(num_units, dim)` (Mixpert §3.3 router input)."""
+        return acts.taps[tap].mean(dim=1)
+
+    def cls_or_mean(self, acts: VisionActivations, tap: int) -> torch.Tensor:
+        """CLS token of hidden state `tap` where the tower has one, mean over tokens otherwise: `(num_units, dim)`."""
+        hidden = acts.taps[tap]
+        return hidden[:, 0] if self.has_cls_token else hidden.mean(dim=1)
+
+    def routing_feature(self, backbone, config, acts: VisionActivations, images: ImageBatch, mode: str) -> torch.Tensor:
+        """One vector per image for Chimera's router (§3.2): the CLS token (`mode="cls"`) or the token mean
+        (`"mean"`) of the feature layer the projector reads, on the unit that shows the whole image."""
+        taps, uses_norm = self.feature_taps(config)
+        hidden = acts.taps[max(taps)]
+        if uses_norm and self.final_norm(backbone) is not None:
+            hidden = self.final_norm(backbone)(hidden)
+        hidden = hidden.index_select(0, self.overview_unit(images).to(hidden.device))
+        if mode == "cls":
+            if not self.has_cls_token:
+                raise ValueError(f"The {self.model_type} vision tower has no CLS token: use router_feature='mean'.")
+            return hidden[:, 0]
+        return hidden.mean(dim=1)
+
+    def overview_unit(self, images: ImageBatch) -> torch.LongTensor:
+        """Per image, the unit that shows the whole image (LLaVA-OV's base crop, InternVL's thumbnail)."""
+        counts = torch.tensor(images.units_per_image, dtype=torch.long)
+        return torch.cumsum(counts, 0) - counts  # first unit of every image
+
+    def encode(self, backbone, config, images: ImageBatch) -> tuple[list[torch.Tensor], VisionActivations]:
+        """The backbone's own image features (exactly its `get_image_features`), plus the tower activations."""
+        taps, _ = self.feature_taps(config)
+        acts = self.embed(backbone, images)
+        layers = self.vision_layers(backbone)[: self.used_depth(config)]
+        acts = self.run_layers(layers, acts, keep=taps)
+        unit_features = self.project(backbone, acts, config)
+        return self.assemble(backbone, unit_features, images), acts
+
+    # ----------------------------------------------------------------------------------------- language path
+
+    def image_features_for_backbone(self, features: list[torch.Tensor]):
+        """The `pooler_output` layout the backbone's `forward(mm_encoder_outputs=...)` expects."""
+        return tuple(features)
+
+    def language_forward(self, backbone, inputs_embeds, input_ids=None, image_inputs=None, **kwargs):
+        """Run the backbone's language model on `inputs_embeds` (image tokens already filled in)."""
+        return backbone(inputs_embeds=inputs_embeds, **kwargs)
+
+    def generation_position_ids(self, backbone, text_positions, input_ids, model_kwargs):
+        return text_positions
+
+
+def _tile_image_batch(pixel_values, units_per_image, extra=None) -> ImageBatch:
+    if pixel_values.shape[0] != sum(units_per_image):
+        raise ValueError(
+            f"`pixel_values` holds {pixel_values.shape[0]} tiles but the prompt's image tokens describe "
+            f"{sum(units_per_image)} ({units_per_image} per image). Build inputs with the processor that matches "
+            "the model, from the same images as the text, and do not truncate image tokens."
+        )
+    return ImageBatch(pixel_values=pixel_values, units_per_image=list(units_per_image), extra=extra or {})
+
+
+class LlavaOnevisionFamily(BackboneFamily):
+    """LLaVA-OneVision: SigLIP tower (no CLS), 2-layer MLP projector, anyres tiles packed with `image_newline`."""
+
+    model_type = "llava_onevision"
+    image_input_names = ("pixel_values", "image_sizes", "batch_num_images")
+
+    def image_token_id(self, config) -> int:
+        return config.image_token_index
+
+    def vision_layers(self, backbone):
+        return backbone.vision_tower.encoder.layers
+
+    def feature_taps(self, config):
+        # LLaVA-OV reads `hidden_states[vision_feature_layer]`, never the tower's `post_layernorm` output.
+        layer = config.vision_feature_layer
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        depth = self.num_vision_layers(config)
+        return tuple(l % (depth + 1) for l in layers), False
+
+    def image_batch(self, config, pixel_values, input_ids=None, image_sizes=None, batch_num_images=None, **_):
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        if image_sizes is None:
+            raise ValueError("LLaVA-OneVision needs `image_sizes` next to `pixel_values` (the processor returns it).")
+        # Same rule as LlavaOnevisionModel.get_image_features: multi-image samples use only the base crop.
+        if batch_num_images is None:
+            need_patching = [True] * len(image_sizes)
+        else:
+            need_patching = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+        units = [
+            image_size_to_num_patches(
+                image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
+            )
+            if patch
+            else 1
+            for size, patch in zip(image_sizes, need_patching)
+        ]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, units)], dim=0)
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions.")
+        return _tile_image_batch(pixel_values, units, {"image_sizes": image_sizes})
+
+    def embed(self, backbone, images):
+        tower = backbone.vision_tower
+        hidden = tower.embeddings(images.pixel_values.to(tower.dtype))
+        return VisionActivations(hidden=hidden, unit_image=images.unit_image(hidden.device), taps={0: hidden})
+
+    def _call_layer(self, layer, hidden, acts):
+        return layer(hidden, None)
+
+    def project(self, backbone, acts, config, final_norm=None, projector=None):
+        taps, _ = self.feature_taps(config)
+        projector = projector if projector is not None else backbone.multi_modal_projector
+        feature = torch.cat([acts.taps[t] for t in taps], dim=-1)
+        if config.vision_feature_select_strategy == "default":
+            feature = feature[:, 1:]
+        return list(projector(feature).unbind(0))
+
+    def assemble(self, backbone, unit_features, images):
+        split, start = [], 0
+        for count in images.units_per_image:
+            split.append(torch.stack(unit_features[start : start + count], dim=0))
+            start += count
+        features, _ = backbone.pack_image_features(
+            split,
+            images.extra["image_sizes"],
+            image_newline=backbone.image_newline,
+            vision_aspect_ratio=backbone.config.vision_aspect_ratio,
+        )
+        return list(features)
+
+
+class InternVLFamily(BackboneFamily):
+    """InternVL (native `internvl`): InternViT tower with CLS, pixel shuffle, LN+MLP projector, dynamic tiles."""
+
+    model_type = "internvl"
+    image_input_names = ("pixel_values", "image_num_patches")
+    has_cls_token = True
+
+    def vision_layers(self, backbone):
+        return backbone.vision_tower.encoder.layer
+
+    def feature_taps(self, config):
+        layer = config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError("InternVL supports a single integer `vision_feature_layer`.")
+        depth = self.num_vision_layers(config)
+        # -1 reads `last_hidden_state` (after the tower's final norm); any other index reads hidden_states[i].
+        return (layer % (depth + 1),), layer == -1
+
+    def final_norm(self, backbone):
+        norm = backbone.vision_tower.layernorm
+        return None if isinstance(norm, nn.Identity) else norm
+
+    def tokens_per_tile(self, config) -> int:
+        vc = config.vision_config
+        size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
+        patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+        return int((size // patch) ** 2 * config.downsample_ratio**2)
+
+    def image_batch(self, config, pixel_values, input_ids=None, image_num_patches=None, **_):
+        if image_num_patches is None:
+            if input_ids is None:
+                raise ValueError(
+                    "InternVL packs the tiles of all images into one `pixel_values` tensor; to tell which tiles "
+                    "belong to which image pass `input_ids` (each `<img>...</img>` run is one image) or "
+                    "`image_num_patches` (tiles per image)."
+                )
+            image_num_patches = [n // self.tokens_per_tile(config) for n in image_token_runs(input_ids, config.image_token_id)]
+        units = [int(n) for n in image_num_patches]
+        return _tile_image_batch(pixel_values, units)
+
+    def overview_unit(self, images):
+        # The thumbnail is the last tile of a tiled image (`crop_to_patches` appends it); Chimera's router reads
+        # its CLS token (official `chimera_infer.py`: `cur_pixel_value[-1:]`).
+        return torch.cumsum(torch.tensor(images.units_per_image, dtype=torch.long), 0) - 1
+
+    def embed(self, backbone, images):
+        tower = backbone.vision_tower
+        hidden = tower.embeddings(images.pixel_values.to(backbone.dtype))
+        return VisionActivations(hidden=hidden, unit_image=images.unit_image(hidden.device), taps={0: hidden})
+
+    def project(self, backbone, acts, config, final_norm=None, projector=None):
+        (tap,), uses_norm = self.feature_taps(config)
+        projector = projector if projector is not None else backbone.multi_modal_projector
+        feature = acts.taps[tap]
+        if uses_norm:
+            norm = final_norm if final_norm is not None else backbone.vision_tower.layernorm
+            feature = norm(feature)
+        if config.vision_feature_select_strategy == "default":
+            feature = feature[:, 1:, :]
+        units, tokens = feature.shape[:2]
+        side = int(tokens**0.5)
+        feature = feature.reshape(units, side, side, -1)
+        feature = backbone.pixel_shuffle(feature, scale_factor=config.downsample_ratio)
+        feature = feature.reshape(units, -1, feature.shape[-1])
+        return list(projector(feature).unbind(0))
+
+    def image_features_for_backbone(self, features):
+        return torch.cat(features, dim=0)
+
+
+class Qwen2VLFamily(BackboneFamily):
+    """Qwen2-VL: native-resolution ViT with 2D RoPE, patches of all images packed, `merger` as projector."""
+
+    model_type = "qwen2_vl"
+    tower_attr = "visual"
+    image_input_names = ("pixel_values", "image_grid_thw")
+    has_tiles = False
+
+    def vision_config(self, config):
+        return config.vision_config
+
+    def num_vision_layers(self, config):
+        return config.vision_config.depth
+
+    def tower_hidden_size(self, config):
+        return config.vision_config.embed_dim
+
+    def routing_feature(self, backbone, config, acts, images, mode):
+        if mode == "cls":
+            raise ValueError("Qwen2-VL's vision tower has no CLS token: use router_feature='mean'.")
+        return self.pool(acts, self.used_depth(config))
+
+    def vision_layers(self, backbone):
+        return backbone.visual.blocks
+
+    def feature_taps(self, config):
+        return (self.num_vision_layers(config),), False
+
+    def projector(self, backbone):
+        return backbone.visual.merger
+
+    def projector_attr(self):
+        return "merger"
+
+    def image_batch(self, config, pixel_values, input_ids=None, image_grid_thw=None, **_):
+        if image_grid_thw is None:
+            raise ValueError("Qwen2-VL needs `image_grid_thw` next to `pixel_values` (the processor returns it).")
+        patches = int(image_grid_thw.prod(-1).sum())
+        if pixel_values.shape[0] != patches:
+            raise ValueError(
+                f"`pixel_values` holds {pixel_values.shape[0]} patches but `image_grid_thw` describes {patches}."
+            )
+        return ImageBatch(pixel_values=pixel_values, units_per_image=[1] * len(image_grid_thw),
+                          extra={"image_grid_thw": image_grid_thw})
+
+    def embed(self, backbone, images):
+        from transformers.vision_utils import get_vision_position_ids
+
+        visual = backbone.visual
+        grid_thw = images.extra["image_grid_thw"]
+        hidden = visual.patch_embed(images.pixel_values.type(visual.dtype))
+        position_ids = get_vision_position_ids(grid_thw, visual.spatial_merge_size)
+        rotary = visual.rotary_pos_emb(hidden, position_ids)
+        return VisionActivations(
+            hidden=hidden, unit_image=images.unit_image(hidden.device), taps={0: hidden}, grid_thw=grid_thw,
+            rotary=rotary,
+        )
+
+    def run_layers(self, layers, acts, keep):
+        from transformers.vision_utils import get_vision_attention_seqlens
+
+        if len(layers) == 0:
+            return acts
+        visual_config = layers[0].attn.config
+        cu_seqlens, max_seqlen = get_vision_attention_seqlens(acts.grid_thw, visual_config)
+        hidden, taps, depth = acts.hidden, dict(acts.taps), acts.depth
+        for layer in layers:
+            hidden = layer(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_embeddings=acts.rotary)
+            depth += 1
+            if depth in keep:
+                taps[depth] = hidden
+        return replace(acts, hidden=hidden, taps=taps, depth=depth)
+
+    def _patch_index(self, acts, unit_index):
+        lengths = acts.grid_thw.prod(-1)
+        starts = torch.cumsum(lengths, 0) - lengths
+        return torch.cat([torch.arange(int(starts[u]), int(starts[u] + lengths[u]), device=acts.hidden.device)
+                          for u in unit_index.tolist()])
+
+    def select_units(self, acts, unit_index):
+        patches = self._patch_index(acts, unit_index)
+        return replace(
+            acts,
+            hidden=acts.hidden.index_select(0, patches),
+            taps={k: v.index_select(0, patches) for k, v in acts.taps.items()},
+            unit_image=acts.unit_image.index_select(0, unit_index),
+            grid_thw=acts.grid_thw.index_select(0, unit_index.to(acts.grid_thw.device)),
+            rotary=tuple(r.index_select(0, patches) for r in acts.rotary),
+        )
+
+    def _split_patches(self, acts, tensor):
+        return list(torch.split(tensor, acts.grid_thw.prod(-1).tolist()))
+
+    def pool(self, acts, tap):
+        return torch.stack([t.mean(dim=0) for t in self._split_patches(acts, acts.taps[tap])])
+
+    def cls_or_mean(self, acts, tap):
+        return self.pool(acts, tap)
+
+    def project(self, backbone, acts, config, final_norm=None, projector=None):
+        (tap,), _ = self.feature_taps(config)
+        projector = projector if projector is not None else backbone.visual.merger
+        merged = projector(acts.taps[tap])
+        merge = backbone.visual.spatial_merge_size**2
+        return list(torch.split(merged, (acts.grid_thw.prod(-1) // merge).tolist()))
+
+    def language_forward(self, backbone, inputs_embeds, input_ids=None, image_inputs=None, **kwargs):
+        # Qwen2VLModel computes 3D RoPE positions from `input_ids` + `mm_token_type_ids` + `image_grid_thw`; with
+        # `inputs_embeds` given it embeds nothing itself, and without `pixel_values` it encodes nothing.
+        image_inputs = image_inputs or {}
+        return backbone(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            image_grid_thw=image_inputs.get("image_grid_thw"),
+            **kwargs,
+        )
+
+    def generation_position_ids(self, backbone, text_positions, input_ids, model_kwargs):
+        # Mirrors Qwen2VLForConditionalGeneration._prepare_position_ids_for_generation: [text; t; h; w] rows.
+        grid = model_kwargs.get("image_grid_thw")
+        mm_types = model_kwargs.get("mm_token_type_ids")
+        if input_ids is not None and mm_types is not None and grid is not None:
+            vision_positions, rope_deltas = backbone.get_rope_index(
+                input_ids, mm_token_type_ids=mm_types, image_grid_thw=grid,
+                attention_mask=model_kwargs.get("attention_mask"),
+            )
+        else:
+            vision_positions = text_positions.unsqueeze(0).expand(3, -1, -1)
+            rope_deltas = torch.zeros(text_positions.shape[0], 1, dtype=torch.long, device=text_positions.device)
+        backbone.rope_deltas = rope_deltas
+        return torch.cat([text_positions[None], vision_positions], dim=0)
+
+
+_FAMILIES = {cls.model_type: cls() for cls in (LlavaOnevisionFamily, Qwen2VLFamily, InternVLFamily)}
+
+
+def get_backbone_family(model_type: str) -> BackboneFamily:
+    """The `BackboneFamily` for a native VLM `model_type`; a clear error naming the supported ones otherwise."""
+    try:
+        return _FAMILIES[model_type]
+    except KeyError:
+        raise unsupported_family_error(model_type) from None
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def image_token_runs(input_ids: torch.Tensor, image_token_id: int) -> list[int]:
+    """Lengths of the maximal runs of `image_token_id` in `input_ids`, row-major (one run per image for families
+    that bracket each image with start/end tokens)."""
+    runs = []
+    for row in (input_ids == image_token_id).tolist():
+        length = 0
+        for is_image in row:
+            if is_image:
+                length += 1
+            elif length:
+                runs.append(length)
+                length = 0
+        if length:
+            runs.append(length)
+    return runs
+
+
+def check_image_token_count(n_tokens: int, features: list[torch.Tensor], what: str = "image") -> None:
+    """The error every family raises when the prompt's placeholders and the encoded images disagree."""
+    n_features = sum(int(f.shape[0]) for f in features)
+    if n_tokens != n_features:
+        raise ValueError(
+            f"The prompt holds {n_tokens} {what} tokens but the images encode to {n_features} "
+            f"({[int(f.shape[0]) for f in features]} per image). Build `input_ids` and the image inputs with the "
+            "same processor call, from the same images, and do not truncate (`truncation=False`, or a `max_length` "
+            "long enough for every image token)."
+        )
+
+
+def backbone_image_inputs(family: BackboneFamily, kwargs: dict) -> dict:
+    """Pick the family's image inputs out of a kwargs dict (others stay)."""
+    return {name: kwargs.get(name) for name in family.image_input_names if name != "pixel_values"}
