@@ -286,7 +286,19 @@ class ChimeraPreTrainedModel(PreTrainedModel):
         missing or unexpected weights (a router, projector or expert that does not match the config) raises."""
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("use_safetensors", True)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" not in str(err):
+                raise
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path!r} holds weights whose shapes do not match its "
+                f"{cls.config_class.__name__} (see the load report above, e.g. a router or projector saved for another "
+                "number of experts or another width). Fix `config.json` to describe the saved experts, or re-save the "
+                "model after building it."
+            ) from err
         missing = sorted(info.get("missing_keys", []))
         unexpected = sorted(info.get("unexpected_keys", []))
         mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
@@ -665,11 +677,17 @@ class ChimeraModel(ChimeraPreTrainedModel):
             mask = ids == token_id
             if chosen or bool(mask.any()):
                 embeds = self._scatter(embeds, mask, chosen, f"expert-{k} ({self.domains[k - 1]!r})")
+        position_ids = layout.position_ids
+        if position_ids is None:  # from the unmasked attention mask: GSCM must not move positions
+            position_ids = self.family.position_ids(
+                self.generalist, ids, layout.attention_mask, {"image_grid_thw": image_grid_thw}, past_key_values,
+                layout.mm_token_type_ids,
+            )
         attention = self._gscm_mask(layout.attention_mask, layout, image_features.expert_index)
 
         outputs = self.family.language_forward(
             self.generalist, embeds, input_ids=ids, image_inputs={"image_grid_thw": image_grid_thw},
-            attention_mask=attention, position_ids=layout.position_ids, past_key_values=past_key_values,
+            attention_mask=attention, position_ids=position_ids, past_key_values=past_key_values,
             use_cache=use_cache, mm_token_type_ids=layout.mm_token_type_ids, **kwargs,
         )
         hidden, all_hidden = outputs.last_hidden_state, outputs.hidden_states
@@ -851,7 +869,6 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
             padding_side="left", pad_token_id=pad_token_id,
         )
         features.image_rows = torch.tensor(layout.image_rows, dtype=torch.long, device=input_ids.device)
-        self.last_routing = {"expert_index": features.expert_index, "router_logits": features.router_logits}
         extra = {}
         if layout.mm_token_type_ids is not None:
             extra["mm_token_type_ids"] = layout.mm_token_type_ids
@@ -870,6 +887,8 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         if isinstance(output, torch.Tensor):
             return stripped
         output.sequences = stripped
+        output["expert_index"] = features.expert_index
+        output["router_logits"] = features.router_logits
         return output
 
     # ------------------------------------------------------------------------------------------------- assembly
@@ -944,7 +963,7 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         model.generation_config = generalist.generation_config
         if new_rows:
             model.resize_token_embeddings(vocab + new_rows, mean_resizing=True)
-            config.get_text_config().vocab_size = vocab + new_rows
+            generalist.lm_head = model.lm_head  # keep the (now shared) generalist object consistent
         # Expert placeholders are inputs only: never generate them.
         suppress = list(model.generation_config.suppress_tokens or [])
         model.generation_config.suppress_tokens = suppress + [t for t in expert_token_ids if t not in suppress]

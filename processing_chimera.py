@@ -86,7 +86,8 @@ class ChimeraProcessor(ProcessorMixin):
         chat_template (`str`, *optional*): defaults to the generalist's template.
         generalist_processor_class (`str`): class name of the generalist's processor (e.g. `"InternVLProcessor"`).
         generalist_kwargs (`dict`): the generalist processor's other init arguments (e.g. `image_seq_length`).
-        expert_preprocessing (`dict[str, dict]`): `{domain: image processor config dict}` in expert order.
+        expert_preprocessing (`list[dict]`): per expert, in the model's expert order, `{"domain": ..., "config":
+            image processor config dict}` (a list: JSON object keys would lose the order).
     """
 
     def __init__(
@@ -97,7 +98,7 @@ class ChimeraProcessor(ProcessorMixin):
         chat_template=None,
         generalist_processor_class: str | None = None,
         generalist_kwargs: dict | None = None,
-        expert_preprocessing: dict | None = None,
+        expert_preprocessing: list | None = None,
         **kwargs,
     ):
         if generalist_processor_class is None:
@@ -113,9 +114,12 @@ class ChimeraProcessor(ProcessorMixin):
             image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
             chat_template=chat_template, **self.generalist_kwargs,
         )
-        self.expert_preprocessing = dict(expert_preprocessing or {})
+        self.expert_preprocessing = [dict(entry) for entry in (expert_preprocessing or [])]
+        domains = [entry["domain"] for entry in self.expert_preprocessing]
+        if len(set(domains)) != len(domains):
+            raise ValueError(f"Duplicate expert domain names in {domains}.")
         self.expert_image_processors = {
-            domain: _image_processor_from_dict(config) for domain, config in self.expert_preprocessing.items()
+            entry["domain"]: _image_processor_from_dict(entry["config"]) for entry in self.expert_preprocessing
         }
 
     @classmethod
@@ -135,11 +139,11 @@ class ChimeraProcessor(ProcessorMixin):
         generalist_kwargs = {
             p: getattr(generalist_processor, p) for p in init_params if p not in attributes and hasattr(generalist_processor, p)
         }
-        preprocessing = {}
+        preprocessing = []
         for domain, processor in expert_image_processors.items():
             if isinstance(processor, str):
                 processor = transformers.AutoImageProcessor.from_pretrained(processor)
-            preprocessing[domain] = processor.to_dict()
+            preprocessing.append({"domain": domain, "config": processor.to_dict()})
         return cls(
             image_processor=generalist_processor.image_processor,
             tokenizer=generalist_processor.tokenizer,
@@ -152,7 +156,7 @@ class ChimeraProcessor(ProcessorMixin):
 
     @property
     def domains(self) -> list[str]:
-        return list(self.expert_preprocessing)
+        return list(self.expert_image_processors)
 
     @property
     def model_input_names(self):

@@ -234,6 +234,11 @@ class BackboneFamily(ABC):
         """Run the backbone's language model on `inputs_embeds` (image tokens already filled in)."""
         return backbone(inputs_embeds=inputs_embeds, **kwargs)
 
+    def position_ids(self, backbone, input_ids, attention_mask, image_inputs, past_key_values=None, mm_token_type_ids=None):
+        """Position ids the backbone would derive itself, or `None` where it uses plain `arange` positions. Chimera
+        asks for them before GSCM zeroes parts of the attention mask, which must not move any position."""
+        return None
+
     def generation_position_ids(self, backbone, text_positions, input_ids, model_kwargs):
         return text_positions
 
@@ -506,6 +511,12 @@ class Qwen2VLFamily(BackboneFamily):
             inputs_embeds=inputs_embeds,
             image_grid_thw=image_inputs.get("image_grid_thw"),
             **kwargs,
+        )
+
+    def position_ids(self, backbone, input_ids, attention_mask, image_inputs, past_key_values=None, mm_token_type_ids=None):
+        return backbone.compute_3d_position_ids(
+            input_ids=input_ids, inputs_embeds=None, image_grid_thw=(image_inputs or {}).get("image_grid_thw"),
+            attention_mask=attention_mask, past_key_values=past_key_values, mm_token_type_ids=mm_token_type_ids,
         )
 
     def generation_position_ids(self, backbone, text_positions, input_ids, model_kwargs):

@@ -35,7 +35,7 @@ from transformers.models.pix2struct.configuration_pix2struct import Pix2StructVi
 
 
 FAMILIES = ("llava_onevision", "qwen2_vl", "internvl")
-EXPERT_FAMILIES = ("clip_vision_model", "siglip_vision_model", "pix2struct_vision_model", "got_ocr2_vision")
+EXPERT_FAMILIES = ("clip_vision_model", "siglip_vision_model", "pix2struct_vision_model", "got_ocr2_vision", "got_ocr2")
 
 # Every special token any of the three families needs; one vocabulary serves all of them.
 SPECIAL_TOKENS = [
@@ -326,12 +326,19 @@ def build_expert_config(family: str, image_size: int = 16, patch_size: int = 4, 
             num_attention_heads=4, d_kv=hidden_size // 4, patch_embed_hidden_size=patch_size * patch_size * 3,
             seq_len=(image_size // patch_size) ** 2,
         )
-    if family == "got_ocr2_vision":
-        return GotOcr2VisionConfig(
+    if family in ("got_ocr2_vision", "got_ocr2"):
+        vision = GotOcr2VisionConfig(
             hidden_size=hidden_size, output_channels=hidden_size, num_hidden_layers=num_layers,
             num_attention_heads=4, image_size=image_size, patch_size=patch_size, window_size=2,
             global_attn_indexes=[num_layers - 1], mlp_dim=hidden_size * 2,
         )
+        if family == "got_ocr2_vision":
+            return vision
+        from transformers import GotOcr2Config
+
+        text = dict(model_type="qwen2", vocab_size=64, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+        return GotOcr2Config(vision_config=vision, text_config=text)
     raise ValueError(f"Unknown expert family {family!r}; supported: {', '.join(EXPERT_FAMILIES)}.")
 
 
@@ -346,9 +353,82 @@ def build_expert_image_processor(family: str, image_size: int = 16, patch_size: 
     if family == "pix2struct_vision_model":
         return Pix2StructImageProcessor(patch_size={"height": patch_size, "width": patch_size},
                                         max_patches=(image_size // patch_size) ** 2)
-    if family == "got_ocr2_vision":
+    if family in ("got_ocr2_vision", "got_ocr2"):
         return GotOcr2ImageProcessor(size=size, crop_to_patches=False, image_mean=mean, image_std=std)
     raise ValueError(f"Unknown expert family {family!r}; supported: {', '.join(EXPERT_FAMILIES)}.")
+
+
+# Expert image sizes for tiny models: GOT-OCR2's two stride-2 convolutions need a larger map to keep 4 tokens.
+EXPERT_IMAGE_SIZE = {"got_ocr2": 32}
+
+
+def build_expert(family: str, seed: int = 0, **config_kwargs):
+    """A randomly initialised tiny expert encoder of `family`, as `from_generalist` accepts it (for `got_ocr2` the full
+    GOT-OCR2 model, whose encoder and convolutions become the expert)."""
+    from transformers import (
+        CLIPVisionModel,
+        GotOcr2ForConditionalGeneration,
+        Pix2StructVisionModel,
+        SiglipVisionModel,
+    )
+    from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2VisionEncoder
+
+    config_kwargs.setdefault("image_size", EXPERT_IMAGE_SIZE.get(family, 16))
+    config = build_expert_config(family, **config_kwargs)
+    classes = {
+        "clip_vision_model": CLIPVisionModel,
+        "siglip_vision_model": SiglipVisionModel,
+        "pix2struct_vision_model": Pix2StructVisionModel,
+        "got_ocr2_vision": GotOcr2VisionEncoder,
+        "got_ocr2": GotOcr2ForConditionalGeneration,
+    }
+    torch.manual_seed(seed)
+    return classes[family](config).eval()
+
+
+def build_tiny_chimera(
+    family: str = "internvl",
+    experts: dict | None = None,
+    seed: int = 0,
+    tokenizer=None,
+    **chimera_kwargs,
+):
+    """A tiny Chimera and its processor: `experts` maps domain -> expert family (default: table=Pix2Struct,
+    math=CLIP). Returns `(model, processor)`."""
+    from modeling_chimera import ChimeraForConditionalGeneration
+    from processing_chimera import ChimeraProcessor
+
+    experts = experts or {"table": "pix2struct_vision_model", "math": "clip_vision_model"}
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family)
+    generalist = build_generalist(family, tokenizer, seed=seed)
+    expert_models = {d: build_expert(f, seed=seed + 1 + i) for i, (d, f) in enumerate(experts.items())}
+    torch.manual_seed(seed + 100)
+    model = ChimeraForConditionalGeneration.from_generalist(generalist, expert_models, **chimera_kwargs)
+    processor = ChimeraProcessor.from_generalist(
+        build_processor(family, tokenizer),
+        {d: build_expert_image_processor(f, image_size=EXPERT_IMAGE_SIZE.get(f, 16)) for d, f in experts.items()},
+    )
+    return model, processor
+
+
+def random_images(n: int, seed: int = 0, sizes=((16, 16),)):
+    """`n` random RGB PIL images, cycling through `sizes` (height, width)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(n)
+    ]
+
+
+def chat_prompt(processor, num_images: int = 1, text: str = "What is shown?", answer: str | None = None) -> str:
+    """A chat prompt with `num_images` images, ending with the assistant turn (or with `answer` and its end)."""
+    messages = [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}]
+    if answer is None:
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return processor.apply_chat_template(messages)
 
 
 def auto_config(config_dict: dict):

@@ -1,0 +1,39 @@
+"""The repository's promises about itself: README commands, CI entry point, installable Hub modules."""
+
+import ast
+import importlib
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fenced_after(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(re.escape(marker) + r"\s*```bash\n(.*?)\n```", text, re.S)
+    assert match, f"README has no bash block after {marker}"
+    return match.group(1)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    awk = re.search(r"cmd=\$\((awk .*?) README.md\)", (ROOT / ".ci/run").read_text()).group(1)
+    command = subprocess.run(["bash", "-c", f"{awk} README.md"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert command == _fenced_after("<!-- test-command -->")
+    assert command.endswith("python -m pytest")
+
+
+def test_main_command_runs_an_existing_module():
+    command = _fenced_after("<!-- main-command -->")
+    module = re.search(r"python -m ([\w.]+)", command.split("&&")[-1]).group(1)
+    assert importlib.util.find_spec(module) is not None, module
+
+
+def test_setup_installs_every_top_level_hub_module():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    modules = next(
+        ast.literal_eval(node.value) for node in ast.walk(tree)
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "HUB_MODULES"
+    )
+    top_level = {p.stem for p in ROOT.glob("*.py") if p.name != "setup.py"}
+    assert set(modules) == top_level
