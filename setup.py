@@ -23,17 +23,19 @@ setup(
     py_modules=HUB_MODULES,
     packages=find_packages(include=["train", "train.*"]),
     package_data={"train": ["configs/*/*.yaml"]},
+    # transformers and TRL are pinned to the minor versions this code is tested with: transformers 5.24 renames
+    # `past_key_values` to `cache` in every model output and forward, which remote-code models must follow.
     install_requires=[
         "torch>=2.6",
         "torchvision>=0.21",
-        "transformers>=5.23,<6",
+        "transformers>=5.23,<5.24",
         "huggingface_hub>=1.0",
         "safetensors>=0.4",
         "tokenizers>=0.22",
         "accelerate>=1.10",
         "datasets>=4.0",
         "peft>=0.17",
-        "trl>=1.16,<2",
+        "trl>=1.16,<1.17",
         "pillow>=10",
         "numpy>=1.26",
         "pyyaml>=6",
