@@ -39,10 +39,24 @@ from transformers.utils import logging
 
 try:
     from .configuration_chimera import ChimeraConfig, ChimeraExpertConfig
-    from .vlm_backbones import check_image_token_count, get_backbone_family
+    from .vlm_backbones import (
+        HubCheckpointMixin,
+        check_image_token_count,
+        get_backbone_family,
+        image_token_spans,
+        repeat_images_for_generation,
+        scale_router_loss,
+    )
 except ImportError:
     from configuration_chimera import ChimeraConfig, ChimeraExpertConfig
-    from vlm_backbones import check_image_token_count, get_backbone_family
+    from vlm_backbones import (
+        HubCheckpointMixin,
+        check_image_token_count,
+        get_backbone_family,
+        image_token_spans,
+        repeat_images_for_generation,
+        scale_router_loss,
+    )
 
 
 logger = logging.get_logger(__name__)
@@ -243,30 +257,10 @@ class ExpertTokenLayout:
     inserted: bool
 
 
-def _image_token_spans(input_ids, image_token_id, counts):
-    """(row, first_col, last_col) of every image's generalist tokens, in masked_scatter order."""
-    mask = input_ids == image_token_id
-    total = int(mask.sum())
-    check_image_token_count(total, [torch.empty(c, 0) for c in counts])
-    flat = mask.flatten().nonzero().squeeze(-1)
-    seq_len = input_ids.shape[1]
-    spans, start = [], 0
-    for count in counts:
-        first, last = int(flat[start]), int(flat[start + count - 1])
-        row, first_col, last_col = first // seq_len, first % seq_len, last % seq_len
-        if last // seq_len != row:
-            raise ValueError(
-                "One image's tokens run across two samples of the batch: the image inputs do not match `input_ids`."
-            )
-        spans.append((row, first_col, last_col))
-        start += count
-    return spans
-
-
 # ------------------------------------------------------------------------------------------------------- models
 
 
-class ChimeraPreTrainedModel(PreTrainedModel):
+class ChimeraPreTrainedModel(HubCheckpointMixin, PreTrainedModel):
     config: ChimeraConfig
     config_class = ChimeraConfig
     base_model_prefix = "model"
@@ -279,52 +273,11 @@ class ChimeraPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
     _no_split_modules = []
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, but safetensors only and no silent random init: a checkpoint with
-        missing or unexpected weights (a router, projector or expert that does not match the config) raises."""
-        want_info = kwargs.pop("output_loading_info", False)
-        kwargs.setdefault("use_safetensors", True)
-        try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
-        except RuntimeError as err:
-            if "ignore_mismatched_sizes" not in str(err):
-                raise
-            raise ValueError(
-                f"The checkpoint at {pretrained_model_name_or_path!r} holds weights whose shapes do not match its "
-                f"{cls.config_class.__name__} (see the load report above, e.g. a router or projector saved for another "
-                "number of experts or another width). Fix `config.json` to describe the saved experts, or re-save the "
-                "model after building it."
-            ) from err
-        missing = sorted(info.get("missing_keys", []))
-        unexpected = sorted(info.get("unexpected_keys", []))
-        mismatched = sorted(str(k) for k in info.get("mismatched_keys", []))
-        if missing or unexpected or mismatched:
-            raise ValueError(
-                f"The checkpoint at {pretrained_model_name_or_path!r} does not match its {cls.config_class.__name__}: "
-                f"missing weights {missing[:10]}{'...' if len(missing) > 10 else ''}, unexpected weights "
-                f"{unexpected[:10]}{'...' if len(unexpected) > 10 else ''}, wrong shapes {mismatched[:10]}. Nothing "
-                "is initialised at random on load. Re-save the model with `save_pretrained` after building it (e.g. "
-                "with `from_generalist` / `from_base`), or fix `config.json` so the experts and routers match the "
-                "weights."
-            )
-        return (model, info) if want_info else model
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained` (safetensors) with every auto class in `config.auto_map`, so the folder
-        loads with `AutoConfig` / `AutoModel` / `AutoModelForImageTextToText` and `trust_remote_code=True`."""
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-
-AUTO_MAP = {
-    "AutoConfig": "configuration_chimera.ChimeraConfig",
-    "AutoModel": "modeling_chimera.ChimeraForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_chimera.ChimeraForConditionalGeneration",
-}
+    _auto_map = {
+        "AutoConfig": "configuration_chimera.ChimeraConfig",
+        "AutoModel": "modeling_chimera.ChimeraForConditionalGeneration",
+        "AutoModelForImageTextToText": "modeling_chimera.ChimeraForConditionalGeneration",
+    }
 
 
 class ChimeraModel(ChimeraPreTrainedModel):
@@ -489,7 +442,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
     def expert_index_from_tokens(self, input_ids, generalist_features) -> torch.LongTensor:
         """For `input_ids` that already hold expert blocks: which expert follows each image (0 = none)."""
         counts = [int(f.shape[0]) for f in generalist_features]
-        spans = _image_token_spans(input_ids, self.generalist_image_token_id, counts)
+        spans = image_token_spans(input_ids, self.generalist_image_token_id, counts)
         token_to_expert = {t: k for k, t in enumerate(self.config.expert_token_ids, start=1)}
         skip = {self.config.expert_start_token_id, self.config.expert_insert_after_token_id} - {None}
         index = []
@@ -518,7 +471,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
         batch, seq_len = input_ids.shape
         device = input_ids.device
         gen_counts = [int(f.shape[0]) for f in image_features.generalist_features]
-        spans = _image_token_spans(input_ids, self.generalist_image_token_id, gen_counts) if gen_counts else []
+        spans = image_token_spans(input_ids, self.generalist_image_token_id, gen_counts) if gen_counts else []
         expert_index = image_features.expert_index.tolist() if gen_counts else []
         inserts = [[] for _ in range(batch)]  # per row: (anchor col, block ids)
         for (row, _, last), k, feats in zip(spans, expert_index, image_features.expert_features or ()):
@@ -804,10 +757,7 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
             targets = torch.as_tensor(expert_labels).long().reshape(-1).to(outputs.router_logits.device)
             if bool((targets != -100).any()):
                 router_loss = F.cross_entropy(outputs.router_logits.float(), targets, ignore_index=-100)
-                weighted = self.config.router_loss_weight * router_loss
-                if num_items_in_batch is not None and labels is not None:
-                    local_items = labels[..., 1:].ne(-100).sum()
-                    weighted = weighted * local_items.to(weighted.device) / torch.as_tensor(num_items_in_batch).to(weighted.device)
+                weighted = scale_router_loss(self.config.router_loss_weight * router_loss, labels, num_items_in_batch)
                 loss = weighted if loss is None else loss + weighted
         return ChimeraCausalLMOutputWithPast(
             loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=logits,
@@ -829,16 +779,14 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         features = mm_encoder_output.get("image")
         if not isinstance(features, ChimeraImageFeatures):
             return super()._expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size, inputs_embeds)
-        rows = features.image_rows.tolist()
-        order = [i for row in sorted(set(rows)) for _ in range(expand_size) for i, r in enumerate(rows) if r == row]
-        pick = lambda seq: tuple(seq[i] for i in order)  # noqa: E731
+        order, rows = repeat_images_for_generation(features.image_rows, expand_size)
         index = torch.tensor(order, device=features.router_logits.device)
         mm_encoder_output["image"] = ChimeraImageFeatures(
-            generalist_features=pick(features.generalist_features),
+            generalist_features=tuple(features.generalist_features[i] for i in order),
             router_logits=features.router_logits.index_select(0, index),
             expert_index=features.expert_index.index_select(0, index),
-            expert_features=pick(features.expert_features),
-            image_rows=torch.tensor([rows[i] * expand_size for i in order], device=features.image_rows.device),
+            expert_features=tuple(features.expert_features[i] for i in order),
+            image_rows=torch.tensor(rows, device=features.image_rows.device),
         )
         return mm_encoder_output
 

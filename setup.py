@@ -10,6 +10,8 @@ HUB_MODULES = [
     "configuration_chimera",
     "modeling_chimera",
     "processing_chimera",
+    "configuration_mixpert",
+    "modeling_mixpert",
 ]
 
 setup(

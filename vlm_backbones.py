@@ -470,10 +470,15 @@ class Qwen2VLFamily(BackboneFamily):
         return replace(acts, hidden=hidden, taps=taps, depth=depth)
 
     def _patch_index(self, acts, unit_index):
-        lengths = acts.grid_thw.prod(-1)
+        """Indices of the packed patches of the units `unit_index`, in that order."""
+        lengths = acts.grid_thw.prod(-1).to(acts.hidden.device)
         starts = torch.cumsum(lengths, 0) - lengths
-        return torch.cat([torch.arange(int(starts[u]), int(starts[u] + lengths[u]), device=acts.hidden.device)
-                          for u in unit_index.tolist()])
+        unit_index = unit_index.to(acts.hidden.device)
+        chosen = lengths[unit_index]
+        offsets = torch.arange(int(chosen.sum()), device=acts.hidden.device) - torch.repeat_interleave(
+            torch.cumsum(chosen, 0) - chosen, chosen
+        )
+        return torch.repeat_interleave(starts[unit_index], chosen) + offsets
 
     def select_units(self, acts, unit_index):
         patches = self._patch_index(acts, unit_index)
@@ -578,6 +583,99 @@ def check_image_token_count(n_tokens: int, features: list[torch.Tensor], what: s
         )
 
 
-def backbone_image_inputs(family: BackboneFamily, kwargs: dict) -> dict:
-    """Pick the family's image inputs out of a kwargs dict (others stay)."""
-    return {name: kwargs.get(name) for name in family.image_input_names if name != "pixel_values"}
+def image_token_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> list[tuple[int, int, int]]:
+    """`(row, first_col, last_col)` of every image's tokens, in the order `masked_scatter` fills them."""
+    mask = input_ids == image_token_id
+    check_image_token_count(int(mask.sum()), [torch.empty(c, 0) for c in counts])
+    flat = mask.flatten().nonzero().squeeze(-1)
+    seq_len = input_ids.shape[1]
+    spans, start = [], 0
+    for count in counts:
+        first, last = int(flat[start]), int(flat[start + count - 1])
+        row = first // seq_len
+        if last // seq_len != row:
+            raise ValueError(
+                "One image's tokens run across two samples of the batch: the image inputs do not match `input_ids`."
+            )
+        spans.append((row, first % seq_len, last % seq_len))
+        start += count
+    return spans
+
+
+def repeat_images_for_generation(image_rows: torch.LongTensor, expand_size: int) -> tuple[list[int], list[int]]:
+    """Beam search / `num_return_sequences` repeat each batch row `expand_size` times; return, for the repeated batch,
+    which original image each new image is and the new image's row."""
+    rows = image_rows.tolist()
+    order, new_rows = [], []
+    for row in sorted(set(rows)):
+        for copy in range(expand_size):
+            for image, r in enumerate(rows):
+                if r == row:
+                    order.append(image)
+                    new_rows.append(row * expand_size + copy)
+    return order, new_rows
+
+
+# ------------------------------------------------------------------------------------------ shared model plumbing
+
+
+def scale_router_loss(router_loss: torch.Tensor, labels, num_items_in_batch) -> torch.Tensor:
+    """Scale a per-micro-batch mean router loss for `Trainer`'s `num_items_in_batch` convention.
+
+    When a model's `forward` takes `**kwargs`, `Trainer` passes `num_items_in_batch` (label tokens of the whole
+    accumulated, and data-parallel, batch) and stops dividing the loss by the gradient-accumulation steps. The LM loss
+    is then `sum / num_items_in_batch`; a mean router loss would be counted once per micro-batch (x GA). Multiplying
+    it by this micro-batch's share of the label tokens makes the shares over an accumulated batch add up to 1: a
+    weighted mean of the micro-batch router losses, on the same scale as without accumulation.
+    """
+    if num_items_in_batch is None or labels is None:
+        return router_loss
+    local_items = labels[..., 1:].ne(-100).sum().to(router_loss.device)
+    return router_loss * local_items / torch.as_tensor(num_items_in_batch, device=router_loss.device)
+
+
+class HubCheckpointMixin:
+    """Loading and saving rules shared by Chimera and Mixpert (mixed into their `PreTrainedModel`).
+
+    * `from_pretrained` reads safetensors only, and raises on a checkpoint whose weights do not match the config
+      (missing, unexpected or wrong-shaped weights): routers, projectors and experts are never initialised at random
+      on load.
+    * `save_pretrained` writes every auto class of `_auto_map` into `config.auto_map` (a class remembers only one
+      auto class), so the folder loads with `AutoConfig` / `AutoModel` / `AutoModelForImageTextToText`.
+    """
+
+    _auto_map: dict = {}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs.setdefault("use_safetensors", True)
+        name = cls.config_class.__name__
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            )
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" not in str(err):
+                raise
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path!r} holds weights whose shapes do not match its "
+                f"{name} (see the load report above, e.g. a router or projector saved for another number of experts "
+                "or another width). Fix `config.json` to describe the saved experts, or re-save the model after "
+                "building it."
+            ) from err
+        missing = sorted(info.get("missing_keys", []))
+        unexpected = sorted(info.get("unexpected_keys", []))
+        if missing or unexpected:
+            raise ValueError(
+                f"The checkpoint at {pretrained_model_name_or_path!r} does not match its {name}: missing weights "
+                f"{missing[:10]}{'...' if len(missing) > 10 else ''}, unexpected weights "
+                f"{unexpected[:10]}{'...' if len(unexpected) > 10 else ''}. Nothing is initialised at random on load. "
+                "Re-save the model with `save_pretrained` after building it (e.g. with `from_generalist` / "
+                "`from_base`), or fix `config.json` so the experts and routers match the weights."
+            )
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._auto_map}
+        return super().save_pretrained(save_directory, *args, **kwargs)

@@ -34,6 +34,9 @@ SIZES = {
     # hidden, vision hidden, text layers, vision layers, image px, patch px
     "tiny": dict(hidden_size=32, vision_hidden_size=32, num_text_layers=2, num_vision_layers=2, image_size=16, patch_size=4),
     "small": dict(hidden_size=256, vision_hidden_size=192, num_text_layers=4, num_vision_layers=4, image_size=64, patch_size=8),
+    # 224 px / 14 px patches: 256 tokens per tile, where matrix products (not Python) dominate on a CPU
+    "medium": dict(hidden_size=512, vision_hidden_size=384, num_text_layers=4, num_vision_layers=6, image_size=224,
+                   patch_size=14),
 }
 
 
