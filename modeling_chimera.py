@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -45,7 +44,7 @@ try:
         get_backbone_family,
         image_token_spans,
         repeat_images_for_generation,
-        scale_router_loss,
+        lm_and_router_loss,
     )
 except ImportError:
     from configuration_chimera import ChimeraConfig, ChimeraExpertConfig
@@ -55,7 +54,7 @@ except ImportError:
         get_backbone_family,
         image_token_spans,
         repeat_images_for_generation,
-        scale_router_loss,
+        lm_and_router_loss,
     )
 
 
@@ -729,10 +728,8 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
             One tensor per expert (config order), one row per image: that expert's preprocessed input (what
             `ChimeraProcessor` returns). Only the rows of images routed to an expert are used.
 
-        Loss: `lm_loss + router_loss_weight * router_loss`. Under `Trainer` (which passes `num_items_in_batch` and
-        then no longer divides by the gradient-accumulation steps) the router term is multiplied by this micro-batch's
-        share of the label tokens, so over an accumulated (and data-parallel) batch it sums to a weighted mean of
-        the per-micro-batch router losses with weights adding up to 1 — the same scale as without accumulation.
+        Loss: `lm_loss + router_loss_weight * router_loss`, rescaled under `Trainer`'s `num_items_in_batch` (see
+        `vlm_backbones.lm_and_router_loss`); `lm_loss` and `router_loss` are also returned unscaled.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
@@ -746,19 +743,12 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, slice_indices, :])
 
-        lm_loss = router_loss = loss = None
-        if labels is not None:
-            lm_loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size,
-                num_items_in_batch=num_items_in_batch, **kwargs,
-            )
-            loss = lm_loss
+        targets = None
         if expert_labels is not None and outputs.router_logits is not None:
-            targets = torch.as_tensor(expert_labels).long().reshape(-1).to(outputs.router_logits.device)
-            if bool((targets != -100).any()):
-                router_loss = F.cross_entropy(outputs.router_logits.float(), targets, ignore_index=-100)
-                weighted = scale_router_loss(self.config.router_loss_weight * router_loss, labels, num_items_in_batch)
-                loss = weighted if loss is None else loss + weighted
+            targets = torch.as_tensor(expert_labels).long().reshape(-1)
+        loss, lm_loss, router_loss = lm_and_router_loss(
+            self, logits, labels, outputs.router_logits, targets, num_items_in_batch
+        )
         return ChimeraCausalLMOutputWithPast(
             loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=logits,
             past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,

@@ -22,7 +22,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
@@ -36,7 +35,7 @@ try:
         get_backbone_family,
         image_token_spans,
         repeat_images_for_generation,
-        scale_router_loss,
+        lm_and_router_loss,
     )
 except ImportError:
     from configuration_mixpert import MixpertConfig
@@ -46,7 +45,7 @@ except ImportError:
         get_backbone_family,
         image_token_spans,
         repeat_images_for_generation,
-        scale_router_loss,
+        lm_and_router_loss,
     )
 
 
@@ -456,21 +455,15 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, slice_indices, :])
-        lm_loss = router_loss = loss = None
-        if labels is not None:
-            lm_loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.get_text_config().vocab_size,
-                num_items_in_batch=num_items_in_batch, **kwargs,
-            )
-            loss = lm_loss
+        targets = None
         if expert_labels is not None and outputs.router_logits is not None:
             image_labels = torch.as_tensor(expert_labels).long().reshape(-1).to(outputs.router_logits.device)
             row_labels = image_labels[outputs.routed_image]
+            # Domain k is router class k - 1; the versatile expert (0) and unlabelled rows (-100) have no target.
             targets = torch.where(row_labels >= 1, row_labels - 1, torch.full_like(row_labels, -100))
-            if bool((targets != -100).any()):
-                router_loss = F.cross_entropy(outputs.router_logits.float(), targets, ignore_index=-100)
-                weighted = scale_router_loss(self.config.router_loss_weight * router_loss, labels, num_items_in_batch)
-                loss = weighted if loss is None else loss + weighted
+        loss, lm_loss, router_loss = lm_and_router_loss(
+            self, logits, labels, outputs.router_logits, targets, num_items_in_batch
+        )
         return MixpertCausalLMOutputWithPast(
             loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=logits,
             past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,

@@ -185,6 +185,8 @@ class ChimeraProcessor(ProcessorMixin):
                 key = _EXPERT_INPUT_KEY.get(type(processor).__name__, "pixel_values")
                 expert_inputs.append(processor(images=flat, return_tensors="pt")[key])
             outputs["expert_pixel_values"] = expert_inputs
+            # One tensor per expert, of different shapes: never stacked into one tensor.
+            outputs.skip_tensor_conversion = list(outputs.skip_tensor_conversion or []) + ["expert_pixel_values"]
         return outputs
 
     def batch_decode(self, *args, **kwargs):

@@ -619,19 +619,36 @@ def repeat_images_for_generation(image_rows: torch.LongTensor, expand_size: int)
 # ------------------------------------------------------------------------------------------ shared model plumbing
 
 
-def scale_router_loss(router_loss: torch.Tensor, labels, num_items_in_batch) -> torch.Tensor:
-    """Scale a per-micro-batch mean router loss for `Trainer`'s `num_items_in_batch` convention.
+def lm_and_router_loss(model, logits, labels, router_logits, router_targets, num_items_in_batch=None):
+    """`(loss, lm_loss, router_loss)` for Chimera and Mixpert.
 
-    When a model's `forward` takes `**kwargs`, `Trainer` passes `num_items_in_batch` (label tokens of the whole
-    accumulated, and data-parallel, batch) and stops dividing the loss by the gradient-accumulation steps. The LM loss
-    is then `sum / num_items_in_batch`; a mean router loss would be counted once per micro-batch (x GA). Multiplying
-    it by this micro-batch's share of the label tokens makes the shares over an accumulated batch add up to 1: a
-    weighted mean of the micro-batch router losses, on the same scale as without accumulation.
+    `lm_loss` is the mean next-token cross-entropy over this micro-batch's label tokens and `router_loss` the mean
+    router cross-entropy over its labelled rows (`-100` = no target); both are returned as they are, for logging.
+    `loss = lm_loss + router_loss_weight * router_loss`, except under `Trainer`'s `num_items_in_batch` convention:
+    when a model's `forward` takes `**kwargs`, `Trainer` passes the label-token count of the whole accumulated (and
+    data-parallel) batch and stops dividing by the gradient-accumulation steps. Both terms are then multiplied by this
+    micro-batch's share of those tokens: the LM term becomes exactly `sum / num_items_in_batch` (transformers' own
+    rule), and the router term a weighted mean of the micro-batch router losses whose weights add up to 1 (the same
+    scale as without accumulation, instead of once per micro-batch).
     """
-    if num_items_in_batch is None or labels is None:
-        return router_loss
-    local_items = labels[..., 1:].ne(-100).sum().to(router_loss.device)
-    return router_loss * local_items / torch.as_tensor(num_items_in_batch, device=router_loss.device)
+    lm_loss = router_loss = None
+    total = None
+    local_items = labels[..., 1:].ne(-100).sum() if labels is not None else None
+    if labels is not None:
+        lm_loss = model.loss_function(
+            logits=logits, labels=labels, vocab_size=model.config.get_text_config().vocab_size,
+            num_items_in_batch=local_items.clamp(min=1),
+        )
+        total = lm_loss
+    if router_targets is not None and router_logits is not None and bool((router_targets != -100).any()):
+        router_loss = torch.nn.functional.cross_entropy(
+            router_logits.float(), router_targets.to(router_logits.device), ignore_index=-100
+        )
+        weighted = model.config.router_loss_weight * router_loss
+        total = weighted if total is None else total + weighted
+    if total is not None and num_items_in_batch is not None and local_items is not None:
+        total = total * local_items.to(total.device) / torch.as_tensor(num_items_in_batch, device=total.device)
+    return total, lm_loss, router_loss
 
 
 class HubCheckpointMixin:
