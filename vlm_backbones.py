@@ -658,7 +658,10 @@ class HubCheckpointMixin:
       (missing, unexpected or wrong-shaped weights): routers, projectors and experts are never initialised at random
       on load.
     * `save_pretrained` writes every auto class of `_auto_map` into `config.auto_map` (a class remembers only one
-      auto class), so the folder loads with `AutoConfig` / `AutoModel` / `AutoModelForImageTextToText`.
+      auto class), so the folder loads with `AutoConfig` / `AutoModel` / `AutoModelForImageTextToText`; and it saves
+      the weights under the module names (`save_original_format=False`). transformers 5.23 otherwise renames the
+      native backbones' keys to their legacy layout (`language_model.model.*`), which `from_pretrained` undoes but
+      `Trainer`'s resume (a plain `load_state_dict`) does not: the LLM would silently stay at its initial weights.
     """
 
     _auto_map: dict = {}
@@ -695,4 +698,5 @@ class HubCheckpointMixin:
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._auto_map}
+        kwargs.setdefault("save_original_format", False)
         return super().save_pretrained(save_directory, *args, **kwargs)

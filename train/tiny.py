@@ -391,24 +391,59 @@ def build_tiny_chimera(
     experts: dict | None = None,
     seed: int = 0,
     tokenizer=None,
+    image_size: int = 16,
+    patch_size: int = 4,
+    generalist_kwargs: dict | None = None,
     **chimera_kwargs,
 ):
     """A tiny Chimera and its processor: `experts` maps domain -> expert family (default: table=Pix2Struct,
-    math=CLIP). Returns `(model, processor)`."""
+    math=CLIP). Images are `image_size` px (`patch_size` px patches) for the generalist and the experts (GOT-OCR2
+    experts use twice the size, so its two stride-2 convolutions keep 4 tokens). Returns `(model, processor)`."""
     from modeling_chimera import ChimeraForConditionalGeneration
     from processing_chimera import ChimeraProcessor
 
     experts = experts or {"table": "pix2struct_vision_model", "math": "clip_vision_model"}
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family)
-    generalist = build_generalist(family, tokenizer, seed=seed)
-    expert_models = {d: build_expert(f, seed=seed + 1 + i) for i, (d, f) in enumerate(experts.items())}
+    generalist = build_generalist(family, tokenizer, seed=seed, image_size=image_size, patch_size=patch_size,
+                                  **(generalist_kwargs or {}))
+    scale = image_size // 16
+    sizes = {f: EXPERT_IMAGE_SIZE.get(f, 16) * scale for f in experts.values()}
+    expert_models = {
+        d: build_expert(f, seed=seed + 1 + i, image_size=sizes[f], patch_size=patch_size)
+        for i, (d, f) in enumerate(experts.items())
+    }
     torch.manual_seed(seed + 100)
     model = ChimeraForConditionalGeneration.from_generalist(generalist, expert_models, **chimera_kwargs)
     processor = ChimeraProcessor.from_generalist(
-        build_processor(family, tokenizer),
-        {d: build_expert_image_processor(f, image_size=EXPERT_IMAGE_SIZE.get(f, 16)) for d, f in experts.items()},
+        build_processor(family, tokenizer, image_size=image_size, patch_size=patch_size),
+        {d: build_expert_image_processor(f, image_size=sizes[f], patch_size=patch_size) for d, f in experts.items()},
     )
     return model, processor
+
+
+def build_tiny_mixpert(
+    family: str = "internvl",
+    domains=("chart", "table", "math", "document", "ocr", "general"),
+    seed: int = 0,
+    tokenizer=None,
+    image_size: int = 16,
+    patch_size: int = 4,
+    num_vision_layers: int = 3,
+    num_expert_layers: int = 2,
+    generalist_kwargs: dict | None = None,
+    **mixpert_kwargs,
+):
+    """A tiny Mixpert upcycled from a tiny native base, and the base's processor. Returns `(model, processor)`."""
+    from modeling_mixpert import MixpertForConditionalGeneration
+
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family)
+    base = build_generalist(family, tokenizer, seed=seed, image_size=image_size, patch_size=patch_size,
+                            num_vision_layers=num_vision_layers, **(generalist_kwargs or {}))
+    torch.manual_seed(seed + 100)
+    model = MixpertForConditionalGeneration.from_base(
+        base, domains=list(domains), num_expert_layers=num_expert_layers, **mixpert_kwargs
+    )
+    return model, build_processor(family, tokenizer, image_size=image_size, patch_size=patch_size)
 
 
 def random_images(n: int, seed: int = 0, sizes=((16, 16),)):

@@ -1,0 +1,290 @@
+"""Training scripts: what each stage trains and freezes (TRL's pattern), expert isolation, DPO, resume, data parallel,
+and the router loss under gradient accumulation."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.data.export import export_preference_jsonl, export_sft_jsonl
+from train.tiny import random_images
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "train" / "configs" / "tiny"
+DOMAINS = ["chart", "table", "math", "document", "ocr", "general"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """12 SFT rows (2 per domain, identical text lengths) and 12 preference rows, as local files."""
+    folder = tmp_path_factory.mktemp("data")
+    images = random_images(12, seed=3, sizes=((32, 32),))
+    rows = [{"image": images[i], "question": "What is the value?", "answer": str(i % 10), "domain": DOMAINS[i % 6]}
+            for i in range(12)]
+    export_sft_jsonl(rows, str(folder), "sft")
+    pairs = [{**r, "chosen": r["answer"], "rejected": str((int(r["answer"]) + 1) % 10)} for r in rows]
+    export_preference_jsonl(pairs, str(folder), "pref")
+    return folder
+
+
+def run_script(module, config, *overrides):
+    """Parse like the command line (YAML config + overrides) and run the script's `main` in this process."""
+    script = __import__(f"train.{module}", fromlist=["main", "make_parser"])
+    args = script.make_parser().parse_args_and_config(["--config", str(TINY / config), *map(str, overrides)])
+    return script.main(*args)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed(before, model):
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+
+
+def test_chimera_stage_1_trains_router_and_projectors_only(data_dir, tmp_path):
+    from train.tiny import build_tiny_chimera
+
+    experts = {"table": "pix2struct_vision_model", "chart": "siglip_vision_model", "math": "clip_vision_model"}
+    initial = snapshot(build_tiny_chimera("internvl", experts, image_size=32, patch_size=8, seed=0,
+                                          generalist_kwargs={"hidden_size": 32})[0])
+    trainer = run_script("chimera", "chimera_stage1.yaml", "--output_dir", tmp_path, "--max_steps", 3,
+                         "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no", "--logging_steps", 1)
+    model = trainer.model
+    moved = changed(initial, model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("model.router.", "model.expert_projectors.")) for n in trainable)
+    assert moved == trainable  # every trainable parameter changed, nothing else did
+    assert model.config.gscm_ratio == 0.0
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert summary["groups"] == ["router", "expert_projectors"] and summary["global_step"] == 3
+    history = [h for h in trainer.state.log_history if "lm_loss" in h]
+    assert history and "router_loss" in history[0]
+
+
+def test_chimera_stage_2_adds_the_llm_and_gscm_and_keeps_experts_frozen(data_dir, tmp_path):
+    run_script("chimera", "chimera_stage1.yaml", "--output_dir", tmp_path / "s1", "--max_steps", 1,
+               "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no")
+    from modeling_chimera import ChimeraForConditionalGeneration
+
+    initial = snapshot(ChimeraForConditionalGeneration.from_pretrained(tmp_path / "s1"))
+    trainer = run_script("chimera", "chimera_stage2.yaml", "--output_dir", tmp_path / "s2", "--max_steps", 3,
+                         "--model_name_or_path", tmp_path / "s1", "--train_file", data_dir / "sft.jsonl",
+                         "--save_strategy", "no")
+    model = trainer.model
+    moved = changed(initial, model)
+    assert not any(n.startswith(("model.expert_encoders.", "model.generalist.vision_tower.",
+                                 "model.generalist.multi_modal_projector.")) for n in moved)
+    assert any(n.startswith("model.generalist.language_model.") for n in moved)
+    assert "model.router.weight" in moved and "lm_head.weight" in moved
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert moved == trainable
+    assert model.config.gscm_ratio == 0.25
+    reloaded = ChimeraForConditionalGeneration.from_pretrained(tmp_path / "s2")
+    assert reloaded.config.gscm_ratio == 0.25
+
+
+def test_chimera_stage_2_with_lora_merges_into_a_plain_checkpoint(data_dir, tmp_path):
+    from modeling_chimera import ChimeraForConditionalGeneration
+
+    run_script("chimera", "chimera_stage1.yaml", "--output_dir", tmp_path / "s1", "--max_steps", 1,
+               "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no")
+    before = ChimeraForConditionalGeneration.from_pretrained(tmp_path / "s1")
+    run_script("chimera", "chimera_stage2.yaml", "--output_dir", tmp_path / "s2", "--max_steps", 3, "--use_lora", "true",
+               "--model_name_or_path", tmp_path / "s1", "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no")
+    after = ChimeraForConditionalGeneration.from_pretrained(tmp_path / "s2")  # strict: a plain Chimera state dict
+    moved = changed(snapshot(before), after)
+    assert "model.router.weight" in moved
+    assert any(".self_attn.q_proj.weight" in n for n in moved)  # LoRA merged into the LLM
+    assert not any(n.startswith("model.expert_encoders.") for n in moved)
+
+
+def test_mixpert_expert_tuning_for_one_domain_changes_only_that_expert(data_dir, tmp_path):
+    from train.tiny import build_tiny_mixpert
+
+    initial = snapshot(build_tiny_mixpert("internvl", DOMAINS, image_size=32, patch_size=8, seed=0,
+                                          generalist_kwargs={"hidden_size": 32})[0])
+    model, results = run_script("mixpert", "mixpert_experts.yaml", "--output_dir", tmp_path, "--domains", "math",
+                                "--max_steps", 2, "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no")
+    moved = changed(initial, model)
+    assert moved and all(n.startswith("model.model.vision_experts.math.") or n.startswith("model.vision_experts.math.")
+                         for n in moved)
+    assert {n for n in initial if n.startswith("model.vision_experts.math.")} == moved
+    assert results["math"]["rows"] == 2 and results["math"]["trainable"]["fraction"] < 0.2
+
+
+def test_mixpert_expert_tuning_uses_two_learning_rates(data_dir, tmp_path):
+    from train.mixpert import ExpertTuningTrainer
+
+    seen = {}
+    original = ExpertTuningTrainer.create_optimizer
+
+    def spy(self, model=None):
+        optimizer = original(self, model)
+        seen["lrs"] = sorted(g["lr"] for g in optimizer.param_groups)
+        seen["betas"] = optimizer.param_groups[0]["betas"]
+        return optimizer
+
+    ExpertTuningTrainer.create_optimizer = spy
+    try:
+        run_script("mixpert", "mixpert_experts.yaml", "--output_dir", tmp_path, "--domains", "chart", "--max_steps", 1,
+                   "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no", "--learning_rate", 2e-6,
+                   "--projector_learning_rate", 1e-5)
+    finally:
+        ExpertTuningTrainer.create_optimizer = original
+    assert seen["lrs"] == [2e-6, 1e-5]
+
+
+def test_mixpert_router_phase_trains_only_the_router_on_cached_features(data_dir, tmp_path):
+    from train.tiny import build_tiny_mixpert
+
+    initial = snapshot(build_tiny_mixpert("internvl", DOMAINS, image_size=32, patch_size=8, seed=0,
+                                          generalist_kwargs={"hidden_size": 32})[0])
+    model, results = run_script("mixpert", "mixpert_router.yaml", "--output_dir", tmp_path,
+                                "--train_file", data_dir / "sft.jsonl", "--num_train_epochs", 5)
+    moved = changed(initial, model)
+    assert moved == {n for n in initial if n.startswith("model.vision_router.")}
+    assert results["cached_rows"] == 12
+
+
+@pytest.mark.parametrize("kind", ["chimera", "mixpert"])
+def test_dpo_trains_the_llm_and_leaves_router_and_experts(data_dir, tmp_path, kind):
+    from train.tiny import build_tiny_chimera, build_tiny_mixpert
+
+    kwargs = dict(image_size=32, patch_size=8, seed=0, generalist_kwargs={"hidden_size": 32})
+    if kind == "chimera":
+        experts = {"table": "pix2struct_vision_model", "chart": "siglip_vision_model", "math": "clip_vision_model"}
+        initial = snapshot(build_tiny_chimera("internvl", experts, **kwargs)[0])
+    else:
+        initial = snapshot(build_tiny_mixpert("internvl", DOMAINS, **kwargs)[0])
+    trainer = run_script("dpo", f"{kind}_dpo.yaml", "--output_dir", tmp_path, "--max_steps", 2,
+                         "--train_file", data_dir / "pref.jsonl", "--save_strategy", "no")
+    moved = changed(initial, trainer.model)
+    assert moved and all(".language_model." in n or n == "lm_head.weight" for n in moved)
+    assert any(h.get("rewards/accuracies") is not None for h in trainer.state.log_history)
+
+
+def test_bad_training_inputs_raise_clear_errors(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="--stage must be 1 or 2"):
+        run_script("chimera", "chimera_stage1.yaml", "--output_dir", tmp_path, "--stage", 3,
+                   "--train_file", data_dir / "sft.jsonl")
+    with pytest.raises(ValueError, match="--phase must be 'experts' or 'router'"):
+        run_script("mixpert", "mixpert_experts.yaml", "--output_dir", tmp_path, "--phase", "all",
+                   "--train_file", data_dir / "sft.jsonl")
+    with pytest.raises(ValueError, match="router does not train with DPO"):
+        run_script("dpo", "chimera_dpo.yaml", "--output_dir", tmp_path, "--train_groups", "router",
+                   "--train_file", data_dir / "pref.jsonl")
+    with pytest.raises(ValueError, match=r"--domains \['poetry'\] are not experts"):
+        run_script("mixpert", "mixpert_experts.yaml", "--output_dir", tmp_path, "--domains", "poetry",
+                   "--train_file", data_dir / "sft.jsonl")
+
+
+def test_router_loss_is_scaled_for_gradient_accumulation(data_dir, tmp_path):
+    """One optimizer step on the same 4 rows: batch 4 x GA 1 and batch 2 x GA 2 must give the same weights (plain
+    SGD), which holds only if the router loss is not counted once per micro-batch."""
+    results = {}
+    for batch, accumulation in ((4, 1), (2, 2)):
+        trainer = run_script("chimera", "chimera_stage1.yaml", "--output_dir", tmp_path / f"b{batch}",
+                             "--train_file", data_dir / "sft.jsonl", "--max_steps", 1, "--save_strategy", "no",
+                             "--per_device_train_batch_size", batch, "--gradient_accumulation_steps", accumulation,
+                             "--optim", "sgd", "--learning_rate", 1.0, "--lr_scheduler_type", "constant",
+                             "--warmup_steps", 0, "--max_grad_norm", 0)
+        results[batch] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        assert trainer.model_accepts_loss_kwargs  # Trainer passes num_items_in_batch and does not divide by GA
+    for name, value in results[4].items():
+        assert torch.allclose(value, results[2][name], atol=1e-5), name
+
+
+def _train_subprocess(code: str, cwd, timeout=300):
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return result
+
+
+def test_kill_and_resume_reaches_the_same_weights(data_dir, tmp_path):
+    """Stage 2 (GSCM's random masks included) for 4 steps, checkpoints every 2: a run killed right after its step-2
+    checkpoint and resumed with `--resume_from_checkpoint last` ends with the same weights as an uninterrupted run."""
+    common = ["--config", str(TINY / "chimera_stage2.yaml"), "--train_file", str(data_dir / "sft.jsonl"),
+              "--max_steps", "4", "--save_steps", "2", "--save_total_limit", "3", "--logging_steps", "1"]
+    run = """
+        import os, sys
+        sys.argv = ["train.chimera"] + {args!r}
+        import transformers
+        if {kill}:
+            original = transformers.Trainer._save_checkpoint
+            def save_then_die(self, *a, **k):
+                original(self, *a, **k)
+                if self.state.global_step == 2:
+                    os._exit(17)  # killed: no cleanup, no final save
+            transformers.Trainer._save_checkpoint = save_then_die
+        from train.chimera import main, make_parser
+        main(*make_parser().parse_args_and_config())
+    """
+    straight = _train_subprocess(run.format(args=common + ["--output_dir", str(tmp_path / "straight")], kill=False), ROOT)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _train_subprocess(run.format(args=common + ["--output_dir", str(tmp_path / "resumed")], kill=True), ROOT)
+    assert killed.returncode == 17, killed.stderr[-3000:]
+    assert (tmp_path / "resumed" / "checkpoint-2").is_dir() and not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = _train_subprocess(run.format(args=common + ["--output_dir", str(tmp_path / "resumed"),
+                                                          "--resume_from_checkpoint", "last"], kill=False), ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_stage_1(data_dir, tmp_path):
+    """`torchrun --nproc_per_node 2` starts two gloo processes on this CPU machine; the run sees world size 2."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "train.chimera",
+               "--config", str(TINY / "chimera_stage1.yaml"), "--output_dir", str(tmp_path),
+               "--train_file", str(data_dir / "sft.jsonl"), "--max_steps", "3", "--save_strategy", "no"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_step"] == 3
+
+
+def test_assemble_cli_builds_loadable_starting_checkpoints(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from train.assemble import main as assemble, make_parser
+    from train.tiny import (
+        build_expert,
+        build_expert_image_processor,
+        build_generalist,
+        build_processor,
+        build_tokenizer,
+    )
+
+    tokenizer = build_tokenizer("qwen2_vl")
+    build_generalist("qwen2_vl", tokenizer, num_vision_layers=3).save_pretrained(tmp_path / "base")
+    build_processor("qwen2_vl", tokenizer).save_pretrained(tmp_path / "base")
+    for family in ("clip_vision_model", "siglip_vision_model"):
+        build_expert(family).save_pretrained(tmp_path / family)
+        build_expert_image_processor(family).save_pretrained(tmp_path / family)
+    assemble(make_parser().parse_args([
+        "chimera", "--generalist", str(tmp_path / "base"), "--expert", f"math={tmp_path / 'clip_vision_model'}",
+        "--expert", f"chart={tmp_path / 'siglip_vision_model'}", "--expert_feature_layer", "math=-2",
+        "--output_dir", str(tmp_path / "chimera"),
+    ]))
+    chimera = AutoModelForImageTextToText.from_pretrained(tmp_path / "chimera", trust_remote_code=True)
+    assert chimera.config.domains == ["math", "chart"] and chimera.config.experts[0].feature_layer == -2
+    assemble(make_parser().parse_args([
+        "mixpert", "--base", str(tmp_path / "base"), "--domains", "chart", "doc", "--output_dir", str(tmp_path / "mixpert"),
+    ]))
+    mixpert = AutoModelForImageTextToText.from_pretrained(tmp_path / "mixpert", trust_remote_code=True)
+    assert mixpert.config.domains == ["chart", "doc"] and mixpert.config.num_expert_layers == 2
+    with pytest.raises(ValueError, match="DOMAIN=VALUE"):
+        assemble(make_parser().parse_args(["chimera", "--generalist", "x", "--expert", "nodomain",
+                                           "--output_dir", str(tmp_path / "bad")]))

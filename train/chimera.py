@@ -1,0 +1,159 @@
+"""Chimera's progressive training (Chimera §3.4) with `transformers.Trainer`.
+
+Stage 1 trains the router and the expert projectors only (generalist encoder + projector, experts, LLM frozen).
+Stage 2 also trains the LLM (fully, or LoRA adapters with `--use_lora`) and turns on Generalist-Specialist
+Collaboration Masking (`--gscm_ratio`, Chimera §3.3). Expert encoders are frozen at every stage. The loss is
+`lm_loss + router_loss` (router cross-entropy on each sample's domain, teacher-forced experts); both parts are logged.
+
+Tiny, offline (builds a tiny model and synthetic data when no paths are given):
+
+    python -m train.chimera --config train/configs/tiny/chimera_stage1.yaml --output_dir runs/stage1
+    python -m train.chimera --config train/configs/tiny/chimera_stage2.yaml --output_dir runs/stage2 \\
+        --model_name_or_path runs/stage1
+
+Real run (see train/configs/real/), 8 GPUs:
+
+    accelerate launch --config_file train/configs/accelerate/deepspeed_zero2.yaml -m train.chimera \\
+        --config train/configs/real/chimera_internvl2_8b_stage1.yaml --output_dir runs/chimera-8b-stage1
+
+Two CPU processes (gloo data parallel): `torchrun --nproc_per_node 2 -m train.chimera --config ...`.
+Resume: `--resume_from_checkpoint last` (or a checkpoint folder). Push: `--push_to_hub --hub_model_id org/name`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from train.common import (
+    ModelArguments,
+    RoutedModelTrainer,
+    SFTDataArguments,
+    chimera_groups,
+    dtype_from_name,
+    finish,
+    prepare_training_args,
+    resume_checkpoint,
+    set_trainable,
+    tiny_model_kwargs,
+    training_files,
+)
+
+
+@dataclass
+class ChimeraScriptArguments:
+    """Stage and what it trains."""
+
+    stage: int = field(default=1, metadata={"help": "1: router + expert projectors; 2: + LLM, with GSCM."})
+    gscm_ratio: float = field(default=0.1, metadata={"help": "Stage 2: fraction of generalist image tokens masked "
+                                                            "for expert images (Chimera §3.3). Ignored in stage 1."})
+    no_expert_domains: list[str] = field(
+        default_factory=lambda: ["general"],
+        metadata={"help": "Data domains that use no expert (router class 0). Any other domain must be an expert's."},
+    )
+    train_generalist_projector: bool = field(default=False, metadata={"help": "Also train the generalist projector."})
+    use_lora: bool = field(default=False, metadata={"help": "Stage 2: train LoRA adapters on the LLM (merged at the "
+                                                           "end) instead of the full LLM."})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    tiny_experts: str = field(
+        default="table=pix2struct_vision_model,chart=siglip_vision_model,math=clip_vision_model",
+        metadata={"help": "Tiny model only: domain=expert_family pairs."},
+    )
+
+
+LLM_LORA_TARGETS = r".*generalist\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def load_model_and_processor(model_args: ModelArguments, script_args: ChimeraScriptArguments):
+    from modeling_chimera import ChimeraForConditionalGeneration
+    from processing_chimera import ChimeraProcessor
+
+    if model_args.model_name_or_path is None:
+        from train.tiny import build_tiny_chimera
+
+        experts = dict(pair.split("=") for pair in script_args.tiny_experts.split(","))
+        return build_tiny_chimera(model_args.tiny_family, experts, **tiny_model_kwargs(model_args))
+    model = ChimeraForConditionalGeneration.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype_from_name(model_args.dtype)
+    )
+    return model, ChimeraProcessor.from_pretrained(model_args.model_name_or_path)
+
+
+def stage_groups(script_args: ChimeraScriptArguments) -> list[str]:
+    if script_args.stage not in (1, 2):
+        raise ValueError(f"--stage must be 1 or 2, got {script_args.stage}.")
+    names = ["router", "expert_projectors"]
+    if script_args.stage == 2 and not script_args.use_lora:
+        names.append("llm")
+    if script_args.train_generalist_projector:
+        names.append("generalist_projector")
+    return names
+
+
+def apply_lora(model, script_args: ChimeraScriptArguments):
+    """LoRA on the LLM's linear layers; the router and expert projectors stay fully trainable (`modules_to_save`)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=script_args.lora_r, lora_alpha=script_args.lora_alpha, lora_dropout=script_args.lora_dropout,
+        target_modules=LLM_LORA_TARGETS,
+        modules_to_save=["router"] + [f"expert_projectors.{d}" for d in model.domains],
+    )
+    return get_peft_model(model, config)
+
+
+def main(script_args, training_args, model_args, data_args):
+    from train.data.collators import VisionLanguageSFTCollator, make_domain_labels
+    from train.data.loading import load_vl_dataset
+
+    prepare_training_args(training_args)
+    model, processor = load_model_and_processor(model_args, script_args)
+    model.config.gscm_ratio = script_args.gscm_ratio if script_args.stage == 2 else 0.0
+    summary = set_trainable(model, chimera_groups(model), stage_groups(script_args))
+    if script_args.use_lora:
+        if script_args.stage != 2:
+            raise ValueError("--use_lora applies to stage 2 (stage 1 does not train the LLM).")
+        model = apply_lora(model, script_args)
+        from train.common import trainable_summary
+
+        summary = trainable_summary(model)
+
+    domains = list(model.config.domains) if not script_args.use_lora else list(model.base_model.model.config.domains)
+    files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
+    known = domains + list(script_args.no_expert_domains)
+    train_data = load_vl_dataset(files["train"], data_args.image_root, domains=known)
+    eval_data = load_vl_dataset(files["eval"], data_args.image_root, domains=known) if files["eval"] else None
+    labels = make_domain_labels(domains, none_domains=script_args.no_expert_domains)
+    collator = VisionLanguageSFTCollator(processor, labels, max_length=data_args.max_length)
+
+    trainer = RoutedModelTrainer(
+        model=model, args=training_args, train_dataset=train_data,
+        eval_dataset=eval_data if training_args.eval_strategy != "no" else None,
+        data_collator=collator, processing_class=processor,
+    )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    if script_args.use_lora:
+        model = trainer.model.merge_and_unload()
+    finish(trainer, model, processor, training_args, {
+        "script": "chimera", "stage": script_args.stage, "gscm_ratio": model.config.gscm_ratio,
+        "trainable": summary, "use_lora": script_args.use_lora,
+        "groups": stage_groups(script_args) + (["llm (LoRA)"] if script_args.use_lora else []),
+    })
+    return trainer
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    from trl import TrlParser
+
+    types = (ChimeraScriptArguments, TrainingArguments, ModelArguments, SFTDataArguments)
+    if subparsers is not None:
+        return subparsers.add_parser("chimera", help="Chimera stage 1 / 2", dataclass_types=types)
+    return TrlParser(types, prog=prog)
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

@@ -1,0 +1,255 @@
+"""Pieces every training script shares: arguments, model/data loading (or tiny offline stand-ins), which parameters
+train, a Trainer that logs the LM and router losses separately, resuming, saving and pushing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------------ arguments
+
+
+@dataclass
+class ModelArguments:
+    """Which model to start from. Without `model_name_or_path` a tiny model is built offline from configs."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Saved Chimera / Mixpert (path or Hub repo id). Default: build a tiny model."}
+    )
+    dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: as saved)."})
+    tiny_family: str = field(default="internvl", metadata={"help": "Tiny model: llava_onevision, qwen2_vl, internvl."})
+    tiny_image_size: int = field(default=32, metadata={"help": "Tiny model: image side in pixels."})
+    tiny_patch_size: int = field(default=8, metadata={"help": "Tiny model: ViT patch side in pixels."})
+    tiny_hidden_size: int = field(default=32, metadata={"help": "Tiny model: LLM width."})
+    tiny_seed: int = field(default=0, metadata={"help": "Tiny model: initialisation seed."})
+
+
+@dataclass
+class DataArguments:
+    """Where the training data is. Without `train_file` a small synthetic six-domain set is written and used."""
+
+    train_file: list[str] | None = field(
+        default=None, metadata={"help": "JSONL / JSON / parquet files (messages+images or LLaVA conversations)."}
+    )
+    eval_file: list[str] | None = field(default=None, metadata={"help": "Evaluation files, same formats."})
+    image_root: str | None = field(default=None, metadata={"help": "Folder relative image paths start from."})
+    tiny_train_per_domain: int = field(default=8, metadata={"help": "Synthetic data: training rows per domain."})
+    tiny_eval_per_domain: int = field(default=2, metadata={"help": "Synthetic data: evaluation rows per domain."})
+    tiny_data_seed: int = field(default=0, metadata={"help": "Synthetic data: seed."})
+
+
+@dataclass
+class SFTDataArguments(DataArguments):
+    """`DataArguments` plus the supervised collator's length limit (DPO has its own `max_length`)."""
+
+    max_length: int | None = field(default=None, metadata={"help": "Raise on longer samples (never truncate)."})
+
+
+def dtype_from_name(name: str | None):
+    if name is None:
+        return None
+    if not hasattr(torch, name) or not isinstance(getattr(torch, name), torch.dtype):
+        raise ValueError(f"Unknown dtype {name!r}: use float32, bfloat16 or float16.")
+    return getattr(torch, name)
+
+
+def tiny_model_kwargs(model_args: ModelArguments) -> dict:
+    return dict(
+        image_size=model_args.tiny_image_size,
+        patch_size=model_args.tiny_patch_size,
+        seed=model_args.tiny_seed,
+        generalist_kwargs={"hidden_size": model_args.tiny_hidden_size},
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+SYNTHETIC_DOMAINS = ("chart", "table", "math", "document", "ocr", "general")
+
+
+def write_tiny_data(folder: str, data_args: DataArguments, image_size: int, preference: bool = False) -> dict:
+    """Write the synthetic six-domain set as local files (the same path real data takes) and return their paths:
+    `{"train": [...], "eval": [...]}`. Existing files (same seed and sizes) are reused."""
+    from train.data.export import export_preference_jsonl, export_sft_jsonl
+    from train.data.synthetic import build_dataset
+
+    kind = "preference" if preference else "sft"
+    marker = os.path.join(folder, f"{kind}.json")
+    spec = {"seed": data_args.tiny_data_seed, "train": data_args.tiny_train_per_domain,
+            "eval": data_args.tiny_eval_per_domain, "image_size": image_size}
+    paths = {"train": [os.path.join(folder, f"{kind}-train.jsonl")], "eval": [os.path.join(folder, f"{kind}-eval.jsonl")]}
+    if os.path.isfile(marker) and json.load(open(marker)) == spec:
+        return paths
+    data = build_dataset(
+        num_per_domain={"train": spec["train"], "validation": spec["eval"], "test": 0}, mixed=0,
+        seed=spec["seed"], image_size=image_size,
+    )
+    if preference:
+        export_preference_jsonl(_preference_rows(data["train"], spec["seed"]), folder, f"{kind}-train")
+        export_preference_jsonl(_preference_rows(data["validation"], spec["seed"] + 1), folder, f"{kind}-eval")
+    else:
+        export_sft_jsonl(data["train"], folder, f"{kind}-train")
+        export_sft_jsonl(data["validation"], folder, f"{kind}-eval")
+    with open(marker, "w") as f:
+        json.dump(spec, f)
+    return paths
+
+
+def _preference_rows(split, seed):
+    from train.data.synthetic import make_preference_pairs
+
+    pairs = make_preference_pairs(split, seed=seed)
+    for pair, row in zip(pairs, split):
+        yield {"image": row["image"], "question": row["question"], "domain": row["domain"],
+               "chosen": _text(pair["chosen"]), "rejected": _text(pair["rejected"])}
+
+
+def _text(messages) -> str:
+    content = messages[-1]["content"]
+    return content if isinstance(content, str) else "".join(i.get("text") or "" for i in content)
+
+
+def training_files(data_args: DataArguments, output_dir: str, image_size: int, preference: bool = False) -> dict:
+    """The files to train / evaluate on: the given ones, or the synthetic set written under `output_dir/tiny_data`."""
+    if data_args.train_file:
+        return {"train": data_args.train_file, "eval": data_args.eval_file}
+    return write_tiny_data(os.path.join(output_dir, "tiny_data"), data_args, image_size, preference=preference)
+
+
+# ------------------------------------------------------------------------------------------------- trainability
+
+
+def chimera_groups(model) -> dict:
+    """Named parameter groups of a Chimera (the unit stages freeze / train)."""
+    inner = model.model
+    return {
+        "router": [inner.router],
+        "expert_projectors": [inner.expert_projectors],
+        "llm": [inner.generalist.language_model, model.lm_head],
+        "generalist_projector": [inner.family.projector(inner.generalist)],
+        "generalist_vision": [inner.family.tower(inner.generalist)],
+    }
+
+
+def mixpert_groups(model) -> dict:
+    """Named parameter groups of a Mixpert: `router`, `llm`, and `expert:<domain>` per domain."""
+    inner = model.model
+    groups = {"router": [inner.vision_router], "llm": [inner.backbone.language_model, model.lm_head]}
+    for domain, expert in inner.vision_experts.items():
+        groups[f"expert:{domain}"] = [expert]
+    return groups
+
+
+def set_trainable(model, groups: dict, names: list[str]) -> dict:
+    """Freeze everything, then unfreeze the groups `names`. Chimera's expert encoders stay frozen whatever `names`
+    says (Chimera §3.4). Returns a summary: trainable / total parameters and the fraction."""
+    unknown = sorted(set(names) - set(groups))
+    if unknown:
+        raise ValueError(f"Unknown parameter groups {unknown}; known: {sorted(groups)}.")
+    model.requires_grad_(False)
+    for name in names:
+        for module in groups[name]:
+            module.requires_grad_(True)
+    if hasattr(model.model, "expert_encoders"):
+        model.model.expert_encoders.requires_grad_(False)
+    return trainable_summary(model)
+
+
+def trainable_summary(model) -> dict:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "fraction": trainable / max(total, 1)}
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+
+
+class RoutedModelTrainer(Trainer):
+    """`Trainer` that also logs the two parts of Chimera's / Mixpert's loss (`lm_loss`, `router_loss`: means over
+    the micro-batches since the last log; the logged `loss` is the one optimised)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loss_parts = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            for key in ("lm_loss", "router_loss"):
+                value = outputs.get(key) if hasattr(outputs, "get") else None
+                if value is not None:
+                    self._loss_parts[key].append(float(value.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs):
+        if "loss" in logs:
+            for key, values in self._loss_parts.items():
+                if values:
+                    logs[key] = round(sum(values) / len(values), 4)
+            self._loss_parts.clear()
+        super().log(logs, *args, **kwargs)
+
+
+def prepare_training_args(training_args, label_names=("labels", "expert_labels")):
+    """Settings every script needs: keep raw columns for the collator, know the label names, tolerate experts that a
+    batch does not use under DDP."""
+    training_args.remove_unused_columns = False
+    training_args.label_names = list(label_names)
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = True
+    return training_args
+
+
+def resume_checkpoint(training_args):
+    """`--resume_from_checkpoint <path>`, or `last` / `true` for the newest checkpoint in `output_dir`."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "none"):
+        return None
+    if str(value).lower() in ("last", "true"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint in {training_args.output_dir}.")
+        return last
+    if not os.path.isdir(value):
+        raise ValueError(f"--resume_from_checkpoint: {value} is not a folder.")
+    return value
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def save_run_summary(output_dir: str, summary: dict) -> None:
+    """`run_summary.json`: what trained, how much, how fast (read by tests and the mini-lab)."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "run_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+
+
+def finish(trainer, model, processor, training_args, summary: dict) -> None:
+    """Save the final model (+ processor) in `output_dir`, record the run summary, push if asked."""
+    steps = trainer.state.global_step if trainer is not None else 0
+    metrics = trainer.state.log_history if trainer is not None else []
+    train_runtime = next((m["train_runtime"] for m in reversed(metrics) if "train_runtime" in m), None)
+    summary = {**summary, "global_step": steps, "world_size": world_size(),
+               "seconds_per_step": (train_runtime / steps) if train_runtime and steps else None}
+    if trainer is None or trainer.is_world_process_zero():
+        model.save_pretrained(training_args.output_dir)
+        processor.save_pretrained(training_args.output_dir)
+        save_run_summary(training_args.output_dir, summary)
+    if training_args.push_to_hub:
+        if trainer is None:
+            raise ValueError("Nothing was trained in this run; push the saved folder with `model.push_to_hub`.")
+        trainer.push_to_hub(commit_message=f"{summary.get('script', 'training')} finished")

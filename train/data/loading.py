@@ -1,0 +1,151 @@
+"""Load vision-language training data from local JSONL / JSON / parquet files with `datasets`.
+
+Two row formats are accepted and normalised to one (what TRL and `processor.apply_chat_template` use):
+
+* HF "messages + images" (TRL's format):
+  `{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]},
+                 {"role": "assistant", "content": "..."}], "images": ["a.png"], "domain": "chart"}`
+  String contents may hold `<image>` markers; without markers, images go before the first user text (TRL's
+  `prepare_multimodal_messages` rule).
+* LLaVA / InternVL "conversations":
+  `{"conversations": [{"from": "human", "value": "<image>\\nWhat ...?"}, {"from": "gpt", "value": "..."}],
+    "image": "a.png" | ["a.png", ...], "domain": "chart"}`
+
+Normalised rows: `messages` (structured content: `{"type": "image"}` / `{"type": "text", "text": ...}` items),
+`images` (absolute paths, in order of appearance), `domain` (string, `""` when absent).
+
+Image paths are resolved against `image_root` (default: the data file's folder) and checked when loading: a missing
+file, an unknown domain or a row with more `<image>` markers than images raises an error naming the file and row;
+no row is dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import datasets
+
+
+IMAGE_MARKER = "<image>"
+_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _split_markers(text: str) -> list[dict]:
+    """'<image>\\nWhat?' -> [{'type': 'image'}, {'type': 'text', 'text': '\\nWhat?'}] (empty text pieces dropped)."""
+    items = []
+    for i, piece in enumerate(re.split(re.escape(IMAGE_MARKER), text)):
+        if i > 0:
+            items.append({"type": "image"})
+        if piece.strip():
+            items.append({"type": "text", "text": piece.strip()})
+    return items
+
+
+def _structured(content) -> list[dict]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return _split_markers(content)
+    items = []
+    for item in content:
+        kind = item.get("type")
+        if kind == "image":
+            items.append({"type": "image"})
+        elif kind == "text":
+            items.extend(_split_markers(item.get("text") or ""))
+        else:
+            raise ValueError(f"Unsupported content item type {kind!r}: expected 'image' or 'text'.")
+    return items
+
+
+def normalize_row(row: dict, index: int, image_root: str, source: str, domains: set | None = None) -> dict:
+    """One raw row (either format) -> `{"messages", "images", "domain"}`; raises with `source` and `index` on errors."""
+    where = f"{source}, row {index}"
+    if "conversations" in row and row["conversations"] is not None:
+        messages = []
+        for turn in row["conversations"]:
+            role = _ROLE.get(str(turn.get("from", turn.get("role", ""))).lower())
+            if role is None:
+                raise ValueError(f"{where}: unknown speaker {turn.get('from')!r} (expected human/gpt/system).")
+            messages.append({"role": role, "content": turn.get("value", turn.get("content"))})
+        images = row.get("image", row.get("images"))
+    elif "messages" in row and row["messages"] is not None:
+        messages = [{"role": m["role"], "content": m.get("content")} for m in row["messages"]]
+        images = row.get("images", row.get("image"))
+    else:
+        raise ValueError(f"{where}: a row needs `messages` (HF format) or `conversations` (LLaVA format).")
+    if images is None:
+        images = []
+    elif isinstance(images, (str, dict)) or hasattr(images, "size"):
+        images = [images]
+    messages = [{"role": m["role"], "content": _structured(m["content"])} for m in messages]
+    markers = sum(item["type"] == "image" for m in messages for item in m["content"])
+    if markers > len(images):
+        raise ValueError(
+            f"{where}: {markers} image markers (`<image>` / image items) but only {len(images)} image(s). Give one "
+            "image per marker."
+        )
+    if markers < len(images):  # LLaVA / TRL convention: unmarked images go before the first user text
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise ValueError(f"{where}: images given but no user turn to attach them to.")
+        first_user["content"] = [{"type": "image"}] * (len(images) - markers) + first_user["content"]
+    resolved = []
+    for image in images:
+        if isinstance(image, str):
+            path = image if os.path.isabs(image) else os.path.join(image_root, image)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{where}: image file not found: {path}")
+            resolved.append(os.path.abspath(path))
+        elif isinstance(image, dict) and image.get("path"):
+            path = image["path"] if os.path.isabs(image["path"]) else os.path.join(image_root, image["path"])
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{where}: image file not found: {path}")
+            resolved.append(os.path.abspath(path))
+        else:
+            raise ValueError(f"{where}: images must be file paths, got {type(image).__name__}.")
+    domain = row.get("domain") or ""
+    if domains is not None and domain not in domains:
+        raise ValueError(f"{where}: unknown domain {domain!r}; known domains: {sorted(d for d in domains if d)}.")
+    return {"messages": messages, "images": resolved, "domain": domain}
+
+
+def load_vl_dataset(
+    data_files: str | list[str],
+    image_root: str | None = None,
+    domains: list[str] | None = None,
+    split: str = "train",
+) -> datasets.Dataset:
+    """Load and normalise local vision-language data (see the module docstring).
+
+    Args:
+        data_files: one path or a list of paths; `.jsonl` / `.json` / `.parquet` (one format per call).
+        image_root: folder relative image paths start from (default: the first data file's folder).
+        domains: allowed domain names (e.g. a model's domains plus "general"); `None` accepts any.
+        split: the `datasets` split name to return.
+    """
+    files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+    if not files:
+        raise ValueError("No data files given.")
+    for f in files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"Data file not found: {f}")
+    suffixes = {Path(f).suffix.lower() for f in files}
+    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    kinds = {builder.get(s) for s in suffixes}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(f"Data files must all be .jsonl/.json or all .parquet, got {sorted(suffixes)}.")
+    raw = datasets.load_dataset(kinds.pop(), data_files={split: [str(f) for f in files]}, split=split)
+    root = image_root or str(Path(files[0]).resolve().parent)
+    allowed = set(domains) | {""} if domains is not None else None
+    source = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more)"
+    rows = [normalize_row(row, i, root, source, allowed) for i, row in enumerate(raw)]
+    features = datasets.Features({
+        "messages": [{"role": datasets.Value("string"),
+                      "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "images": datasets.Sequence(datasets.Value("string")),
+        "domain": datasets.Value("string"),
+    })
+    return datasets.Dataset.from_list(rows, features=features)

@@ -1,0 +1,158 @@
+"""Preference optimisation (Chimera's optional stage 3; also for Mixpert) with TRL's `DPOTrainer`.
+
+Data: `prompt` / `chosen` / `rejected` (conversational messages) and `images` (paths relative to the file, or
+absolute) in JSONL / JSON / parquet. The router is frozen (DPO's loss reaches it through no path: routing is an
+argmax), so it keeps whatever stage 1/2 (or Mixpert's router phase) taught it. By default the LLM trains; choose
+with `--train_groups` (Chimera: router, expert_projectors, llm, generalist_projector; Mixpert: llm, expert:<domain>).
+
+Tiny, offline (builds a tiny Chimera and synthetic preference pairs when no paths are given):
+
+    python -m train.dpo --config train/configs/tiny/chimera_dpo.yaml --output_dir runs/chimera-dpo \\
+        --model_name_or_path runs/chimera-stage2
+
+Real run:
+
+    accelerate launch --config_file train/configs/accelerate/deepspeed_zero2.yaml -m train.dpo \\
+        --config train/configs/real/chimera_internvl2_8b_dpo.yaml --output_dir runs/chimera-8b-dpo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+
+from train.common import (
+    DataArguments,
+    ModelArguments,
+    chimera_groups,
+    dtype_from_name,
+    finish,
+    mixpert_groups,
+    resume_checkpoint,
+    set_trainable,
+    tiny_model_kwargs,
+    training_files,
+)
+
+
+@dataclass
+class DPOScriptArguments:
+    """What to train with DPO."""
+
+    train_groups: list[str] = field(default_factory=lambda: ["llm"],
+                                    metadata={"help": "Parameter groups that train (the router never does)."})
+    tiny_model: str = field(default="chimera", metadata={"help": "Tiny model only: chimera or mixpert."})
+    tiny_experts: str = field(default="table=pix2struct_vision_model,chart=siglip_vision_model,math=clip_vision_model",
+                              metadata={"help": "Tiny Chimera only: domain=expert_family pairs."})
+
+
+def _read_model_type(path: str) -> str:
+    if os.path.isdir(path):
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("model_type")
+    from huggingface_hub import hf_hub_download
+
+    with open(hf_hub_download(path, "config.json")) as f:
+        return json.load(f).get("model_type")
+
+
+def load_models(model_args: ModelArguments, script_args: DPOScriptArguments):
+    """`(kind, policy, reference, processor)`; the reference is a second, frozen copy (TRL needs `ref_model` for
+    models it did not load itself)."""
+    from transformers import AutoProcessor
+
+    from modeling_chimera import ChimeraForConditionalGeneration
+    from modeling_mixpert import MixpertForConditionalGeneration
+    from processing_chimera import ChimeraProcessor
+
+    if model_args.model_name_or_path is None:
+        from train.tiny import build_tiny_chimera, build_tiny_mixpert
+
+        if script_args.tiny_model == "chimera":
+            experts = dict(pair.split("=") for pair in script_args.tiny_experts.split(","))
+            build = lambda: build_tiny_chimera(model_args.tiny_family, experts, **tiny_model_kwargs(model_args))  # noqa: E731
+        elif script_args.tiny_model == "mixpert":
+            build = lambda: build_tiny_mixpert(model_args.tiny_family, **tiny_model_kwargs(model_args))  # noqa: E731
+        else:
+            raise ValueError(f"--tiny_model must be chimera or mixpert, got {script_args.tiny_model!r}.")
+        (policy, processor), (reference, _) = build(), build()
+        return script_args.tiny_model, policy, reference, processor
+    kind = _read_model_type(model_args.model_name_or_path)
+    if kind not in ("chimera", "mixpert"):
+        raise ValueError(f"{model_args.model_name_or_path} holds a {kind!r} model; train.dpo trains Chimera or Mixpert.")
+    cls = ChimeraForConditionalGeneration if kind == "chimera" else MixpertForConditionalGeneration
+    dtype = dtype_from_name(model_args.dtype)
+    policy = cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+    reference = cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+    processor = (ChimeraProcessor if kind == "chimera" else AutoProcessor).from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=True  # our own checkpoint: its config names our classes
+    )
+    return kind, policy, reference, processor
+
+
+def load_preference_data(files, image_root=None):
+    """Preference rows with `images` decoded to PIL (TRL's vision collator reads PIL images)."""
+    import datasets
+
+    files = [files] if isinstance(files, str) else list(files)
+    for f in files:
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"Data file not found: {f}")
+    kind = "parquet" if files[0].endswith(".parquet") else "json"
+    data = datasets.load_dataset(kind, data_files={"train": files}, split="train")
+    missing = [c for c in ("prompt", "chosen", "rejected", "images") if c not in data.column_names]
+    if missing:
+        raise ValueError(f"Preference data needs columns prompt, chosen, rejected, images; missing {missing}.")
+    root = image_root or os.path.dirname(os.path.abspath(files[0]))
+
+    def resolve(row, index):
+        paths = []
+        for image in row["images"]:
+            path = image if os.path.isabs(image) else os.path.join(root, image)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{files[0]}, row {index}: image file not found: {path}")
+            paths.append(path)
+        return {"images": paths}
+
+    data = data.map(resolve, with_indices=True)
+    return data.cast_column("images", datasets.Sequence(datasets.Image()))
+
+
+def main(script_args, training_args, model_args, data_args):
+    from trl import DPOTrainer
+
+    training_args.remove_unused_columns = False
+    if training_args.ddp_find_unused_parameters is None:
+        training_args.ddp_find_unused_parameters = True
+    kind, policy, reference, processor = load_models(model_args, script_args)
+    if "router" in script_args.train_groups:
+        raise ValueError("The router does not train with DPO (routing is an argmax: no gradient reaches it).")
+    groups = chimera_groups(policy) if kind == "chimera" else mixpert_groups(policy)
+    summary = set_trainable(policy, groups, script_args.train_groups)
+    reference.requires_grad_(False).eval()
+    files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size, preference=True)
+    train_data = load_preference_data(files["train"], data_args.image_root)
+    eval_data = load_preference_data(files["eval"], data_args.image_root) if files["eval"] else None
+    trainer = DPOTrainer(
+        model=policy, ref_model=reference, args=training_args, train_dataset=train_data,
+        eval_dataset=eval_data if training_args.eval_strategy != "no" else None, processing_class=processor,
+    )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    finish(trainer, policy, processor, training_args,
+           {"script": "dpo", "model": kind, "trainable": summary, "groups": script_args.train_groups})
+    return trainer
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    from trl import DPOConfig, TrlParser
+
+    types = (DPOScriptArguments, DPOConfig, ModelArguments, DataArguments)
+    if subparsers is not None:
+        return subparsers.add_parser("dpo", help="DPO for Chimera / Mixpert", dataclass_types=types)
+    return TrlParser(types, prog=prog)
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

@@ -1,0 +1,273 @@
+"""Mixpert training (Mixpert §3.2-§3.3, §4.2): disentangled expert tuning, then router training.
+
+Phase `experts`: for each domain `d` in turn, only expert `d` (its last `K` vision layers, final norm and projector)
+trains, on domain `d`'s data alone, with every image routed to it; the LLM, the shared vision layers and the other
+experts are frozen. Vision layers and projector get their own learning rates (paper: 2e-6 and 1e-5).
+
+Phase `router`: the router (a 2-layer MLP on the pooled shared-layer features) is trained with cross-entropy on the
+images' domains. The shared layers are frozen, so their pooled features are computed once and reused for every
+epoch; only the MLP runs in the training loop.
+
+Tiny, offline:
+
+    python -m train.mixpert --config train/configs/tiny/mixpert_experts.yaml --output_dir runs/mixpert-experts
+    python -m train.mixpert --config train/configs/tiny/mixpert_router.yaml --output_dir runs/mixpert-router \\
+        --model_name_or_path runs/mixpert-experts
+
+Real run (paper hyper-parameters, 8 GPUs; see train/configs/real/):
+
+    accelerate launch --config_file train/configs/accelerate/deepspeed_zero2.yaml -m train.mixpert \\
+        --config train/configs/real/mixpert_llava_ov_7b_experts.yaml --output_dir runs/mixpert-7b-experts
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from train.common import (
+    ModelArguments,
+    RoutedModelTrainer,
+    SFTDataArguments,
+    dtype_from_name,
+    finish,
+    mixpert_groups,
+    prepare_training_args,
+    resume_checkpoint,
+    save_run_summary,
+    set_trainable,
+    tiny_model_kwargs,
+    training_files,
+)
+
+
+@dataclass
+class MixpertScriptArguments:
+    """Phase and its settings."""
+
+    phase: str = field(default="experts", metadata={"help": "experts (disentangled expert tuning) or router."})
+    domains: list[str] | None = field(default=None, metadata={"help": "experts phase: tune only these domains."})
+    projector_learning_rate: float = field(default=1e-5, metadata={"help": "experts phase: projector learning rate "
+                                                                          "(paper 1e-5); vision layers use "
+                                                                          "--learning_rate (paper 2e-6)."})
+    tiny_domains: str = field(default="chart,table,math,document,ocr,general",
+                              metadata={"help": "Tiny model only: the domain experts, comma separated."})
+    tiny_num_vision_layers: int = field(default=3, metadata={"help": "Tiny model only: vision tower depth."})
+    tiny_num_expert_layers: int = field(default=2, metadata={"help": "Tiny model only: K."})
+
+
+def load_model_and_processor(model_args: ModelArguments, script_args: MixpertScriptArguments):
+    from transformers import AutoProcessor
+
+    from modeling_mixpert import MixpertForConditionalGeneration
+
+    if model_args.model_name_or_path is None:
+        from train.tiny import build_tiny_mixpert
+
+        return build_tiny_mixpert(
+            model_args.tiny_family, domains=script_args.tiny_domains.split(","),
+            num_vision_layers=script_args.tiny_num_vision_layers, num_expert_layers=script_args.tiny_num_expert_layers,
+            **tiny_model_kwargs(model_args),
+        )
+    model = MixpertForConditionalGeneration.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype_from_name(model_args.dtype)
+    )
+    # trust_remote_code: the folder's config.json names the Mixpert classes (our own checkpoint)
+    return model, AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+
+
+class ExpertTuningTrainer(RoutedModelTrainer):
+    """Two learning rates: the expert's projector at `projector_learning_rate`, its vision layers at `learning_rate`
+    (Mixpert §4.2). Everything else in AdamW is `TrainingArguments`' (betas, weight decay, schedule)."""
+
+    def __init__(self, *args, projector_learning_rate: float, projector_parameters: set, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projector_learning_rate = projector_learning_rate
+        self.projector_parameters = projector_parameters
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            projector = [p for p in params if id(p) in self.projector_parameters]
+            vision = [p for p in params if id(p) not in self.projector_parameters]
+            groups = [{"params": vision, "lr": self.args.learning_rate}]
+            if projector:
+                groups.append({"params": projector, "lr": self.projector_learning_rate})
+            self.optimizer = torch.optim.AdamW(
+                groups, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
+                weight_decay=self.args.weight_decay,
+            )
+        return self.optimizer
+
+
+def tune_experts(script_args, training_args, model, processor, data_args, files):
+    """One `Trainer` run per domain, each in `output_dir/experts/<domain>`. With `--resume_from_checkpoint`, domains
+    finished earlier are reloaded and the interrupted one continues from its last checkpoint."""
+    from train.data.collators import VisionLanguageSFTCollator
+    from train.data.loading import load_vl_dataset
+
+    domains = script_args.domains or list(model.domains)
+    unknown = sorted(set(domains) - set(model.domains))
+    if unknown:
+        raise ValueError(f"--domains {unknown} are not experts of this model ({model.domains}).")
+    data = load_vl_dataset(files["train"], data_args.image_root, domains=list(model.domains) + ["versatile"])
+    resume = _wants_resume(training_args)
+    groups, results, trainer = mixpert_groups(model), {}, None
+    for domain in domains:
+        folder = os.path.join(training_args.output_dir, "experts", domain)
+        done = os.path.join(folder, "expert_done.json")
+        if resume and os.path.isfile(done):  # tuned before the interruption: its saved model holds the weights
+            _load_weights(model, folder)
+            results[domain] = {"resumed": "already tuned"}
+            continue
+        rows = data.filter(lambda row, d=domain: row["domain"] == d)
+        if len(rows) == 0:
+            raise ValueError(f"No training rows with domain {domain!r}: expert tuning needs that domain's data.")
+        summary = set_trainable(model, groups, [f"expert:{domain}"])
+        expert = model.model.vision_experts[domain]
+        projector_ids = {id(p) for p in expert.projector.parameters()} if expert.projector is not None else set()
+        args = prepare_training_args(TrainingArguments(**{**training_args.to_dict(), "output_dir": folder}))
+        collator = VisionLanguageSFTCollator(processor, force_expert_label=model.domains.index(domain) + 1,
+                                             max_length=data_args.max_length)
+        trainer = ExpertTuningTrainer(
+            model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor,
+            projector_learning_rate=script_args.projector_learning_rate, projector_parameters=projector_ids,
+        )
+        trainer.train(resume_from_checkpoint=_last_checkpoint(folder) if resume else None)
+        if trainer.is_world_process_zero():
+            model.save_pretrained(folder)
+            with open(done, "w") as f:
+                f.write("{}")
+        runtime = next((m["train_runtime"] for m in reversed(trainer.state.log_history) if "train_runtime" in m), None)
+        results[domain] = {"trainable": summary, "rows": len(rows), "steps": trainer.state.global_step,
+                           "seconds_per_step": runtime / trainer.state.global_step if runtime else None}
+    return trainer, results
+
+
+def _wants_resume(training_args) -> bool:
+    value = training_args.resume_from_checkpoint
+    return value is not None and str(value).lower() not in ("", "false", "none")
+
+
+def _load_weights(model, folder):
+    from safetensors.torch import load_file
+
+    state = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            state.update(load_file(os.path.join(folder, name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    if [k for k in missing if k not in tied] or unexpected:
+        raise ValueError(f"{folder} does not hold this model's weights (missing {missing[:5]}, unexpected {unexpected[:5]}).")
+
+
+def _last_checkpoint(folder):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+
+
+class RouterOnFeatures(nn.Module):
+    """The router alone, trained on cached pooled shared features: `forward(features, labels)`."""
+
+    def __init__(self, router: nn.Module):
+        super().__init__()
+        self.router = router
+
+    def forward(self, features, labels=None):
+        logits = self.router(features)
+        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+@torch.no_grad()
+def pooled_shared_features(model, processor, data, batch_size: int = 8):
+    """Router inputs (pooled shared-layer features, per image or per tile as the model routes) and domain targets,
+    computed once: the shared layers are frozen during router training."""
+    from train.data.collators import VisionLanguageSFTCollator
+
+    collator = VisionLanguageSFTCollator(processor)
+    inner, family = model.model, model.model.family
+    shared = family.used_depth(inner.backbone.config) - inner.config.num_expert_layers
+    features, targets = [], []
+    for start in range(0, len(data), batch_size):
+        rows = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        batch = collator(rows)
+        images = family.image_batch(
+            inner.backbone.config, batch["pixel_values"], input_ids=batch["input_ids"],
+            **{k: batch[k] for k in family.image_input_names if k != "pixel_values" and k in batch},
+        )
+        acts = family.run_layers(family.vision_layers(inner.backbone)[:shared], family.embed(inner.backbone, images),
+                                 keep={shared})
+        pooled = family.pool(acts, shared)
+        image_domains = [model.domains.index(r["domain"]) for r in rows for _ in r["images"]]
+        if inner.config.routing_granularity == "image":
+            sums = torch.zeros(images.num_images, pooled.shape[-1], dtype=pooled.dtype)
+            counts = torch.bincount(acts.unit_image, minlength=images.num_images).clamp(min=1).unsqueeze(-1)
+            pooled = sums.index_add(0, acts.unit_image, pooled) / counts
+            row_domains = image_domains
+        else:
+            row_domains = [image_domains[i] for i in acts.unit_image.tolist()]
+        features.append(pooled.float())
+        targets.extend(row_domains)
+    return torch.cat(features), torch.tensor(targets, dtype=torch.long)
+
+
+def train_router(script_args, training_args, model, processor, data_args, files):
+    import datasets
+
+    from train.data.loading import load_vl_dataset
+
+    data = load_vl_dataset(files["train"], data_args.image_root, domains=list(model.domains))
+    start = time.perf_counter()
+    features, targets = pooled_shared_features(model, processor, data)
+    cache_seconds = time.perf_counter() - start
+    summary = set_trainable(model, mixpert_groups(model), ["router"])
+    table = datasets.Dataset.from_dict({"features": features.tolist(), "labels": targets.tolist()}).with_format("torch")
+    training_args.remove_unused_columns = False
+    training_args.label_names = ["labels"]
+    wrapper = RouterOnFeatures(model.model.vision_router)
+    trainer = Trainer(model=wrapper, args=training_args, train_dataset=table)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    with torch.no_grad():
+        accuracy = float((wrapper.router(features).argmax(-1) == targets).float().mean())
+    return trainer, {"trainable": summary, "cached_rows": len(table), "feature_cache_seconds": cache_seconds,
+                     "train_accuracy": accuracy}
+
+
+def main(script_args, training_args, model_args, data_args):
+    if script_args.phase not in ("experts", "router"):
+        raise ValueError(f"--phase must be 'experts' or 'router', got {script_args.phase!r}.")
+    prepare_training_args(training_args)
+    model, processor = load_model_and_processor(model_args, script_args)
+    files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
+    if script_args.phase == "experts":
+        trainer, results = tune_experts(script_args, training_args, model, processor, data_args, files)
+    else:
+        trainer, results = train_router(script_args, training_args, model, processor, data_args, files)
+    finish(trainer, model, processor, training_args, {"script": "mixpert", "phase": script_args.phase, "results": results})
+    return model, results
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    from trl import TrlParser
+
+    types = (MixpertScriptArguments, TrainingArguments, ModelArguments, SFTDataArguments)
+    if subparsers is not None:
+        return subparsers.add_parser("mixpert", help="Mixpert expert / router tuning", dataclass_types=types)
+    parser = TrlParser(types, prog=prog)
+    # Paper defaults (Mixpert §4.2) for real runs; tiny configs override them.
+    parser.set_defaults_with_config(learning_rate=2e-6, num_train_epochs=1, lr_scheduler_type="cosine", warmup_ratio=0.03,
+                        adam_beta1=0.9, adam_beta2=0.98, weight_decay=0.01)
+    return parser
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
