@@ -14,7 +14,7 @@ except ImportError:  # ... or as an installed top-level module (`pip install -e 
 
 
 # Vision towers whose token 0 is a CLS token that Chimera drops before projecting (official `uni_encode`: `[:, 1:]`).
-_CLS_TOWERS = ("clip_vision_model",)
+_CLS_TOWERS = ("clip_vision_model", "internvl_vision")
 ROUTER_FEATURES = ("auto", "cls", "mean")
 
 

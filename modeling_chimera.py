@@ -170,6 +170,11 @@ def _build_expert_encoder(vision_config) -> nn.Module:
         return GotOcr2VisionEncoder(vision_config)
     if family == "got_ocr2":
         return GotOcr2ExpertBackbone(vision_config)
+    if family == "kosmos_2_5_vision_model":
+        # Kosmos-2.5's Pix2Struct-like encoder (attention scaled by 1/sqrt(head_dim)); `AutoModel` has no mapping.
+        from transformers.models.kosmos2_5.modeling_kosmos2_5 import Kosmos2_5VisionModel
+
+        return Kosmos2_5VisionModel(vision_config)
     return AutoModel.from_config(vision_config)
 
 
@@ -202,9 +207,15 @@ class ChimeraExpertEncoder(nn.Module):
             features = self.encoder(inputs)
         else:
             kwargs = {"output_hidden_states": layer is not None}
-            if family == "pix2struct_vision_model":
-                # Pix2Struct rows are [row, col, pixels]; all-zero rows are padding (its processor's own mask rule).
-                outputs = self.encoder(flattened_patches=inputs, attention_mask=(inputs.sum(-1) != 0).long(), **kwargs)
+            if family in ("pix2struct_vision_model", "kosmos_2_5_vision_model"):
+                # Pix2Struct / Kosmos-2.5 rows are [row, col, pixels]; all-zero rows are padding (their processors'
+                # own mask rule).
+                mask = (inputs.sum(-1) != 0).long()
+                if family == "kosmos_2_5_vision_model" and layer is not None:
+                    # Kosmos2_5VisionModel returns only `last_hidden_state`: read the layers from its encoder.
+                    outputs = self.encoder.encoder(self.encoder.embeddings(inputs), attention_mask=mask, **kwargs)
+                else:
+                    outputs = self.encoder(flattened_patches=inputs, attention_mask=mask, **kwargs)
             else:
                 outputs = self.encoder(pixel_values=inputs, **kwargs)
             features = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
@@ -938,10 +949,8 @@ def load_expert_encoder(spec, dtype=None):
     config = spec.config
     family = config.model_type
     if family in ("clip", "siglip", "siglip2") and hasattr(spec, "vision_model"):
-        with torch.device("meta"):
-            module = AutoModel.from_config(config.vision_config)
-        module.vision_model = spec.vision_model
-        return config.vision_config, module
+        # In transformers 5 a full CLIP / SigLIP model holds its vision half as a `*VisionModel`.
+        return config.vision_config, spec.vision_model
     if family == "pix2struct" and hasattr(spec, "encoder"):
         return config.vision_config, spec.encoder
     if family == "got_ocr2":

@@ -12,7 +12,12 @@ from transformers import BatchFeature, ProcessorMixin
 
 
 # Which output of an expert's image processor the expert encoder consumes.
-_EXPERT_INPUT_KEY = {"Pix2StructImageProcessor": "flattened_patches", "Pix2StructImageProcessorFast": "flattened_patches"}
+_EXPERT_INPUT_KEY = {
+    "Pix2StructImageProcessor": "flattened_patches",
+    "Pix2StructImageProcessorFast": "flattened_patches",
+    "Kosmos2_5ImageProcessor": "flattened_patches",
+    "Kosmos2_5ImageProcessorFast": "flattened_patches",
+}
 
 
 def _to_rgb(image):

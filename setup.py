@@ -41,6 +41,7 @@ setup(
         "pillow>=10",
         "numpy>=1.26",
         "pyyaml>=6",
+        "matplotlib>=3.8",
         "tqdm>=4.66",
     ],
     extras_require={

@@ -342,3 +342,20 @@ def test_config_copies_are_independent_and_deterministic():
     c = copy.deepcopy(a.config)
     c.gscm_ratio = 0.3
     assert a.config.gscm_ratio == 0.0
+
+
+def test_from_generalist_takes_the_vision_half_of_full_clip_and_siglip_models():
+    from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
+
+    from train.tiny import build_expert_config
+
+    text = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
+    clip = CLIPModel(CLIPConfig(vision_config=build_expert_config("clip_vision_model").to_dict(), text_config=text))
+    siglip = SiglipModel(SiglipConfig(vision_config=build_expert_config("siglip_vision_model").to_dict(),
+                                      text_config=text))
+    tokenizer = build_tokenizer("internvl")
+    model = ChimeraForConditionalGeneration.from_generalist(build_generalist("internvl", tokenizer),
+                                                            {"math": clip, "chart": siglip})
+    assert model.model.expert_encoders["math"].encoder is clip.vision_model
+    assert model.model.expert_encoders["chart"].encoder is siglip.vision_model
+    assert not any(p.is_meta for p in model.parameters())
