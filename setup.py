@@ -23,7 +23,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     py_modules=HUB_MODULES,
-    packages=find_packages(include=["train", "train.*"]),
+    packages=find_packages(include=["train", "train.*", "evaluation", "evaluation.*"]),
     package_data={"train": ["configs/*/*.yaml"]},
     # transformers and TRL are pinned to the minor versions this code is tested with: transformers 5.24 renames
     # `past_key_values` to `cache` in every model output and forward, which remote-code models must follow.
@@ -42,6 +42,8 @@ setup(
         "numpy>=1.26",
         "pyyaml>=6",
         "matplotlib>=3.8",
+        "apted>=1.0.3",
+        "lxml>=5",
         "tqdm>=4.66",
     ],
     extras_require={

@@ -1,0 +1,278 @@
+"""Evaluate a saved Chimera, Mixpert or plain native VLM on an image-QA dataset: per-domain scores with each domain's
+standard metric, router accuracy and confusion matrix, as `report.json`, `report.md` and PNG plots.
+
+    python -m train.evaluate --model_name_or_path runs/chimera --dataset runs/quickstart/data --split test \\
+        --output_dir runs/chimera/eval
+    python -m train.evaluate --model_name_or_path runs/mixpert --dataset data/test.jsonl --routing_strategy direct
+
+`--dataset` is a folder written by `datasets.DatasetDict.save_to_disk` (the mini-lab's synthetic data) or a JSONL /
+parquet file; rows need an image (`image`, or `images` paths), `question`, `answer`, `domain`, and optionally the
+metric metadata (`html` for TEDS, `question_type` / `answer_type` / `choices` / `precision` for MathVista).
+Metrics per domain: `evaluation.metrics.DEFAULT_DOMAIN_METRICS`, overridable with `--metric domain=name`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+
+def make_parser(prog: str | None = None):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True)
+    parser.add_argument("--dataset", required=True, help="save_to_disk folder, or a .jsonl / .parquet file")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--output_dir", default=None, help="default: <model>/eval-<split>")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--routing_strategy", default=None, choices=["direct", "score_threshold", "score_difference"],
+                        help="Mixpert only: override the config's routing rule")
+    parser.add_argument("--routing_threshold", type=float, default=None)
+    parser.add_argument("--metric", action="append", default=[], metavar="DOMAIN=METRIC")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+
+
+def load_model(path: str):
+    """`(kind, model, processor)` for a Chimera / Mixpert folder (installed classes) or a native VLM."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    kind = config.model_type if config.model_type in ("chimera", "mixpert") else "native"
+    if kind == "chimera":
+        from modeling_chimera import ChimeraForConditionalGeneration
+        from processing_chimera import ChimeraProcessor
+
+        return kind, ChimeraForConditionalGeneration.from_pretrained(path).eval(), ChimeraProcessor.from_pretrained(path)
+    if kind == "mixpert":
+        from modeling_mixpert import MixpertForConditionalGeneration
+
+        model = MixpertForConditionalGeneration.from_pretrained(path).eval()
+        return kind, model, AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True).eval()
+    return kind, model, AutoProcessor.from_pretrained(path)
+
+
+def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> list[dict]:
+    import datasets
+    from PIL import Image
+
+    if os.path.isdir(dataset):
+        data = datasets.load_from_disk(dataset)
+        data = data[split] if isinstance(data, datasets.DatasetDict) else data
+    elif dataset.endswith((".jsonl", ".json", ".parquet")):
+        data = datasets.load_dataset("parquet" if dataset.endswith(".parquet") else "json", data_files=dataset,
+                                     split="train")
+    else:
+        raise ValueError(f"--dataset must be a save_to_disk folder or a .jsonl/.json/.parquet file, got {dataset}.")
+    rows = []
+    root = os.path.dirname(os.path.abspath(dataset)) if os.path.isfile(dataset) else dataset
+    for i, row in enumerate(data):
+        if limit is not None and i >= limit:
+            break
+        row = dict(row)
+        if row.get("image") is None and row.get("images"):
+            path = row["images"][0]
+            row["image"] = Image.open(path if os.path.isabs(path) else os.path.join(root, path)).convert("RGB")
+        missing = [k for k in ("image", "question", "answer", "domain") if row.get(k) is None]
+        if missing:
+            raise ValueError(f"{dataset}, row {i}: missing {missing} (an image, question, answer and domain are needed).")
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- prediction
+
+
+def prompt_for(processor, question: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="native", progress=True, **generate_kwargs):
+    """Greedy answers for `rows`; for Chimera / Mixpert also the expert each image used. Returns
+    `(answers, expert_index or None)`."""
+    answers, experts = [], []
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc="evaluating", disable=not progress):
+            batch = rows[start : start + batch_size]
+            inputs = processor(images=[[r["image"]] for r in batch], text=[prompt_for(processor, r["question"]) for r in batch],
+                               return_tensors="pt", padding=True)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 return_dict_in_generate=True, **generate_kwargs)
+            new = out.sequences[:, inputs["input_ids"].shape[1]:]
+            answers += [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
+            if kind != "native":
+                experts += out["expert_index"].tolist()
+    finally:
+        tokenizer.padding_side = side
+    return answers, (experts if kind != "native" else None)
+
+
+# ------------------------------------------------------------------------------------------------------- scoring
+
+
+def domain_targets(kind: str, model, domains_in_data: list[str]) -> dict:
+    """The expert each data domain should be routed to (Chimera: 0 = no expert; Mixpert: k-th domain)."""
+    if kind == "native":
+        return {}
+    model_domains = list(model.config.domains)
+    return {d: (model_domains.index(d) + 1 if d in model_domains else 0) for d in domains_in_data}
+
+
+def score_rows(rows, answers, metric_overrides=None) -> dict:
+    from evaluation.metrics import DEFAULT_DOMAIN_METRICS, score
+
+    per_domain = {}
+    for row, answer in zip(rows, answers):
+        domain = row["domain"]
+        metric = (metric_overrides or {}).get(domain) or DEFAULT_DOMAIN_METRICS.get(domain, "exact_match")
+        target = row["html"] if metric == "teds" and row.get("html") else row["answer"]
+        extra = {}
+        if metric == "mathvista":
+            extra = {k: row.get(k) for k in ("question_type", "answer_type", "choices", "precision") if row.get(k) is not None}
+            if isinstance(extra.get("choices"), str):
+                extra["choices"] = json.loads(extra["choices"]) if extra["choices"] else None
+        value = float(score(metric, answer, target, **extra))
+        entry = per_domain.setdefault(domain, {"metric": metric, "total": 0.0, "num_samples": 0})
+        entry["total"] += value
+        entry["num_samples"] += 1
+    for entry in per_domain.values():
+        entry["score"] = entry.pop("total") / entry["num_samples"]
+    return per_domain
+
+
+def router_report(rows, experts, targets: dict, labels: list[str]) -> dict:
+    from evaluation.metrics import confusion_matrix, router_accuracy
+
+    truth = [targets[r["domain"]] for r in rows]
+    return {
+        "accuracy": router_accuracy(experts, truth),
+        "labels": labels,
+        "confusion_matrix": [list(map(int, row)) for row in confusion_matrix(experts, truth, list(range(len(labels))))],
+    }
+
+
+def evaluate(model, processor, rows, kind="native", batch_size=16, max_new_tokens=16, metric_overrides=None,
+             dataset_name="dataset", split="test", progress=True, **generate_kwargs) -> dict:
+    """Scores per domain (+ routing for Chimera / Mixpert) as a report dict (see `write_report`)."""
+    answers, experts = predict(model, processor, rows, batch_size, max_new_tokens, kind, progress, **generate_kwargs)
+    per_domain = score_rows(rows, answers, metric_overrides)
+    report = {
+        "model_kind": kind, "dataset": dataset_name, "split": split, "num_samples": len(rows),
+        "per_domain": per_domain,
+        "overall": sum(e["score"] for e in per_domain.values()) / max(len(per_domain), 1),
+        "predictions": [{"domain": r["domain"], "question": r["question"], "answer": r["answer"], "prediction": a}
+                        for r, a in zip(rows, answers)],
+    }
+    if experts is not None:
+        targets = domain_targets(kind, model, sorted({r["domain"] for r in rows}))
+        names = ["none" if kind == "chimera" else "versatile"] + list(model.config.domains)
+        report["router"] = router_report(rows, experts, targets, names)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------- outputs
+
+
+def write_report(report: dict, output_dir: str, title: str = "Evaluation") -> dict:
+    """`report.json`, `report.md` and plots (`per_domain.png`, `router_confusion.png` when routed)."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    lines = [f"# {title}", "", f"{report['dataset']} / {report['split']}: {report['num_samples']} samples", "",
+             "| domain | metric | score | samples |", "|---|---|---|---|"]
+    for domain, e in sorted(report["per_domain"].items()):
+        lines.append(f"| {domain} | {e['metric']} | {e['score']:.3f} | {e['num_samples']} |")
+    lines.append(f"| **mean** | | {report['overall']:.3f} | |")
+    if "router" in report:
+        lines += ["", f"Router accuracy: {report['router']['accuracy']:.3f}"]
+    with open(os.path.join(output_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot_per_domain({"model": report}, os.path.join(output_dir, "per_domain.png"))
+    if "router" in report:
+        plot_confusion(report["router"], os.path.join(output_dir, "router_confusion.png"), sorted(report["per_domain"]))
+    return report
+
+
+def plot_per_domain(reports: dict, path: str, title: str = "Score per domain") -> str:
+    """Grouped bars: one group per domain, one bar per report (e.g. joint vs Mixpert)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = sorted({d for r in reports.values() for d in r["per_domain"]})
+    width = 0.8 / max(len(reports), 1)
+    fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 2, 3.5))
+    for i, (name, report) in enumerate(reports.items()):
+        values = [report["per_domain"].get(d, {}).get("score", 0.0) for d in domains]
+        ax.bar([x + i * width for x in range(len(domains))], values, width, label=name)
+    ax.set_xticks([x + width * (len(reports) - 1) / 2 for x in range(len(domains))], domains)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(router: dict, path: str, data_domains=None) -> str:
+    """Router confusion matrix (rows: target expert, columns: chosen expert)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = router["confusion_matrix"]
+    labels = router["labels"]
+    fig, ax = plt.subplots(figsize=(0.6 * len(labels) + 2, 0.6 * len(labels) + 1.5))
+    ax.imshow(matrix, cmap="Blues")
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("routed to")
+    ax.set_ylabel("target expert")
+    ax.set_title(f"Router accuracy {router['accuracy']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(args):
+    kind, model, processor = load_model(args.model_name_or_path)
+    overrides = dict(pair.split("=", 1) for pair in args.metric)
+    generate_kwargs = {}
+    if kind == "mixpert" and (args.routing_strategy or args.routing_threshold is not None):
+        model.config.routing_strategy = args.routing_strategy or model.config.routing_strategy
+        if args.routing_threshold is not None:
+            model.config.routing_threshold = args.routing_threshold
+    elif args.routing_strategy:
+        raise ValueError("--routing_strategy applies to Mixpert models only.")
+    rows = load_rows(args.dataset, args.split, args.limit)
+    report = evaluate(model, processor, rows, kind, args.batch_size, args.max_new_tokens, overrides,
+                      dataset_name=os.path.basename(os.path.normpath(args.dataset)), split=args.split, **generate_kwargs)
+    report["model"] = args.model_name_or_path
+    output = args.output_dir or os.path.join(args.model_name_or_path, f"eval-{args.split}")
+    write_report(report, output, title=f"{kind} {os.path.basename(os.path.normpath(args.model_name_or_path))}")
+    print(open(os.path.join(output, "report.md")).read())
+    return report
+
+
+if __name__ == "__main__":
+    main(make_parser().parse_args())

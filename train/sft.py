@@ -1,0 +1,100 @@
+"""Supervised fine-tuning of a native LLaVA-OneVision / Qwen2-VL / InternVL model with `transformers.Trainer`.
+
+Chimera and Mixpert start from an existing, jointly trained VLM. This script is how the mini-lab makes that stand-in
+(joint training on all domains) and its domain specialists (expert vision encoders trained on one domain), and how a
+user fine-tunes a backbone before assembling or upcycling it. Same data formats and collator as the other scripts;
+assistant tokens only in the loss.
+
+    python -m train.sft --model_name_or_path OpenGVLab/InternVL3-1B-hf --train_file data/all.jsonl \\
+        --train_groups projector llm --output_dir runs/joint
+    python -m train.sft --train_file data/all.jsonl --output_dir runs/tiny-joint     # a tiny model, offline
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+
+from train.common import (
+    ModelArguments,
+    SFTDataArguments,
+    dtype_from_name,
+    finish,
+    prepare_training_args,
+    resume_checkpoint,
+    set_trainable,
+    training_files,
+)
+
+
+@dataclass
+class SFTScriptArguments:
+    train_groups: list[str] = field(default_factory=lambda: ["vision", "projector", "llm"],
+                                    metadata={"help": "What trains: vision, projector, llm."})
+    domains: list[str] | None = field(default=None, metadata={"help": "Train on rows of these domains only."})
+
+
+def native_groups(model) -> dict:
+    from vlm_backbones import get_backbone_family
+
+    family = get_backbone_family(model.config.model_type)
+    backbone = model.model
+    return {
+        "vision": [family.tower(backbone)],
+        "projector": [family.projector(backbone)],
+        "llm": [backbone.language_model, model.lm_head],
+    }
+
+
+def load_model_and_processor(model_args: ModelArguments):
+    if model_args.model_name_or_path is None:
+        from train.tiny import build_generalist, build_processor, build_tokenizer
+
+        tokenizer = build_tokenizer(model_args.tiny_family)
+        model = build_generalist(model_args.tiny_family, tokenizer, seed=model_args.tiny_seed,
+                                 image_size=model_args.tiny_image_size, patch_size=model_args.tiny_patch_size,
+                                 hidden_size=model_args.tiny_hidden_size)
+        return model, build_processor(model_args.tiny_family, tokenizer, image_size=model_args.tiny_image_size,
+                                      patch_size=model_args.tiny_patch_size)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_args.model_name_or_path, dtype=dtype_from_name(model_args.dtype), use_safetensors=True
+    )
+    return model, AutoProcessor.from_pretrained(model_args.model_name_or_path)
+
+
+def main(script_args, training_args, model_args, data_args, model=None, processor=None):
+    """Train; `model` / `processor` may be passed in directly (the mini-lab does) instead of being loaded."""
+    from train.data.collators import VisionLanguageSFTCollator
+    from train.data.loading import load_vl_dataset
+
+    prepare_training_args(training_args, label_names=("labels",))
+    if model is None:
+        model, processor = load_model_and_processor(model_args)
+    summary = set_trainable(model, native_groups(model), script_args.train_groups)
+    files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
+    data = load_vl_dataset(files["train"], data_args.image_root)
+    if script_args.domains:
+        data = data.filter(lambda row: row["domain"] in script_args.domains)
+        if len(data) == 0:
+            raise ValueError(f"No training rows with domains {script_args.domains}.")
+    trainer = Trainer(model=model, args=training_args, train_dataset=data, processing_class=processor,
+                      data_collator=VisionLanguageSFTCollator(processor, max_length=data_args.max_length))
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    finish(trainer, model, processor, training_args,
+           {"script": "sft", "groups": script_args.train_groups, "trainable": summary})
+    return trainer
+
+
+def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
+    from trl import TrlParser
+
+    types = (SFTScriptArguments, TrainingArguments, ModelArguments, SFTDataArguments)
+    if subparsers is not None:
+        return subparsers.add_parser("sft", help="SFT of a native VLM", dataclass_types=types)
+    return TrlParser(types, prog=prog)
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
