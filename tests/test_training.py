@@ -118,26 +118,54 @@ def test_mixpert_expert_tuning_for_one_domain_changes_only_that_expert(data_dir,
     assert results["math"]["rows"] == 2 and results["math"]["trainable"]["fraction"] < 0.2
 
 
-def test_mixpert_expert_tuning_uses_two_learning_rates(data_dir, tmp_path):
-    from train.mixpert import ExpertTuningTrainer
+def spy_optimizer(monkeypatch):
+    """Record, per learning rate, the names of the parameters the trainer's optimizer gives it."""
+    from train.common import GroupLearningRateTrainer
 
     seen = {}
-    original = ExpertTuningTrainer.create_optimizer
+    original = GroupLearningRateTrainer.create_optimizer
 
     def spy(self, model=None):
         optimizer = original(self, model)
-        seen["lrs"] = sorted(g["lr"] for g in optimizer.param_groups)
-        seen["betas"] = optimizer.param_groups[0]["betas"]
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        seen["optimizer"] = optimizer
+        seen["names"] = names
+        for group in optimizer.param_groups:
+            seen.setdefault(group["lr"], set()).update(names[id(p)] for p in group["params"])
         return optimizer
 
-    ExpertTuningTrainer.create_optimizer = spy
-    try:
-        run_script("mixpert", "mixpert_experts.yaml", "--output_dir", tmp_path, "--domains", "chart", "--max_steps", 1,
-                   "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no", "--learning_rate", 2e-6,
-                   "--projector_learning_rate", 1e-5)
-    finally:
-        ExpertTuningTrainer.create_optimizer = original
-    assert seen["lrs"] == [2e-6, 1e-5]
+    monkeypatch.setattr(GroupLearningRateTrainer, "create_optimizer", spy)
+    return seen
+
+
+def names_of(group, seen):
+    return [seen["names"][id(p)] for p in group["params"]]
+
+
+def test_mixpert_expert_tuning_uses_two_learning_rates(data_dir, tmp_path, monkeypatch):
+    seen = spy_optimizer(monkeypatch)
+    run_script("mixpert", "mixpert_experts.yaml", "--output_dir", tmp_path, "--domains", "chart", "--max_steps", 1,
+               "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no", "--learning_rate", 2e-6,
+               "--projector_learning_rate", 1e-5, "--adam_beta2", 0.98)
+    assert sorted(k for k in seen if isinstance(k, float)) == [2e-6, 1e-5]
+    assert seen[1e-5] and all(".vision_experts.chart.projector." in n for n in seen[1e-5])
+    assert any(".vision_experts.chart.layers." in n for n in seen[2e-6])
+    assert all(".vision_experts.chart." in n and ".projector." not in n for n in seen[2e-6])
+    assert seen["optimizer"].param_groups[0]["betas"] == (0.9, 0.98)  # TrainingArguments' betas are kept
+
+
+def test_chimera_router_learning_rate_and_optim_flag(data_dir, tmp_path, monkeypatch):
+    seen = spy_optimizer(monkeypatch)
+    run_script("chimera", "chimera_stage1.yaml", "--output_dir", tmp_path, "--max_steps", 1, "--save_strategy", "no",
+               "--train_file", data_dir / "sft.jsonl", "--learning_rate", 1e-3, "--router_learning_rate", 3e-2,
+               "--optim", "sgd", "--weight_decay", 0.1)
+    assert seen[3e-2] == {"model.router.weight"}
+    assert seen[1e-3] and all(n.startswith("model.expert_projectors.") for n in seen[1e-3])
+    optimizer = seen["optimizer"]
+    assert isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.SGD)  # --optim is honoured
+    decay = {n: g["weight_decay"] for g in optimizer.param_groups for n in names_of(g, seen)}
+    assert decay["model.router.weight"] == 0.1
+    assert all(wd == 0.0 for n, wd in decay.items() if n.endswith(".bias"))  # as in Trainer.create_optimizer
 
 
 def test_mixpert_router_phase_trains_only_the_router_on_cached_features(data_dir, tmp_path):
@@ -288,3 +316,17 @@ def test_assemble_cli_builds_loadable_starting_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="DOMAIN=VALUE"):
         assemble(make_parser().parse_args(["chimera", "--generalist", "x", "--expert", "nodomain",
                                            "--output_dir", str(tmp_path / "bad")]))
+
+
+def test_per_group_learning_rates_refuse_optimizer_factories(tmp_path, monkeypatch):
+    from transformers import TrainingArguments
+
+    from train.common import GroupLearningRateTrainer
+
+    model = torch.nn.Linear(2, 2)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = GroupLearningRateTrainer(model=model, args=args, lr_groups=[([model.bias], 1e-2)])
+    monkeypatch.setattr(GroupLearningRateTrainer, "get_optimizer_cls_and_kwargs",
+                        staticmethod(lambda args, model=None: (lambda: None, {})))
+    with pytest.raises(ValueError, match="cannot take this script's per-group learning rates; use --optim adamw_torch"):
+        trainer.create_optimizer()

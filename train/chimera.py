@@ -29,7 +29,7 @@ from transformers import TrainingArguments
 
 from train.common import (
     ModelArguments,
-    RoutedModelTrainer,
+    GroupLearningRateTrainer,
     SFTDataArguments,
     chimera_groups,
     dtype_from_name,
@@ -54,6 +54,9 @@ class ChimeraScriptArguments:
         metadata={"help": "Data domains that use no expert (router class 0). Any other domain must be an expert's."},
     )
     train_generalist_projector: bool = field(default=False, metadata={"help": "Also train the generalist projector."})
+    router_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the router (new, small, starts from scratch); default: "
+                                        "--learning_rate."})
     use_lora: bool = field(default=False, metadata={"help": "Stage 2: train LoRA adapters on the LLM (merged at the "
                                                            "end) instead of the full LLM."})
     lora_r: int = 16
@@ -130,10 +133,12 @@ def main(script_args, training_args, model_args, data_args):
     labels = make_domain_labels(domains, none_domains=script_args.no_expert_domains)
     collator = VisionLanguageSFTCollator(processor, labels, max_length=data_args.max_length)
 
-    trainer = RoutedModelTrainer(
+    router = (model.base_model.model if script_args.use_lora else model).model.router
+    lr_groups = [(router.parameters(), script_args.router_learning_rate)] if script_args.router_learning_rate else []
+    trainer = GroupLearningRateTrainer(
         model=model, args=training_args, train_dataset=train_data,
         eval_dataset=eval_data if training_args.eval_strategy != "no" else None,
-        data_collator=collator, processing_class=processor,
+        data_collator=collator, processing_class=processor, lr_groups=lr_groups,
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     if script_args.use_lora:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer
+from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_utils import get_last_checkpoint
 
 
@@ -200,6 +201,43 @@ class RoutedModelTrainer(Trainer):
                     logs[key] = round(sum(values) / len(values), 4)
             self._loss_parts.clear()
         super().log(logs, *args, **kwargs)
+
+
+class GroupLearningRateTrainer(RoutedModelTrainer):
+    """`RoutedModelTrainer` where some parameters get their own learning rate (`lr_groups`: a list of
+    `(parameters, lr)`); the rest use `learning_rate`. Everything else is `Trainer.create_optimizer`'s: the optimizer
+    class and its kwargs come from `--optim` (`Trainer.get_optimizer_cls_and_kwargs`), biases and norms get no
+    weight decay, and the schedule scales every group alike."""
+
+    def __init__(self, *args, lr_groups: list | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lr_groups = [(list(params), lr) for params, lr in (lr_groups or []) if lr is not None]
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or not self.lr_groups:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        lr_of = {}
+        for params, lr in self.lr_groups:
+            for p in params:
+                lr_of.setdefault(id(p), lr)  # a parameter in two groups keeps the first one's rate
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups = {}
+        for name, p in opt_model.named_parameters():
+            if p.requires_grad:
+                key = (lr_of.get(id(p), self.args.learning_rate), name in decay)
+                groups.setdefault(key, []).append(p)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if is_optimizer_factory(optimizer_cls):
+            raise ValueError(f"--optim {self.args.optim} builds its own parameter groups, so it cannot take this "
+                             "script's per-group learning rates; use --optim adamw_torch (the default) or drop the "
+                             "per-group learning-rate flags.")
+        self.optimizer = optimizer_cls(
+            [{"params": params, "lr": lr, "weight_decay": self.args.weight_decay if decays else 0.0}
+             for (lr, decays), params in groups.items()],
+            **optimizer_kwargs,
+        )
+        return self.optimizer
 
 
 def prepare_training_args(training_args, label_names=("labels", "expert_labels")):

@@ -32,8 +32,8 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from train.common import (
+    GroupLearningRateTrainer,
     ModelArguments,
-    RoutedModelTrainer,
     SFTDataArguments,
     dtype_from_name,
     finish,
@@ -82,30 +82,6 @@ def load_model_and_processor(model_args: ModelArguments, script_args: MixpertScr
     return model, AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
 
 
-class ExpertTuningTrainer(RoutedModelTrainer):
-    """Two learning rates: the expert's projector at `projector_learning_rate`, its vision layers at `learning_rate`
-    (Mixpert §4.2). Everything else in AdamW is `TrainingArguments`' (betas, weight decay, schedule)."""
-
-    def __init__(self, *args, projector_learning_rate: float, projector_parameters: set, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.projector_learning_rate = projector_learning_rate
-        self.projector_parameters = projector_parameters
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            projector = [p for p in params if id(p) in self.projector_parameters]
-            vision = [p for p in params if id(p) not in self.projector_parameters]
-            groups = [{"params": vision, "lr": self.args.learning_rate}]
-            if projector:
-                groups.append({"params": projector, "lr": self.projector_learning_rate})
-            self.optimizer = torch.optim.AdamW(
-                groups, betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon,
-                weight_decay=self.args.weight_decay,
-            )
-        return self.optimizer
-
-
 def tune_experts(script_args, training_args, model, processor, data_args, files):
     """One `Trainer` run per domain, each in `output_dir/experts/<domain>`. With `--resume_from_checkpoint`, domains
     finished earlier are reloaded and the interrupted one continues from its last checkpoint."""
@@ -131,13 +107,15 @@ def tune_experts(script_args, training_args, model, processor, data_args, files)
             raise ValueError(f"No training rows with domain {domain!r}: expert tuning needs that domain's data.")
         summary = set_trainable(model, groups, [f"expert:{domain}"])
         expert = model.model.vision_experts[domain]
-        projector_ids = {id(p) for p in expert.projector.parameters()} if expert.projector is not None else set()
+        projector = list(expert.projector.parameters()) if expert.projector is not None else []
         args = prepare_training_args(TrainingArguments(**{**training_args.to_dict(), "output_dir": folder}))
         collator = VisionLanguageSFTCollator(processor, force_expert_label=model.domains.index(domain) + 1,
                                              max_length=data_args.max_length)
-        trainer = ExpertTuningTrainer(
+        # Two learning rates (Mixpert §4.2): the expert's projector at --projector_learning_rate, its layers at
+        # --learning_rate.
+        trainer = GroupLearningRateTrainer(
             model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor,
-            projector_learning_rate=script_args.projector_learning_rate, projector_parameters=projector_ids,
+            lr_groups=[(projector, script_args.projector_learning_rate)],
         )
         trainer.train(resume_from_checkpoint=_last_checkpoint(folder) if resume else None)
         if trainer.is_world_process_zero():
