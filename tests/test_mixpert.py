@@ -284,3 +284,16 @@ def test_saved_mixpert_loads_in_a_clean_process_with_identical_logits(tmp_path):
         cwd=tmp_path,
     )
     assert stdout.split() == [w for f in FAMILIES for w in (f, "ok")]
+
+
+@pytest.mark.parametrize("max_patches", [1, 4])
+def test_tiny_internvl_processor_caps_tiles_of_a_large_image(max_patches):
+    from PIL import Image
+
+    from train.tiny import build_processor
+
+    processor = build_processor("internvl", image_size=16, patch_size=4, max_patches=max_patches)
+    out = processor(images=[Image.new("RGB", (64, 32), "red")], text=[processor.image_token + " hi"], return_tensors="pt")
+    # InternVL tiles a large image into up to `max_patches` crops, plus a thumbnail when there is more than one
+    expected = 1 if max_patches == 1 else min(max_patches, 2) + 1
+    assert out["pixel_values"].shape == (expected, 3, 16, 16)

@@ -13,7 +13,10 @@ from train.data.synthetic import (
     COLORS,
     DOMAINS,
     FEATURES,
+    IMAGE_KINDS,
+    KIND_QUESTIONS,
     MIXED_LAYOUTS,
+    QUESTION_KINDS,
     WORDS,
     build_dataset,
     chart_table_text,
@@ -208,6 +211,51 @@ def test_bad_arguments_raise():
         build_dataset({"dev": 1})
     with pytest.raises(ValueError, match="No mixed layout"):
         build_dataset({"train": 1}, mixed=2, domains=("chart", "math"))
+
+
+# -------------------------------------------------------------------------------------- question-kind options
+
+
+def test_question_kinds_constant_lists_what_the_askers_produce():
+    for domain in DOMAINS:
+        seen = {sample(domain, i, size=16, long_answers=bool(i % 2))["question_kind"] for i in range(200)}
+        assert seen == set(QUESTION_KINDS[domain]), domain
+
+
+def test_question_kinds_restrict_questions_deterministically_and_are_checked():
+    kinds = {"chart": ["type", "count"], "math": ["polygon_sides"], "document": ["paragraphs"]}
+    for domain in ("chart", "math", "document", "table"):
+        rows = [sample(domain, i, size=32, question_kinds=kinds) for i in range(12)]
+        allowed = kinds.get(domain, QUESTION_KINDS[domain])
+        assert {r["question_kind"] for r in rows} <= set(allowed)
+        for r in rows:
+            check_answer(r)
+        again = sample(domain, 5, size=32, question_kinds=kinds)
+        assert text_fields(again) == text_fields(rows[5]) and np.array_equal(pixels(again), pixels(rows[5]))
+    assert sample("table", 3, size=32, question_kinds=kinds)["answer"] == sample("table", 3, size=32)["answer"]
+    mixed = [generate_sample("mixed", sample_rng(0, "mixed", "mixed", i), 32, question_kinds=kinds) for i in range(8)]
+    assert all(r["question_kind"] in kinds.get(r["domain"], QUESTION_KINDS[r["domain"]]) for r in mixed)
+    with pytest.raises(ValueError, match=r"question_kinds\['chart'\] has unknown kinds \['colour'\]"):
+        sample("chart", 0, question_kinds={"chart": ["colour"]})
+    with pytest.raises(ValueError, match="unknown domain 'audio'"):
+        sample("chart", 0, question_kinds={"audio": ["type"]})
+    with pytest.raises(ValueError, match="non-empty list"):
+        sample("chart", 0, question_kinds={"chart": "type"})
+    with pytest.raises(ValueError, match="only has long-answer kinds; pass long_answers=True"):
+        sample("table", 0, question_kinds={"table": ["to_html"]})
+    assert sample("table", 0, question_kinds={"table": ["to_html"]}, long_answers=True)["question_kind"] == "to_html"
+
+
+def test_kind_questions_name_the_image_kind_and_zero_changes_nothing():
+    for domain in DOMAINS:
+        always = sample(domain, 1, size=32, kind_questions=1.0)
+        assert always["question_kind"] == "image_kind" and always["answer"] == IMAGE_KINDS[domain]
+        assert always["question"] in KIND_QUESTIONS
+        never, plain = sample(domain, 1, size=32, kind_questions=0.0), sample(domain, 1, size=32)
+        assert text_fields(never) == text_fields(plain) and np.array_equal(pixels(never), pixels(plain))
+    ds = build_dataset({"train": 12, "test": 6}, mixed=0, seed=0, image_size=32, kind_questions=0.5)
+    assert 0 < sum(k == "image_kind" for k in ds["train"]["question_kind"]) < len(ds["train"])
+    assert "image_kind" not in ds["test"]["question_kind"]  # test questions stay about content
 
 
 def features(image):

@@ -34,6 +34,9 @@ def make_parser(prog: str | None = None):
     parser.add_argument("--routing_threshold", type=float, default=None)
     parser.add_argument("--metric", action="append", default=[], metavar="DOMAIN=METRIC")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    parser.add_argument("--oracle", action="store_true",
+                        help="Chimera / Mixpert: send each image to its domain's expert instead of routing it (the "
+                             "score routing would reach if it were perfect)")
     return parser
 
 
@@ -97,9 +100,10 @@ def prompt_for(processor, question: str) -> str:
 
 
 @torch.no_grad()
-def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="native", progress=True, **generate_kwargs):
-    """Greedy answers for `rows`; for Chimera / Mixpert also the expert each image used. Returns
-    `(answers, expert_index or None)`."""
+def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="native", progress=True,
+            expert_labels=None, **generate_kwargs):
+    """Greedy answers for `rows`; for Chimera / Mixpert also the expert each image used (`expert_labels`: one per row,
+    to force experts instead of routing). Returns `(answers, expert_index or None)`."""
     answers, experts = [], []
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -108,8 +112,11 @@ def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="nati
             batch = rows[start : start + batch_size]
             inputs = processor(images=[[r["image"]] for r in batch], text=[prompt_for(processor, r["question"]) for r in batch],
                                return_tensors="pt", padding=True)
+            forced = {}
+            if expert_labels is not None:
+                forced["expert_labels"] = torch.tensor(expert_labels[start : start + batch_size])
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                 return_dict_in_generate=True, **generate_kwargs)
+                                 return_dict_in_generate=True, **forced, **generate_kwargs)
             new = out.sequences[:, inputs["input_ids"].shape[1]:]
             answers += [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
             if kind != "native":
@@ -158,18 +165,26 @@ def router_report(rows, experts, targets: dict, labels: list[str]) -> dict:
     truth = [targets[r["domain"]] for r in rows]
     return {
         "accuracy": router_accuracy(experts, truth),
+        "expert_share": sum(e != 0 for e in experts) / max(len(experts), 1),
         "labels": labels,
         "confusion_matrix": [list(map(int, row)) for row in confusion_matrix(experts, truth, list(range(len(labels))))],
     }
 
 
 def evaluate(model, processor, rows, kind="native", batch_size=16, max_new_tokens=16, metric_overrides=None,
-             dataset_name="dataset", split="test", progress=True, **generate_kwargs) -> dict:
-    """Scores per domain (+ routing for Chimera / Mixpert) as a report dict (see `write_report`)."""
-    answers, experts = predict(model, processor, rows, batch_size, max_new_tokens, kind, progress, **generate_kwargs)
+             dataset_name="dataset", split="test", progress=True, oracle=False, **generate_kwargs) -> dict:
+    """Scores per domain (+ routing for Chimera / Mixpert) as a report dict (see `write_report`). `oracle=True`
+    sends every image to the expert of its domain instead of routing it."""
+    forced = None
+    if oracle:
+        targets = domain_targets(kind, model, sorted({r["domain"] for r in rows}))
+        forced = [targets[r["domain"]] for r in rows]
+    answers, experts = predict(model, processor, rows, batch_size, max_new_tokens, kind, progress,
+                               expert_labels=forced, **generate_kwargs)
     per_domain = score_rows(rows, answers, metric_overrides)
     report = {
         "model_kind": kind, "dataset": dataset_name, "split": split, "num_samples": len(rows),
+        "experts": "oracle" if oracle else ("routed" if kind != "native" else None),
         "per_domain": per_domain,
         "overall": sum(e["score"] for e in per_domain.values()) / max(len(per_domain), 1),
         "predictions": [{"domain": r["domain"], "question": r["question"], "answer": r["answer"], "prediction": a}
@@ -190,7 +205,8 @@ def write_report(report: dict, output_dir: str, title: str = "Evaluation") -> di
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    lines = [f"# {title}", "", f"{report['dataset']} / {report['split']}: {report['num_samples']} samples", "",
+    oracle = " (oracle experts: each image sent to its domain's expert)" if report.get("experts") == "oracle" else ""
+    lines = [f"# {title}", "", f"{report['dataset']} / {report['split']}: {report['num_samples']} samples{oracle}", "",
              "| domain | metric | score | samples |", "|---|---|---|---|"]
     for domain, e in sorted(report["per_domain"].items()):
         lines.append(f"| {domain} | {e['metric']} | {e['score']:.3f} | {e['num_samples']} |")
@@ -256,7 +272,18 @@ def plot_confusion(router: dict, path: str, data_domains=None) -> str:
 
 def main(args):
     kind, model, processor = load_model(args.model_name_or_path)
-    overrides = dict(pair.split("=", 1) for pair in args.metric)
+    from evaluation.metrics import METRICS
+
+    overrides = {}
+    for pair in args.metric:
+        domain, sep, metric = pair.partition("=")
+        if not sep or metric not in METRICS:
+            raise ValueError(f"--metric {pair!r}: expected DOMAIN=METRIC with METRIC one of {sorted(METRICS)}.")
+        overrides[domain] = metric
+    if args.oracle and kind == "native":
+        raise ValueError("--oracle needs a Chimera or Mixpert model (a native VLM has no experts to force).")
+    if args.oracle and args.routing_strategy:
+        raise ValueError("--oracle replaces routing; drop --routing_strategy.")
     generate_kwargs = {}
     if kind == "mixpert" and (args.routing_strategy or args.routing_threshold is not None):
         model.config.routing_strategy = args.routing_strategy or model.config.routing_strategy
@@ -266,7 +293,8 @@ def main(args):
         raise ValueError("--routing_strategy applies to Mixpert models only.")
     rows = load_rows(args.dataset, args.split, args.limit)
     report = evaluate(model, processor, rows, kind, args.batch_size, args.max_new_tokens, overrides,
-                      dataset_name=os.path.basename(os.path.normpath(args.dataset)), split=args.split, **generate_kwargs)
+                      dataset_name=os.path.basename(os.path.normpath(args.dataset)), split=args.split, oracle=args.oracle,
+                      **generate_kwargs)
     report["model"] = args.model_name_or_path
     output = args.output_dir or os.path.join(args.model_name_or_path, f"eval-{args.split}")
     write_report(report, output, title=f"{kind} {os.path.basename(os.path.normpath(args.model_name_or_path))}")

@@ -250,8 +250,10 @@ def build_generalist(family: str, tokenizer=None, seed: int = 0, **config_kwargs
     return model.eval()
 
 
-def build_processor(family: str, tokenizer=None, image_size: int = 16, patch_size: int = 4):
-    """The family's native processor around `tokenizer`, sized for `build_generalist`'s defaults."""
+def build_processor(family: str, tokenizer=None, image_size: int = 16, patch_size: int = 4, max_patches: int = 4):
+    """The family's native processor around `tokenizer`, sized for `build_generalist`'s defaults. For InternVL,
+    `max_patches` caps the dynamic tiles of a large image (`InternVLProcessor` always tiles: its class default
+    `crop_to_patches=True` wins over the image processor's setting; 1 means one tile per image)."""
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family)
     mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
     if family == "llava_onevision":
@@ -293,7 +295,7 @@ def build_processor(family: str, tokenizer=None, image_size: int = 16, patch_siz
         image_processor = GotOcr2ImageProcessor(
             size={"height": image_size, "width": image_size},
             crop_to_patches=False,
-            max_patches=4,
+            max_patches=max_patches,
             image_mean=mean,
             image_std=std,
         )

@@ -964,8 +964,38 @@ def _json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+# Answers of the image-kind question (`kind_questions`): what a caption would call each domain's images.
+IMAGE_KINDS = {"chart": "chart", "table": "table", "math": "diagram", "document": "document", "ocr": "word",
+               "general": "shapes"}
+# Every `question_kind` each domain's askers can produce (long-answer kinds included); `question_kinds` is checked
+# against it.
+QUESTION_KINDS = {
+    "chart": ("value", "max", "min", "count", "type", "to_table"),
+    "table": ("cell", "rows", "cols", "top_row", "to_html"),
+    "math": ("triangle_angle", "segment_total", "segment_part", "polygon_sides", "slope", "slope_sign", "intercept",
+             "parabola_direction", "vertex_x", "vertex_y"),
+    "document": ("title", "paragraphs", "title_words"),
+    "ocr": ("transcribe",),
+    "general": ("count_color_shape", "count_shape", "count_all", "color"),
+}
+KIND_QUESTIONS = ("What kind of image is this?", "What type of picture is shown?", "Describe the image type.")
+
+
+def _check_question_kinds(question_kinds):
+    for name, kinds in (question_kinds or {}).items():
+        if name not in QUESTION_KINDS:
+            raise ValueError(f"question_kinds names an unknown domain {name!r}; expected some of {DOMAINS}.")
+        if isinstance(kinds, str) or not kinds:
+            raise ValueError(f"question_kinds[{name!r}] must be a non-empty list of question kinds, got {kinds!r}.")
+        unknown = sorted(set(kinds) - set(QUESTION_KINDS[name]))
+        if unknown:
+            raise ValueError(f"question_kinds[{name!r}] has unknown kinds {unknown}; {name} questions are of kinds "
+                             f"{list(QUESTION_KINDS[name])}.")
+
+
 def generate_sample(domain: str, rng: np.random.Generator | int, image_size: int = 64, long_answers: bool = False,
-                    layout: str | None = None) -> dict:
+                    layout: str | None = None, kind_questions: float = 0.0,
+                    question_kinds: Mapping[str, Sequence[str]] | None = None) -> dict:
     """One image-QA sample.
 
     Args:
@@ -975,6 +1005,12 @@ def generate_sample(domain: str, rng: np.random.Generator | int, image_size: int
         long_answers (`bool`, defaults to False): also draw the long-answer tasks ("Convert the chart to a table.",
             "Convert the table to HTML."); mixed samples always have short answers.
         layout (`str`, *optional*): for `domain="mixed"`, the layout (a key of `MIXED_LAYOUTS`); default: random.
+        kind_questions (`float`, defaults to 0.0): probability that a single-domain sample asks what kind of image it
+            is (`IMAGE_KINDS`), the way captions in real VLM training data name charts, tables or documents. With 0
+            nothing extra is drawn from `rng`, so samples are the same as without the option.
+        question_kinds (`dict[str, list[str]]`, *optional*): per domain, the `question_kind`s allowed (e.g.
+            `{"chart": ["type", "count"]}`); samples are redrawn from the same `rng` until the kind is allowed. Domains
+            not in the dict keep every kind. For mixed samples it applies to the asked (primary) domain.
 
     Returns:
         A dict with `image` (PIL RGB), `question`, `answer`, `domain` (what the question is about),
@@ -984,6 +1020,14 @@ def generate_sample(domain: str, rng: np.random.Generator | int, image_size: int
     """
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
+    _check_question_kinds(question_kinds)
+    if question_kinds and domain == "mixed":
+        for _ in range(200):
+            sample = generate_sample(domain, rng, image_size, long_answers, layout, kind_questions)
+            allowed = question_kinds.get(sample["domain"])
+            if allowed is None or sample["question_kind"] in allowed:
+                return sample
+        raise ValueError(f"No mixed sample with a question kind in {question_kinds} after 200 draws.")
     image_size = int(image_size)
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16 pixels, got {image_size}.")
@@ -995,8 +1039,29 @@ def generate_sample(domain: str, rng: np.random.Generator | int, image_size: int
         qa = _ASKERS[primary](rng, data, False, _MIXED_KINDS[primary])
         meta = {**data, "layout": layout, "secondary": other}
     elif domain in _RENDERERS:
-        image, data = _RENDERERS[domain](rng, image_size, image_size)
-        qa = _ASKERS[domain](rng, data, long_answers)
+        allowed = (question_kinds or {}).get(domain)
+        if allowed is not None and not long_answers and set(allowed) <= {"to_table", "to_html"}:
+            raise ValueError(f"question_kinds[{domain!r}] = {list(allowed)} only has long-answer kinds; pass "
+                             "long_answers=True or allow a short-answer kind.")
+        for _ in range(200):
+            image, data = _RENDERERS[domain](rng, image_size, image_size)
+            # Askers that know the kinds pick among the allowed ones; the others are asked again about the same image
+            # (a few times, before drawing a new image: some figures allow none of the kinds).
+            for _ in range(1 if allowed is None else 8):
+                try:
+                    qa = _ASKERS[domain](rng, data, long_answers, allowed)
+                except ValueError:  # no allowed kind for this content
+                    qa = None
+                    break
+                if allowed is None or qa["question_kind"] in allowed:
+                    break
+                qa = None
+            if qa is not None:
+                break
+        else:
+            raise ValueError(f"No {domain!r} sample with a question kind in {allowed} after 200 images.")
+        if kind_questions > 0 and rng.random() < kind_questions:
+            qa = _qa(_pick(rng, KIND_QUESTIONS), IMAGE_KINDS[domain], "image_kind")
         primary, secondary, meta = domain, "", data
     else:
         raise ValueError(f"Unknown domain {domain!r}; expected one of {DOMAINS} or 'mixed'.")
@@ -1035,7 +1100,8 @@ def _split_sizes(num_per_domain) -> dict:
 
 def build_dataset(num_per_domain: Mapping[str, int] | int | None = None, mixed: int = 60, seed: int = 0,
                   image_size: int = 64, domains: Sequence[str] = DOMAINS,
-                  long_answers: bool = False) -> datasets.DatasetDict:
+                  long_answers: bool = False, kind_questions: float = 0.0,
+                  question_kinds: Mapping[str, Sequence[str]] | None = None) -> datasets.DatasetDict:
     """The synthetic set as a `datasets.DatasetDict` with splits train / validation / test / mixed (`FEATURES`).
 
     Args:
@@ -1046,6 +1112,9 @@ def build_dataset(num_per_domain: Mapping[str, int] | int | None = None, mixed: 
         image_size (`int`, defaults to 64): image side in pixels.
         domains (`tuple[str]`, defaults to `DOMAINS`): the domains to include.
         long_answers (`bool`, defaults to False): see `generate_sample`.
+        kind_questions (`float`, defaults to 0.0): see `generate_sample` (training and validation splits only: test
+            and mixed questions stay about content).
+        question_kinds (`dict`, *optional*): see `generate_sample` (every split).
 
     Rows are interleaved by domain (row `k` is domain `k % len(domains)`), so any prefix is balanced; `id` is
     "<split>-<domain>-<index>" ("mixed-<index>" in the mixed split).
@@ -1057,7 +1126,9 @@ def build_dataset(num_per_domain: Mapping[str, int] | int | None = None, mixed: 
     sizes = _split_sizes({"train": 200, "validation": 20, "test": 20} if num_per_domain is None else num_per_domain)
     splits = {}
     for split, n in sizes.items():
-        rows = [_row(generate_sample(d, sample_rng(seed, split, d, i), image_size, long_answers),
+        rate = kind_questions if split in ("train", "validation") else 0.0
+        rows = [_row(generate_sample(d, sample_rng(seed, split, d, i), image_size, long_answers, kind_questions=rate,
+                                     question_kinds=question_kinds),
                      f"{split}-{d}-{i:05d}") for i in range(n) for d in domains]
         splits[split] = _to_dataset(rows, FEATURES, split)
     layouts = tuple(name for name, pair in MIXED_LAYOUTS.items() if set(pair) <= set(domains))
@@ -1066,7 +1137,8 @@ def build_dataset(num_per_domain: Mapping[str, int] | int | None = None, mixed: 
     rows = []
     for i in range(int(mixed)):
         rng = sample_rng(seed, "mixed", "mixed", i)
-        rows.append(_row(generate_sample("mixed", rng, image_size, layout=_pick(rng, layouts)), f"mixed-{i:05d}"))
+        rows.append(_row(generate_sample("mixed", rng, image_size, layout=_pick(rng, layouts),
+                                         question_kinds=question_kinds), f"mixed-{i:05d}"))
     splits["mixed"] = _to_dataset(rows, FEATURES, "mixed")
     return datasets.DatasetDict(splits)
 
