@@ -1,0 +1,91 @@
+"""Push to a Hub-API server on 127.0.0.1 with the real `huggingface_hub` client, pull by repo id in a clean process
+(where this project cannot be imported): identical logits, and everything a Hub repo needs is there."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.hub_server import HubServer
+from tests.utils import ROOT_DIR, run_without_project
+from train.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt, random_images
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with HubServer() as server:
+        yield server
+
+
+def _save(kind, folder):
+    model, processor = build_tiny_chimera("internvl") if kind == "chimera" else build_tiny_mixpert("qwen2_vl")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    inputs = processor(images=random_images(2), text=[chat_prompt(processor)] * 2, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    torch.save({"inputs": dict(inputs), "logits": logits}, folder / "reference.pt")
+    (folder / "report.json").write_text(json.dumps({
+        "dataset": "synthetic", "split": "test", "num_samples": 4,
+        "per_domain": {"chart": {"metric": "relaxed_accuracy", "score": 0.25, "num_samples": 4}},
+    }))
+
+
+def test_push_then_pull_by_repo_id(hub, tmp_path):
+    for kind in ("chimera", "mixpert"):
+        _save(kind, tmp_path / kind)
+        push = subprocess.run(
+            [sys.executable, "-m", "train.push", "--model_dir", str(tmp_path / kind), "--repo_id", f"org/{kind}-tiny",
+             "--report", str(tmp_path / kind / "report.json"), "--max_shard_size", "200KB"],
+            cwd=ROOT_DIR, env=hub.env(hf_home=tmp_path / "home-push"), capture_output=True, text=True, timeout=300,
+        )
+        assert push.returncode == 0, push.stderr[-4000:]
+    out = run_without_project(
+        f"""
+        import torch
+        from huggingface_hub import HfApi, ModelCard
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        for kind in ("chimera", "mixpert"):
+            repo = f"org/{{kind}}-tiny"
+            files = set(HfApi().list_repo_files(repo))
+            needed = {{"config.json", "model.safetensors.index.json", "generation_config.json", "README.md",
+                      "chat_template.jinja", "processor_config.json", "tokenizer.json", "vlm_backbones.py",
+                      f"configuration_{{kind}}.py", f"modeling_{{kind}}.py"}}
+            assert needed <= files, needed - files
+            assert len([f for f in files if f.startswith("model-") and f.endswith(".safetensors")]) > 1  # sharded
+            assert not any(f.endswith(".bin") for f in files)
+            card = ModelCard.load(repo)
+            assert card.data.eval_results[0].metric_value == 0.25 and card.data.pipeline_tag == "image-text-to-text"
+            model = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True)
+            processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+            assert type(model).__module__.startswith("transformers_modules.")
+            ref = torch.load({str(tmp_path)!r} + f"/{{kind}}/reference.pt", weights_only=False)
+            with torch.no_grad():
+                logits = model(**ref["inputs"]).logits
+            assert torch.equal(logits, ref["logits"]), kind
+            print(kind, type(processor).__name__, "ok")
+        """,
+        cwd=tmp_path, env=hub.env(hf_home=tmp_path / "home-pull"),
+    )
+    assert out.split() == ["chimera", "ChimeraProcessor", "ok", "mixpert", "Qwen2VLProcessor", "ok"]
+    assert not hub.errors and not hub.unhandled_requests
+
+
+def test_push_rejects_bad_inputs_before_uploading(tmp_path):
+    from train.push import main, make_parser
+
+    def push(*argv):
+        return main(make_parser().parse_args(list(map(str, argv))))
+
+    with pytest.raises(FileNotFoundError, match="has no config.json; pass a folder written by save_pretrained"):
+        push("--model_dir", tmp_path, "--repo_id", "org/x")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(FileNotFoundError, match="--report .* does not exist; run `python -m train.evaluate"):
+        push("--model_dir", tmp_path, "--repo_id", "org/x", "--report", tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="must be 'name' or 'org/name'"):
+        push("--model_dir", tmp_path, "--repo_id", "a/b/c")
+    with pytest.raises(ValueError, match="holds a 'llava' model; train.push publishes Chimera or Mixpert"):
+        push("--model_dir", tmp_path, "--repo_id", "org/x")
