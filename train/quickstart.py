@@ -38,13 +38,29 @@ EXPERT_DOMAINS = ("chart", "table", "math", "document")  # Chimera's experts; OC
 # The synthetic table questions ask for a cell / a count, so tables are scored by exact match (TEDS scores the
 # table-to-HTML task, which the lab does not train); the other domains use their standard metric.
 LAB_METRICS = {"table": "exact_match"}
+# Question kinds the lab trains and tests: the ones a tiny VLM trained from scratch for a few CPU minutes can learn to
+# read off the image (found by measuring; reading exact values, cells or titles stays at the answer prior at this
+# scale, which would leave no room for any mechanism to show).
+LAB_QUESTION_KINDS = {
+    "chart": ["type", "count"], "table": ["rows", "cols"],
+    "math": ["polygon_sides", "slope_sign", "parabola_direction"], "document": ["paragraphs", "title_words"],
+    "ocr": ["transcribe"], "general": ["count_all", "color"],
+}
 
 
 @dataclass
 class LabConfig:
-    """Sizes and step counts of the lab (`--scale`)."""
+    """Sizes and step counts of the lab (`--scale`).
 
-    image_size: int = 64
+    Choices made so the mechanisms have room to show on a CPU (see README, "The mini-lab"):
+    the generalist sees 48 px images as one tile (9 LLM tokens each), the experts 96 px (36 tokens each), so experts
+    bring more visual detail, as the real ones do; the joint model first learns what kind of image it sees (a caption
+    stage, as VLM recipes start with captions) and keeps a share of such questions, so its vision features know image
+    types; only visually learnable question kinds are used (`LAB_QUESTION_KINDS`); Chimera's router reads the mean of
+    the generalist's features (the stand-in's CLS output is never trained, unlike a CLIP-pretrained InternViT's).
+    """
+
+    image_size: int = 48
     patch_size: int = 8
     expert_image_size: int = 96
     expert_patch_size: int = 16
@@ -53,25 +69,35 @@ class LabConfig:
     num_vision_layers: int = 4
     num_text_layers: int = 2
     vocab_size: int = 400
-    train_per_domain: int = 200
-    test_per_domain: int = 50
-    mixed: int = 120
+    train_per_domain: int = 500
+    test_per_domain: int = 60
+    mixed: int = 90
+    kind_questions: float = 0.2
     batch_size: int = 16
-    joint_steps: int = 300
+    caption_steps: int = 200
+    joint_steps: int = 700
     joint_lr: float = 2e-3
-    specialist_steps: int = 60
-    stage1_steps: int = 100
-    stage2_steps: int = 100
+    specialist_steps: int = 80
+    specialist_lr: float = 3e-3
+    router_feature: str = "mean"
+    stage1_steps: int = 120
+    stage1_lr: float = 2e-3
+    router_lr: float = 2e-2
+    stage2_steps: int = 120
+    stage2_lr: float = 1e-3
     gscm_ratio: float = 0.5
-    dpo_steps: int = 40
-    mixpert_expert_steps: int = 50
-    router_epochs: int = 30
+    dpo_steps: int = 30
+    dpo_lr: float = 5e-4
+    mixpert_expert_steps: int = 60
+    mixpert_expert_lr: float = 3e-3
+    router_epochs: int = 40
     seed: int = 0
 
 
 SCALES = {
     "lab": LabConfig(),
-    "toy": LabConfig(train_per_domain=8, test_per_domain=3, mixed=6, batch_size=4, joint_steps=4, specialist_steps=2,
+    "toy": LabConfig(train_per_domain=8, test_per_domain=3, mixed=6, batch_size=4, caption_steps=2, joint_steps=4,
+                     specialist_steps=2,
                      stage1_steps=2, stage2_steps=2, dpo_steps=2, mixpert_expert_steps=2, router_epochs=2),
 }
 
@@ -127,13 +153,18 @@ def run(module: str, args: list[str], **kwargs):
 
 def write_data(lab: Lab):
     from train.data.export import export_preference_jsonl, export_sft_jsonl
-    from train.data.synthetic import build_dataset, make_preference_pairs, save_dataset
+    from train.data.synthetic import IMAGE_KINDS, KIND_QUESTIONS, build_dataset, make_preference_pairs, save_dataset
 
     cfg = lab.cfg
     data = build_dataset({"train": cfg.train_per_domain, "validation": 0, "test": cfg.test_per_domain},
-                         mixed=cfg.mixed, seed=cfg.seed, image_size=cfg.expert_image_size)
+                         mixed=cfg.mixed, seed=cfg.seed, image_size=cfg.expert_image_size,
+                         kind_questions=cfg.kind_questions, question_kinds=LAB_QUESTION_KINDS)
     save_dataset(data, lab.path("data"))
     export_sft_jsonl(data["train"], lab.path("data"), "train")
+    # The caption stage: the same training images, each asked what kind of image it is.
+    captions = ({"image": r["image"], "question": KIND_QUESTIONS[i % len(KIND_QUESTIONS)],
+                 "answer": IMAGE_KINDS[r["domain"]], "domain": r["domain"]} for i, r in enumerate(data["train"]))
+    export_sft_jsonl(captions, lab.path("data"), "captions")
 
     def pairs(split, seed):
         for pair, row in zip(make_preference_pairs(data[split], seed=seed), data[split]):
@@ -160,7 +191,10 @@ def train_joint(lab: Lab, data):
     model = build_generalist("internvl", tokenizer, seed=cfg.seed, image_size=cfg.image_size, patch_size=cfg.patch_size,
                              hidden_size=cfg.hidden_size, vision_hidden_size=cfg.vision_hidden_size,
                              num_text_layers=cfg.num_text_layers, num_vision_layers=cfg.num_vision_layers)
-    processor = build_processor("internvl", tokenizer, image_size=cfg.image_size, patch_size=cfg.patch_size)
+    processor = build_processor("internvl", tokenizer, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                                max_patches=1)
+    run("sft", ["--output_dir", lab.path("joint-captions"), "--train_file", lab.path("data", "captions.jsonl"),
+                *lab.training_args(cfg.caption_steps, cfg.joint_lr)], model=model, processor=processor)
     run("sft", ["--output_dir", lab.path("joint"), "--train_file", lab.path("data", "train.jsonl"),
                 *lab.training_args(cfg.joint_steps, cfg.joint_lr)], model=model, processor=processor)
     return tokenizer
@@ -187,7 +221,7 @@ def train_specialists(lab: Lab, tokenizer):
                                     patch_size=cfg.expert_patch_size)
         run("sft", ["--output_dir", lab.path("specialists", domain), "--train_file", lab.path("data", "train.jsonl"),
                     "--domains", domain, "--train_groups", "vision", "projector",
-                    *lab.training_args(cfg.specialist_steps, 2e-3)], model=specialist, processor=processor)
+                    *lab.training_args(cfg.specialist_steps, cfg.specialist_lr)], model=specialist, processor=processor)
         towers[domain] = specialist.model.vision_tower
     return towers
 
@@ -202,7 +236,7 @@ def assemble_chimera(lab: Lab, towers):
     cfg = lab.cfg
     joint = AutoModelForImageTextToText.from_pretrained(lab.path("joint"))
     torch.manual_seed(cfg.seed)
-    model = ChimeraForConditionalGeneration.from_generalist(joint, towers, router_feature="cls")
+    model = ChimeraForConditionalGeneration.from_generalist(joint, towers, router_feature=cfg.router_feature)
     expert_processor = build_processor("internvl", AutoProcessor.from_pretrained(lab.path("joint")).tokenizer,
                                        image_size=cfg.expert_image_size, patch_size=cfg.expert_patch_size).image_processor
     processor = ChimeraProcessor.from_generalist(AutoProcessor.from_pretrained(lab.path("joint")),
@@ -215,17 +249,18 @@ def train_chimera(lab: Lab):
     cfg = lab.cfg
     common = ["--train_file", lab.path("data", "train.jsonl"), "--no_expert_domains", "general", "ocr"]
     run("chimera", ["--stage", "1", "--model_name_or_path", lab.path("chimera-assembled"), "--output_dir",
-                    lab.path("chimera-stage1"), *common, *lab.training_args(cfg.stage1_steps, 2e-3)])
+                    lab.path("chimera-stage1"), "--router_learning_rate", str(cfg.router_lr), *common,
+                    *lab.training_args(cfg.stage1_steps, cfg.stage1_lr)])
     for name, ratio in (("chimera-stage2", cfg.gscm_ratio), ("chimera-stage2-no-gscm", 0.0)):
         run("chimera", ["--stage", "2", "--gscm_ratio", str(ratio), "--model_name_or_path", lab.path("chimera-stage1"),
-                        "--output_dir", lab.path(name), *common, *lab.training_args(cfg.stage2_steps, 1e-3)])
+                        "--output_dir", lab.path(name), *common, *lab.training_args(cfg.stage2_steps, cfg.stage2_lr)])
 
 
 def train_dpo(lab: Lab):
     run("dpo", ["--model_name_or_path", lab.path("chimera-stage2"), "--output_dir", lab.path("chimera-dpo"),
                 "--train_file", lab.path("data", "preference-train.jsonl"), "--beta", "0.1",
                 "--gradient_checkpointing", "false",
-                *lab.training_args(lab.cfg.dpo_steps, 5e-4, batch=max(lab.cfg.batch_size // 2, 2))])
+                *lab.training_args(lab.cfg.dpo_steps, lab.cfg.dpo_lr, batch=max(lab.cfg.batch_size // 2, 2))])
 
 
 def train_mixpert(lab: Lab):
@@ -242,8 +277,8 @@ def train_mixpert(lab: Lab):
     AutoProcessor.from_pretrained(lab.path("joint")).save_pretrained(lab.path("mixpert-upcycled"))
     run("mixpert", ["--phase", "experts", "--model_name_or_path", lab.path("mixpert-upcycled"),
                     "--output_dir", lab.path("mixpert-experts"), "--train_file", lab.path("data", "train.jsonl"),
-                    "--projector_learning_rate", "2e-3",
-                    *lab.training_args(cfg.mixpert_expert_steps, 1e-3)])
+                    "--projector_learning_rate", str(cfg.mixpert_expert_lr),
+                    *lab.training_args(cfg.mixpert_expert_steps, cfg.mixpert_expert_lr)])
     run("mixpert", ["--phase", "router", "--model_name_or_path", lab.path("mixpert-experts"),
                     "--output_dir", lab.path("mixpert"), "--train_file", lab.path("data", "train.jsonl"),
                     "--num_train_epochs", str(cfg.router_epochs), "--per_device_train_batch_size", "64",
@@ -271,7 +306,9 @@ def evaluate_all(lab: Lab, data):
 
     run_eval("generalist", "joint", test)
     _, chimera, chimera_processor, _ = run_eval("chimera", "chimera-stage2", test)
+    run_eval("chimera-oracle", "chimera-stage2", test, oracle=True)
     _, mixpert, _, _ = run_eval("mixpert", "mixpert", test)
+    run_eval("mixpert-oracle", "mixpert", test, oracle=True)
     routing = {}
     for strategy in ("direct", "score_threshold", "score_difference"):
         mixpert.config.routing_strategy = strategy
@@ -297,6 +334,7 @@ def evaluate_all(lab: Lab, data):
             "gscm_attention_ratio": attention["ratio"],
             "gscm_attention": attention,
             "per_domain": _scores(reports["chimera"]),
+            "per_domain_oracle_experts": _scores(reports["chimera-oracle"]),
             "overall": reports["chimera"]["overall"],
         },
         "mixpert": {
@@ -304,6 +342,8 @@ def evaluate_all(lab: Lab, data):
             "per_domain": {d: {"joint": reports["generalist"]["per_domain"][d]["score"],
                                "mixpert": reports["mixpert"]["per_domain"][d]["score"]}
                            for d in reports["mixpert"]["per_domain"]},
+            "per_domain_oracle_experts": _scores(reports["mixpert-oracle"]),
+            "expert_share": reports["mixpert"]["router"]["expert_share"],
             "routing": routing,
             "routing_joint_model": joint_mixed,
         },
@@ -368,26 +408,34 @@ def gscm_attention_ratio(lab, rows) -> dict:
 
 
 @torch.no_grad()
-def preference_accuracy(lab, folder, pairs) -> float:
-    """Share of held-out pairs where the model gives the chosen answer a higher log-probability than the rejected one."""
+def preference_accuracy(lab, folder, pairs, batch_size: int = 16) -> float:
+    """Share of held-out pairs where the model gives the chosen answer a higher log-probability (summed over the
+    answer's tokens) than the rejected one."""
     from modeling_chimera import ChimeraForConditionalGeneration
     from processing_chimera import ChimeraProcessor
     from train.evaluate import prompt_for
 
     model = ChimeraForConditionalGeneration.from_pretrained(lab.path(folder)).eval()
     processor = ChimeraProcessor.from_pretrained(lab.path(folder))
+    processor.tokenizer.padding_side = "right"
     end = "<|im_end|>"
+
+    def answer_logprob(batch, key):
+        prompts = [prompt_for(processor, p["question"]) for p in batch]
+        images = [[p["image"]] for p in batch]
+        full = processor(images=images, text=[q + p[key] + end for q, p in zip(prompts, batch)], return_tensors="pt",
+                         padding=True)
+        prompt_len = processor(images=images, text=prompts, return_tensors="pt", padding=True)["attention_mask"].sum(1)
+        ids = full["input_ids"]
+        logp = model(**full).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        position = torch.arange(ids.shape[1] - 1)[None]
+        answer = (position >= prompt_len[:, None] - 1) & (position < full["attention_mask"].sum(1)[:, None] - 1)
+        return (logp * answer).sum(-1)
+
     wins = 0
-    for pair in pairs:
-        scores = []
-        for answer in (pair["chosen"], pair["rejected"]):
-            prompt = prompt_for(processor, pair["question"])
-            inputs = processor(images=[pair["image"]], text=[prompt + answer + end], return_tensors="pt")
-            prompt_len = processor(images=[pair["image"]], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
-            logits = model(**inputs).logits[0, prompt_len - 1 : -1]
-            targets = inputs["input_ids"][0, prompt_len:]
-            scores.append(float(logits.log_softmax(-1).gather(-1, targets[:, None]).sum()))
-        wins += scores[0] > scores[1]
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        wins += int((answer_logprob(batch, "chosen") > answer_logprob(batch, "rejected")).sum())
     return wins / max(len(pairs), 1)
 
 
@@ -422,7 +470,9 @@ def write_lab_report(lab: Lab, results: dict):
         json.dump(results, f, indent=2)
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else json.dumps(v)  # noqa: E731
     lines = ["# Mini-lab report", "", "Synthetic six-domain data, tiny models, CPU. Metrics per domain: "
-             + ", ".join(f"{d}: {m}" for d, m in results["metrics"].items()) + ".", "", "## Claims", "",
+             + ", ".join(f"{d}: {m}" for d, m in results["metrics"].items()) + ". Question kinds: "
+             + "; ".join(f"{d}: {', '.join(k)}" for d, k in LAB_QUESTION_KINDS.items())
+             + " (plus 'what kind of image is this?' in training).", "", "## Claims", "",
              "| claim | measured | held |", "|---|---|---|"]
     for c in results["claims"]:
         value = c["value"] if not isinstance(c["value"], dict) else {
@@ -430,14 +480,20 @@ def write_lab_report(lab: Lab, results: dict):
             for k, v in c["value"].items()}
         lines.append(f"| {c['claim']} | {fmt(value) if not isinstance(value, dict) else json.dumps(value)} | "
                      f"{'yes' if c['held'] else 'NO'} {c.get('note', '')} |")
-    lines += ["", "## Per domain (test split)", "", "| domain | generalist | Chimera | joint | Mixpert |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Per domain (test split)", "",
+              "Routed = the model's own routing; oracle = every image sent to its domain's expert (upper bound of the "
+              "routing).", "",
+              "| domain | generalist | Chimera | Chimera (oracle) | joint | Mixpert | Mixpert (oracle) |",
+              "|---|---|---|---|---|---|---|"]
+    chimera, mixpert = results["chimera"], results["mixpert"]
     for d in sorted(results["generalist"]["per_domain"]):
-        lines.append(f"| {d} | {results['generalist']['per_domain'][d]:.3f} | {results['chimera']['per_domain'][d]:.3f} "
-                     f"| {results['mixpert']['per_domain'][d]['joint']:.3f} | {results['mixpert']['per_domain'][d]['mixpert']:.3f} |")
-    routing = results["mixpert"]["routing"]
-    lines += ["", f"Chimera router accuracy {results['chimera']['router_accuracy']:.3f}; Mixpert router accuracy "
-              f"{results['mixpert']['router_accuracy']:.3f}.",
+        lines.append(f"| {d} | {results['generalist']['per_domain'][d]:.3f} | {chimera['per_domain'][d]:.3f} | "
+                     f"{chimera['per_domain_oracle_experts'][d]:.3f} | {mixpert['per_domain'][d]['joint']:.3f} | "
+                     f"{mixpert['per_domain'][d]['mixpert']:.3f} | {mixpert['per_domain_oracle_experts'][d]:.3f} |")
+    routing = mixpert["routing"]
+    lines += ["", f"Chimera router accuracy {chimera['router_accuracy']:.3f}; Mixpert router accuracy (top class) "
+              f"{mixpert['router_accuracy']:.3f}; share of test images Mixpert sent to a domain expert (the rest to "
+              f"the versatile one) {mixpert['expert_share']:.3f}.",
               f"GSCM attention share on expert tokens: {results['chimera']['gscm_attention']['with_gscm']:.4f} with, "
               f"{results['chimera']['gscm_attention']['without_gscm']:.4f} without.",
               f"Mixed split (ambiguous images), mean score: direct {routing['direct']:.3f}, score-threshold "

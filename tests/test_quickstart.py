@@ -1,0 +1,83 @@
+"""The mini-lab end to end at toy size, and the evaluation CLI on its outputs."""
+
+import json
+
+import pytest
+
+from train.quickstart import SCALES, claims, main, make_parser
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    results = main(make_parser().parse_args(["--output_dir", str(folder), "--scale", "toy"]))
+    return folder, results
+
+
+def test_toy_quickstart_writes_the_full_report(toy_run):
+    folder, results = toy_run
+    report = json.loads((folder / "report.json").read_text())
+    domains = {"chart", "table", "math", "document", "ocr", "general"}
+    assert set(report["generalist"]["per_domain"]) == domains == set(report["chimera"]["per_domain"])
+    assert set(report["mixpert"]["per_domain"]) == domains
+    assert all(set(v) == {"joint", "mixpert"} for v in report["mixpert"]["per_domain"].values())
+    assert set(report["mixpert"]["routing"]) == {"direct", "score_threshold", "score_difference"}
+    assert 0.0 <= report["chimera"]["router_accuracy"] <= 1.0 and 0.0 <= report["mixpert"]["router_accuracy"] <= 1.0
+    assert report["chimera"]["gscm_attention"]["with_gscm"] > 0
+    assert set(report["dpo"]["preference_accuracy"]) == {"before", "after"}
+    assert [c["claim"] for c in report["claims"]][0].startswith("Chimera router accuracy")
+    assert report["metrics"] == {"chart": "relaxed_accuracy", "table": "exact_match", "math": "mathvista",
+                                 "document": "anls", "ocr": "ocrbench", "general": "exact_match"}
+    for name in ("report.md", "chimera_vs_generalist.png", "mixpert_vs_joint.png", "chimera_router_confusion.png",
+                 "eval/chimera/router_confusion.png", "eval/generalist/per_domain.png"):
+        assert (folder / name).is_file(), name
+    assert report["timings_seconds"]["total"] > 0
+    n_test = SCALES["toy"].test_per_domain * 6
+    assert json.loads((folder / "eval" / "chimera" / "report.json").read_text())["num_samples"] == n_test
+
+
+def test_claims_are_judged_from_the_numbers_not_assumed():
+    base = {
+        "chimera": {"router_accuracy": 0.96, "gscm_attention_ratio": 1.2},
+        "mixpert": {"per_domain": {"chart": {"joint": 0.5, "mixpert": 0.4}, "ocr": {"joint": 0.1, "mixpert": 0.3}},
+                    "routing": {"direct": 0.3, "score_threshold": 0.2, "score_difference": 0.3}},
+        "dpo": {"preference_accuracy": {"before": 0.5, "after": 0.5}},
+    }
+    held = {c["claim"].split(" ")[0] + c["claim"].split(" ")[1]: c["held"] for c in claims(base)}
+    assert held == {"Chimerarouter": True, "GSCMraises": False, "Mixpert>=": False, "score-differencerouting": True,
+                    "DPOraises": False}
+    assert claims(base)[2]["note"] == "lower on ['chart']"
+
+
+def test_evaluate_cli_on_a_saved_model(toy_run, tmp_path):
+    from train.evaluate import main as evaluate, make_parser as evaluate_parser
+
+    folder, _ = toy_run
+    report = evaluate(evaluate_parser().parse_args([
+        "--model_name_or_path", str(folder / "mixpert"), "--dataset", str(folder / "data"), "--split", "mixed",
+        "--routing_strategy", "direct", "--output_dir", str(tmp_path), "--metric", "table=exact_match",
+    ]))
+    assert report["split"] == "mixed" and report["model_kind"] == "mixpert"
+    assert len(report["router"]["confusion_matrix"]) == 7  # versatile + 6 domains
+    assert (tmp_path / "report.md").read_text().startswith("# mixpert mixpert")
+    with pytest.raises(ValueError, match="Mixpert models only"):
+        evaluate(evaluate_parser().parse_args(["--model_name_or_path", str(folder / "joint"), "--dataset",
+                                               str(folder / "data"), "--routing_strategy", "direct"]))
+
+
+def test_evaluate_cli_oracle_forces_each_domains_expert(toy_run, tmp_path):
+    from train.evaluate import main as evaluate, make_parser as evaluate_parser
+
+    folder, _ = toy_run
+    args = ["--dataset", str(folder / "data"), "--split", "test", "--output_dir", str(tmp_path), "--oracle"]
+    report = evaluate(evaluate_parser().parse_args(["--model_name_or_path", str(folder / "chimera-stage2"), *args]))
+    assert report["experts"] == "oracle" and report["router"]["accuracy"] == 1.0
+    expert_domains = set(report["router"]["labels"][1:])
+    expected = sum(p["domain"] in expert_domains for p in report["predictions"]) / report["num_samples"]
+    assert report["router"]["expert_share"] == pytest.approx(expected) and 0 < expected < 1
+    assert "oracle experts" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="--oracle needs a Chimera or Mixpert model"):
+        evaluate(evaluate_parser().parse_args(["--model_name_or_path", str(folder / "joint"), *args]))
+    with pytest.raises(ValueError, match="expected DOMAIN=METRIC with METRIC one of"):
+        evaluate(evaluate_parser().parse_args(["--model_name_or_path", str(folder / "chimera-stage2"), *args,
+                                               "--metric", "table"]))
