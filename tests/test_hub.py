@@ -89,3 +89,29 @@ def test_push_rejects_bad_inputs_before_uploading(tmp_path):
         push("--model_dir", tmp_path, "--repo_id", "a/b/c")
     with pytest.raises(ValueError, match="holds a 'llava' model; train.push publishes Chimera or Mixpert"):
         push("--model_dir", tmp_path, "--repo_id", "org/x")
+
+
+def test_training_script_push_to_hub_uploads_the_whole_model(hub, tmp_path):
+    """`--push_to_hub` on a router phase (where `Trainer` holds only the router) uploads the full saved model."""
+    from huggingface_hub import HfApi, ModelCard
+
+    from modeling_mixpert import MixpertForConditionalGeneration
+    from tests.test_training import TINY, run_script
+    from train.tiny import build_tiny_mixpert
+
+    model, processor = build_tiny_mixpert("internvl", image_size=32, patch_size=8, seed=0)
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    with hub.patch_client(hf_home=tmp_path / "home"):
+        run_script("mixpert", "mixpert_router.yaml", "--output_dir", tmp_path / "out", "--num_train_epochs", 1,
+                   "--model_name_or_path", tmp_path / "base", "--push_to_hub", "true",
+                   "--hub_model_id", "org/mixpert-router", "--save_strategy", "steps", "--save_steps", 1)
+        files = set(HfApi().list_repo_files("org/mixpert-router"))
+        assert {"config.json", "model.safetensors", "README.md", "modeling_mixpert.py", "run_summary.json",
+                "processor_config.json"} <= files
+        assert not any(f.startswith(("checkpoint-", "tiny_data/")) or f.endswith(".bin") for f in files)
+        assert ModelCard.load("org/mixpert-router").data.pipeline_tag == "image-text-to-text"
+        pulled = MixpertForConditionalGeneration.from_pretrained("org/mixpert-router")
+    local = MixpertForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(pulled.state_dict().values(), local.state_dict().values()))
+    assert any((tmp_path / "out").glob("checkpoint-*"))  # they exist locally but were not uploaded

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from train.data.export import export_preference_jsonl, export_sft_jsonl
-from train.tiny import random_images
+from train.tiny import chat_prompt, random_images
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "train" / "configs" / "tiny"
@@ -65,6 +65,42 @@ def test_chimera_stage_1_trains_router_and_projectors_only(data_dir, tmp_path):
     assert summary["groups"] == ["router", "expert_projectors"] and summary["global_step"] == 3
     history = [h for h in trainer.state.log_history if "lm_loss" in h]
     assert history and "router_loss" in history[0]
+
+
+def test_chimera_router_phase_fits_the_router_alone_on_cached_features(data_dir, tmp_path):
+    from modeling_chimera import ChimeraForConditionalGeneration
+    from processing_chimera import ChimeraProcessor
+    from train.chimera import routing_features
+    from train.data.collators import make_domain_labels
+    from train.data.loading import load_vl_dataset
+
+    run_script("chimera", "chimera_stage1.yaml", "--output_dir", tmp_path / "s1", "--max_steps", 1,
+               "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no", "--gscm_ratio", 0.3)
+    initial = ChimeraForConditionalGeneration.from_pretrained(tmp_path / "s1")
+    processor = ChimeraProcessor.from_pretrained(tmp_path / "s1")
+    trainer = run_script("chimera", "chimera_stage1.yaml", "--stage", "router", "--output_dir", tmp_path / "r",
+                         "--model_name_or_path", tmp_path / "s1", "--train_file", data_dir / "sft.jsonl",
+                         "--max_steps", -1, "--num_train_epochs", 60, "--learning_rate", 5e-2, "--save_strategy", "no")
+    after = ChimeraForConditionalGeneration.from_pretrained(tmp_path / "r")
+    assert changed(snapshot(initial), after) == {"model.router.weight"}
+    summary = json.loads((tmp_path / "r" / "run_summary.json").read_text())
+    assert summary["stage"] == "router" and summary["results"]["cached_rows"] == 12
+    assert summary["results"]["train_accuracy"] == 1.0  # 12 random images, 4 classes: a linear router memorises them
+
+    # The cached features are exactly what the model's router reads in forward().
+    labels = make_domain_labels(list(after.config.domains), none_domains=["general", "document", "ocr"])
+    data = load_vl_dataset(str(data_dir / "sft.jsonl"), domains=list(labels)[:-1])
+    features, targets = routing_features(after, processor, data, labels)
+    rows = [data[i] for i in range(4)]
+    inputs = processor(images=[r["images"] for r in rows], text=[chat_prompt(processor)] * 4, return_tensors="pt",
+                       padding=True)
+    with torch.no_grad():
+        routed = after(**inputs).router_logits
+    torch.testing.assert_close(routed, after.model.router(features[:4]), rtol=1e-5, atol=1e-5)  # batch of 16 vs 4
+    assert targets.tolist() == [labels[d] for d in DOMAINS] * 2
+    assert (routed.argmax(-1) == targets[:4]).all()
+    with pytest.raises(ValueError, match="--stage router trains the router alone; drop --use_lora"):
+        run_script("chimera", "chimera_stage1.yaml", "--stage", "router", "--use_lora", "true", "--output_dir", tmp_path)
 
 
 def test_chimera_stage_2_adds_the_llm_and_gscm_and_keeps_experts_frozen(data_dir, tmp_path):
@@ -198,7 +234,7 @@ def test_dpo_trains_the_llm_and_leaves_router_and_experts(data_dir, tmp_path, ki
 
 
 def test_bad_training_inputs_raise_clear_errors(data_dir, tmp_path):
-    with pytest.raises(ValueError, match="--stage must be 1 or 2"):
+    with pytest.raises(ValueError, match="--stage must be 1, 2 or router"):
         run_script("chimera", "chimera_stage1.yaml", "--output_dir", tmp_path, "--stage", 3,
                    "--train_file", data_dir / "sft.jsonl")
     with pytest.raises(ValueError, match="--phase must be 'experts' or 'router'"):

@@ -4,6 +4,8 @@ Stage 1 trains the router and the expert projectors only (generalist encoder + p
 Stage 2 also trains the LLM (fully, or LoRA adapters with `--use_lora`) and turns on Generalist-Specialist
 Collaboration Masking (`--gscm_ratio`, Chimera §3.3). Expert encoders are frozen at every stage. The loss is
 `lm_loss + router_loss` (router cross-entropy on each sample's domain, teacher-forced experts); both parts are logged.
+`--stage router` trains the router alone on generalist features computed once (the same objective as its part of
+stages 1 and 2, for many epochs at the price of one pass of the vision tower); run it between stage 1 and stage 2.
 
 Tiny, offline (builds a tiny model and synthetic data when no paths are given):
 
@@ -23,8 +25,10 @@ Resume: `--resume_from_checkpoint last` (or a checkpoint folder). Push: `--push_
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from train.common import (
@@ -38,6 +42,7 @@ from train.common import (
     resume_checkpoint,
     set_trainable,
     tiny_model_kwargs,
+    train_router_on_features,
     training_files,
 )
 
@@ -46,7 +51,8 @@ from train.common import (
 class ChimeraScriptArguments:
     """Stage and what it trains."""
 
-    stage: int = field(default=1, metadata={"help": "1: router + expert projectors; 2: + LLM, with GSCM."})
+    stage: str = field(default="1", metadata={"help": "1: router + expert projectors; 2: + LLM, with GSCM; router: "
+                                                     "the router alone, on cached generalist features."})
     gscm_ratio: float = field(default=0.1, metadata={"help": "Stage 2: fraction of generalist image tokens masked "
                                                             "for expert images (Chimera §3.3). Ignored in stage 1."})
     no_expert_domains: list[str] = field(
@@ -87,10 +93,15 @@ def load_model_and_processor(model_args: ModelArguments, script_args: ChimeraScr
 
 
 def stage_groups(script_args: ChimeraScriptArguments) -> list[str]:
-    if script_args.stage not in (1, 2):
-        raise ValueError(f"--stage must be 1 or 2, got {script_args.stage}.")
+    script_args.stage = str(script_args.stage)  # a YAML config may give an int
+    if script_args.stage not in ("1", "2", "router"):
+        raise ValueError(f"--stage must be 1, 2 or router, got {script_args.stage}.")
+    if script_args.stage == "router":
+        if script_args.use_lora or script_args.train_generalist_projector:
+            raise ValueError("--stage router trains the router alone; drop --use_lora / --train_generalist_projector.")
+        return ["router"]
     names = ["router", "expert_projectors"]
-    if script_args.stage == 2 and not script_args.use_lora:
+    if script_args.stage == "2" and not script_args.use_lora:
         names.append("llm")
     if script_args.train_generalist_projector:
         names.append("generalist_projector")
@@ -109,16 +120,66 @@ def apply_lora(model, script_args: ChimeraScriptArguments):
     return get_peft_model(model, config)
 
 
+@torch.no_grad()
+def routing_features(model, processor, data, labels: dict, batch_size: int = 16):
+    """The router's input (Chimera §3.2: the generalist tower's CLS / token mean on the whole-image tile) and target
+    for every labelled image of `data`, computed once."""
+    from train.data.collators import VisionLanguageSFTCollator
+
+    collator = VisionLanguageSFTCollator(processor, labels)
+    inner = model.model
+    features, targets = [], []
+    for start in range(0, len(data), batch_size):
+        batch = collator([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        if "pixel_values" not in batch:
+            continue  # text-only rows
+        extra = {k: batch[k] for k in inner.family.image_input_names if k != "pixel_values" and k in batch}
+        images = inner._image_batch(batch["pixel_values"], input_ids=batch["input_ids"], **extra)
+        _, acts = inner.family.encode(inner.generalist, inner.generalist.config, images)
+        keep = batch["expert_labels"] != -100
+        features.append(inner._route_feature(acts, images).float()[keep])
+        targets.append(batch["expert_labels"][keep])
+    if not features:
+        raise ValueError("--stage router found no image with a domain label in the training data.")
+    return torch.cat(features), torch.cat(targets)
+
+
+def train_router(script_args, training_args, model, processor, model_args, data_args, summary):
+    """The router alone on cached features. In stages 1 and 2 the router's only gradient is its cross-entropy on the
+    frozen generalist tower's output, so this is the same objective, for many epochs at the cost of one pass of the
+    vision tower (as Mixpert trains its router, Mixpert §3.3)."""
+    from train.data.collators import make_domain_labels
+    from train.data.loading import load_vl_dataset
+
+    domains = list(model.config.domains)
+    files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
+    data = load_vl_dataset(files["train"], data_args.image_root, domains=domains + list(script_args.no_expert_domains))
+    start = time.perf_counter()
+    features, targets = routing_features(model, processor, data,
+                                         make_domain_labels(domains, none_domains=script_args.no_expert_domains))
+    cache_seconds = time.perf_counter() - start
+    trainer, accuracy = train_router_on_features(model.model.router, features, targets, training_args)
+    results = {"cached_rows": len(targets), "feature_cache_seconds": cache_seconds, "train_accuracy": accuracy}
+    finish(trainer, model, processor, training_args, {
+        "script": "chimera", "stage": "router", "trainable": summary, "groups": ["router"], "results": results,
+    })
+    return trainer
+
+
 def main(script_args, training_args, model_args, data_args):
     from train.data.collators import VisionLanguageSFTCollator, make_domain_labels
     from train.data.loading import load_vl_dataset
 
     prepare_training_args(training_args)
     model, processor = load_model_and_processor(model_args, script_args)
-    model.config.gscm_ratio = script_args.gscm_ratio if script_args.stage == 2 else 0.0
-    summary = set_trainable(model, chimera_groups(model), stage_groups(script_args))
+    groups = stage_groups(script_args)
+    if script_args.stage != "router":  # the router phase leaves the config as it is
+        model.config.gscm_ratio = script_args.gscm_ratio if script_args.stage == "2" else 0.0
+    summary = set_trainable(model, chimera_groups(model), groups)
+    if script_args.stage == "router":
+        return train_router(script_args, training_args, model, processor, model_args, data_args, summary)
     if script_args.use_lora:
-        if script_args.stage != 2:
+        if script_args.stage != "2":
             raise ValueError("--use_lora applies to stage 2 (stage 1 does not train the LLM).")
         model = apply_lora(model, script_args)
         from train.common import trainable_summary
@@ -156,7 +217,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
 
     types = (ChimeraScriptArguments, TrainingArguments, ModelArguments, SFTDataArguments)
     if subparsers is not None:
-        return subparsers.add_parser("chimera", help="Chimera stage 1 / 2", dataclass_types=types)
+        return subparsers.add_parser("chimera", help="Chimera stage 1 / 2 / router", dataclass_types=types)
     return TrlParser(types, prog=prog)
 
 

@@ -3,6 +3,7 @@ train, a Trainer that logs the LM and router losses separately, resuming, saving
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -240,6 +241,37 @@ class GroupLearningRateTrainer(RoutedModelTrainer):
         return self.optimizer
 
 
+class RouterOnFeatures(torch.nn.Module):
+    """A router alone, trained with `Trainer` on cached router inputs: `forward(features, labels)` returns the
+    cross-entropy and the logits. Used where the router's inputs come from frozen layers (Chimera's generalist tower,
+    Mixpert's shared layers), so they are computed once instead of every epoch."""
+
+    def __init__(self, router: torch.nn.Module):
+        super().__init__()
+        self.router = router
+
+    def forward(self, features, labels=None):
+        logits = self.router(features.to(next(self.router.parameters()).dtype))
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
+        return {"loss": loss, "logits": logits}
+
+
+def train_router_on_features(router, features, targets, training_args):
+    """Fit `router` on cached `features` / `targets` with `Trainer` (all of `TrainingArguments` applies: epochs,
+    learning rate, schedule, resume). Returns `(trainer, train accuracy)`."""
+    import datasets
+
+    table = datasets.Dataset.from_dict({"features": features.tolist(), "labels": targets.tolist()}).with_format("torch")
+    # The trainer holds the router alone: it must not push its checkpoints (`finish` pushes the whole model).
+    args = dataclasses.replace(training_args, remove_unused_columns=False, label_names=["labels"], push_to_hub=False)
+    wrapper = RouterOnFeatures(router)
+    trainer = Trainer(model=wrapper, args=args, train_dataset=table)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    with torch.no_grad():
+        accuracy = float((wrapper(features)["logits"].argmax(-1) == targets).float().mean())
+    return trainer, accuracy
+
+
 def prepare_training_args(training_args, label_names=("labels", "expert_labels")):
     """Settings every script needs: keep raw columns for the collator, know the label names, tolerate experts that a
     batch does not use under DDP."""
@@ -287,7 +319,25 @@ def finish(trainer, model, processor, training_args, summary: dict) -> None:
         model.save_pretrained(training_args.output_dir)
         processor.save_pretrained(training_args.output_dir)
         save_run_summary(training_args.output_dir, summary)
-    if training_args.push_to_hub:
-        if trainer is None:
-            raise ValueError("Nothing was trained in this run; push the saved folder with `model.push_to_hub`.")
-        trainer.push_to_hub(commit_message=f"{summary.get('script', 'training')} finished")
+    if training_args.push_to_hub and (trainer is None or trainer.is_world_process_zero()):
+        push_output_dir(training_args, f"{summary.get('script', 'training')} finished")
+
+
+def push_output_dir(training_args, commit_message: str) -> str:
+    """Upload the saved `output_dir` (model, code, processor, run summary; not the checkpoints) with a model card to
+    `--hub_model_id` (default: the folder's name). `Trainer.push_to_hub` is not used: in the router phases the
+    trainer holds only the router, and its card does not know Chimera / Mixpert."""
+    from huggingface_hub import HfApi
+
+    from train.model_card import render_model_card
+
+    folder = training_args.output_dir
+    api = HfApi(token=training_args.hub_token)
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(folder))
+    repo_id = api.create_repo(repo_id, private=bool(training_args.hub_private_repo), exist_ok=True).repo_id
+    card = os.path.join(folder, "README.md")
+    if not os.path.isfile(card):
+        render_model_card(folder, None, repo_id).save(card)
+    api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message,
+                      ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "tiny_data/**", "training_args.bin"])
+    return repo_id

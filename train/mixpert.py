@@ -28,8 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from train.common import (
     GroupLearningRateTrainer,
@@ -43,6 +42,7 @@ from train.common import (
     save_run_summary,
     set_trainable,
     tiny_model_kwargs,
+    train_router_on_features,
     training_files,
 )
 
@@ -152,19 +152,6 @@ def _last_checkpoint(folder):
     return get_last_checkpoint(folder) if os.path.isdir(folder) else None
 
 
-class RouterOnFeatures(nn.Module):
-    """The router alone, trained on cached pooled shared features: `forward(features, labels)`."""
-
-    def __init__(self, router: nn.Module):
-        super().__init__()
-        self.router = router
-
-    def forward(self, features, labels=None):
-        logits = self.router(features)
-        loss = nn.functional.cross_entropy(logits.float(), labels) if labels is not None else None
-        return {"loss": loss, "logits": logits}
-
-
 @torch.no_grad()
 def pooled_shared_features(model, processor, data, batch_size: int = 8):
     """Router inputs (pooled shared-layer features, per image or per tile as the model routes) and domain targets,
@@ -199,8 +186,6 @@ def pooled_shared_features(model, processor, data, batch_size: int = 8):
 
 
 def train_router(script_args, training_args, model, processor, data_args, files):
-    import datasets
-
     from train.data.loading import load_vl_dataset
 
     data = load_vl_dataset(files["train"], data_args.image_root, domains=list(model.domains))
@@ -208,15 +193,8 @@ def train_router(script_args, training_args, model, processor, data_args, files)
     features, targets = pooled_shared_features(model, processor, data)
     cache_seconds = time.perf_counter() - start
     summary = set_trainable(model, mixpert_groups(model), ["router"])
-    table = datasets.Dataset.from_dict({"features": features.tolist(), "labels": targets.tolist()}).with_format("torch")
-    training_args.remove_unused_columns = False
-    training_args.label_names = ["labels"]
-    wrapper = RouterOnFeatures(model.model.vision_router)
-    trainer = Trainer(model=wrapper, args=training_args, train_dataset=table)
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
-    with torch.no_grad():
-        accuracy = float((wrapper.router(features).argmax(-1) == targets).float().mean())
-    return trainer, {"trainable": summary, "cached_rows": len(table), "feature_cache_seconds": cache_seconds,
+    trainer, accuracy = train_router_on_features(model.model.vision_router, features, targets, training_args)
+    return trainer, {"trainable": summary, "cached_rows": len(targets), "feature_cache_seconds": cache_seconds,
                      "train_accuracy": accuracy}
 
 
