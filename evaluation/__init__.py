@@ -1,38 +1,7 @@
 """Evaluation metrics for Chimera / Mixpert: per-benchmark answer scoring and router quality (see `metrics`)."""
 
-from .metrics import (
-    DEFAULT_DOMAIN_METRICS,
-    METRICS,
-    anls,
-    confusion_matrix,
-    exact_match,
-    extract_answer_mathvista,
-    levenshtein,
-    mathvista_score,
-    normalize_answer,
-    normalize_extracted_answer_mathvista,
-    ocrbench_match,
-    relaxed_accuracy,
-    router_accuracy,
-    score,
-    teds,
-)
+from . import metrics
+from .metrics import *  # noqa: F401,F403  (the public names are `metrics.__all__`)
 
 
-__all__ = [
-    "DEFAULT_DOMAIN_METRICS",
-    "METRICS",
-    "anls",
-    "confusion_matrix",
-    "exact_match",
-    "extract_answer_mathvista",
-    "levenshtein",
-    "mathvista_score",
-    "normalize_answer",
-    "normalize_extracted_answer_mathvista",
-    "ocrbench_match",
-    "relaxed_accuracy",
-    "router_accuracy",
-    "score",
-    "teds",
-]
+__all__ = list(metrics.__all__)
