@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
 from transformers.utils import logging
 
 
@@ -40,6 +40,9 @@ try:
     from .configuration_chimera import ChimeraConfig, ChimeraExpertConfig
     from .vlm_backbones import (
         HubCheckpointMixin,
+        cache_kwarg,
+        output_cache,
+        take_cache,
         check_image_token_count,
         get_backbone_family,
         image_token_spans,
@@ -50,6 +53,9 @@ except ImportError:
     from configuration_chimera import ChimeraConfig, ChimeraExpertConfig
     from vlm_backbones import (
         HubCheckpointMixin,
+        cache_kwarg,
+        output_cache,
+        take_cache,
         check_image_token_count,
         get_backbone_family,
         image_token_spans,
@@ -85,11 +91,13 @@ class ChimeraImageFeatures(ModelOutput):
 
 
 @dataclass
-class ChimeraModelOutputWithPast(ModelOutput):
+class ChimeraModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
         Aligned with the caller's `input_ids` (expert tokens inserted by the model are not part of it).
-    past_key_values (`Cache`, *optional*): the KV cache of the sequence the LLM actually saw (with expert tokens).
+    cache (`Cache`, *optional*): the KV cache of the sequence the LLM actually saw (with expert tokens). Named as the
+        installed transformers names it: `past_key_values` before 5.24, `cache` from 5.24 (inherited from
+        `BaseModelOutputWithPast`).
     hidden_states (`tuple[torch.FloatTensor]`, *optional*): per layer, aligned like `last_hidden_state`.
     attentions (`tuple[torch.FloatTensor]`, *optional*): per layer, over the sequence the LLM saw (with expert
         tokens); `expanded_input_ids` tells what each position holds.
@@ -99,10 +107,6 @@ class ChimeraModelOutputWithPast(ModelOutput):
     expanded_attention_mask (`torch.LongTensor`, *optional*): the attention mask the LLM saw (GSCM zeros included).
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
     router_logits: torch.FloatTensor | None = None
     expert_index: torch.LongTensor | None = None
     expanded_input_ids: torch.LongTensor | None = None
@@ -110,23 +114,20 @@ class ChimeraModelOutputWithPast(ModelOutput):
 
 
 @dataclass
-class ChimeraCausalLMOutputWithPast(ModelOutput):
+class ChimeraCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor`, *optional*): `lm_loss + router_loss_weight * router_loss` (the router part rescaled
         under Trainer's `num_items_in_batch`, see `ChimeraForConditionalGeneration.forward`).
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): aligned with `input_ids`.
+    cache, hidden_states, attentions: as in `ChimeraModelOutputWithPast` (the cache field inherited from
+        `CausalLMOutputWithPast`, named as the installed transformers names it).
     lm_loss (`torch.FloatTensor`, *optional*): next-token cross-entropy.
     router_loss (`torch.FloatTensor`, *optional*): router cross-entropy (mean over labelled images, unweighted).
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): aligned with `input_ids`.
-    past_key_values, hidden_states, attentions, router_logits, expert_index: as in `ChimeraModelOutputWithPast`.
+    router_logits, expert_index: as in `ChimeraModelOutputWithPast`.
     """
 
-    loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     router_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
     router_logits: torch.FloatTensor | None = None
     expert_index: torch.LongTensor | None = None
 
@@ -276,7 +277,7 @@ class ChimeraPreTrainedModel(HubCheckpointMixin, PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -578,6 +579,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> ChimeraModelOutputWithPast:
+        cache = take_cache(past_key_values, kwargs)
         image_features = (mm_encoder_outputs or {}).get("image")
         has_images = pixel_values is not None or image_features is not None
         if not has_images:
@@ -586,11 +588,11 @@ class ChimeraModel(ChimeraPreTrainedModel):
             outputs = self.family.language_forward(
                 self.generalist, inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids),
                 input_ids=input_ids, image_inputs={"image_grid_thw": image_grid_thw}, attention_mask=attention_mask,
-                position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache,
-                mm_token_type_ids=mm_token_type_ids, **kwargs,
+                position_ids=position_ids, use_cache=use_cache, mm_token_type_ids=mm_token_type_ids,
+                **cache_kwarg(cache), **kwargs,
             )
             return ChimeraModelOutputWithPast(
-                last_hidden_state=outputs.last_hidden_state, past_key_values=outputs.past_key_values,
+                last_hidden_state=outputs.last_hidden_state, **cache_kwarg(output_cache(outputs)),
                 hidden_states=outputs.hidden_states, attentions=outputs.attentions,
             )
         if input_ids is None:
@@ -617,7 +619,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
                 generalist_features=tuple(features), router_logits=router_logits, expert_index=expert_index,
                 expert_features=self.encode_experts(expert_index, expert_pixel_values, images.num_images),
             )
-        if past_key_values is not None and past_key_values.get_seq_length() > 0 and not expanded and bool(
+        if cache is not None and cache.get_seq_length() > 0 and not expanded and bool(
             (image_features.expert_index > 0).any()
         ):
             raise ValueError(
@@ -643,15 +645,15 @@ class ChimeraModel(ChimeraPreTrainedModel):
         position_ids = layout.position_ids
         if position_ids is None:  # from the unmasked attention mask: GSCM must not move positions
             position_ids = self.family.position_ids(
-                self.generalist, ids, layout.attention_mask, {"image_grid_thw": image_grid_thw}, past_key_values,
+                self.generalist, ids, layout.attention_mask, {"image_grid_thw": image_grid_thw}, cache,
                 layout.mm_token_type_ids,
             )
         attention = self._gscm_mask(layout.attention_mask, layout, image_features.expert_index)
 
         outputs = self.family.language_forward(
             self.generalist, embeds, input_ids=ids, image_inputs={"image_grid_thw": image_grid_thw},
-            attention_mask=attention, position_ids=position_ids, past_key_values=past_key_values,
-            use_cache=use_cache, mm_token_type_ids=layout.mm_token_type_ids, **kwargs,
+            attention_mask=attention, position_ids=position_ids, use_cache=use_cache,
+            mm_token_type_ids=layout.mm_token_type_ids, **cache_kwarg(cache), **kwargs,
         )
         hidden, all_hidden = outputs.last_hidden_state, outputs.hidden_states
         if layout.inserted and not expanded:
@@ -661,7 +663,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
             all_hidden = tuple(realign(h) for h in all_hidden) if all_hidden is not None else None
         return ChimeraModelOutputWithPast(
             last_hidden_state=hidden,
-            past_key_values=outputs.past_key_values,
+            **cache_kwarg(output_cache(outputs)),
             hidden_states=all_hidden,
             attentions=outputs.attentions,
             router_logits=image_features.router_logits,
@@ -745,7 +747,8 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, expert_pixel_values=expert_pixel_values,
+            past_key_values=take_cache(past_key_values, kwargs), inputs_embeds=inputs_embeds,
+            expert_pixel_values=expert_pixel_values,
             expert_labels=expert_labels, image_sizes=image_sizes, batch_num_images=batch_num_images,
             image_grid_thw=image_grid_thw, image_num_patches=image_num_patches, mm_token_type_ids=mm_token_type_ids,
             mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, **kwargs,
@@ -762,8 +765,8 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         )
         return ChimeraCausalLMOutputWithPast(
             loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=logits,
-            past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions, router_logits=outputs.router_logits, expert_index=outputs.expert_index,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions, router_logits=outputs.router_logits,
+            expert_index=outputs.expert_index, **cache_kwarg(output_cache(outputs)),
         )
 
     # ------------------------------------------------------------------------------------------------ generation

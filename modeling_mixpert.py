@@ -24,13 +24,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+    ModelOutput,
+)
 
 
 try:
     from .configuration_mixpert import MixpertConfig
     from .vlm_backbones import (
         HubCheckpointMixin,
+        cache_kwarg,
+        output_cache,
+        take_cache,
         check_image_token_count,
         get_backbone_family,
         image_token_spans,
@@ -41,6 +49,9 @@ except ImportError:
     from configuration_mixpert import MixpertConfig
     from vlm_backbones import (
         HubCheckpointMixin,
+        cache_kwarg,
+        output_cache,
+        take_cache,
         check_image_token_count,
         get_backbone_family,
         image_token_spans,
@@ -71,42 +82,34 @@ class MixpertImageFeatures(ModelOutput):
 
 
 @dataclass
-class MixpertModelOutputWithPast(ModelOutput):
+class MixpertModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): LLM output.
-    past_key_values, hidden_states, attentions: as the base model returns them.
+    cache, hidden_states, attentions: as the base model returns them (the cache field is inherited from
+        `BaseModelOutputWithPast`: `past_key_values` before transformers 5.24, `cache` from 5.24).
     router_logits (`torch.FloatTensor` of shape `(num_routed, num_domains)`, *optional*): router scores.
     expert_index (`torch.LongTensor` of shape `(num_routed,)`, *optional*): 0 = versatile, k = k-th domain.
     routed_image (`torch.LongTensor` of shape `(num_routed,)`, *optional*): image of each routed row.
     """
 
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
     router_logits: torch.FloatTensor | None = None
     expert_index: torch.LongTensor | None = None
     routed_image: torch.LongTensor | None = None
 
 
 @dataclass
-class MixpertCausalLMOutputWithPast(ModelOutput):
+class MixpertCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor`, *optional*): `lm_loss + router_loss_weight * router_loss` (router part rescaled under
         Trainer's `num_items_in_batch`, as in Chimera).
-    lm_loss, router_loss (`torch.FloatTensor`, *optional*): the two parts (router: mean over labelled rows, unweighted).
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`).
-    past_key_values, hidden_states, attentions, router_logits, expert_index, routed_image: as in
-        `MixpertModelOutputWithPast`.
+    cache, hidden_states, attentions: as in `MixpertModelOutputWithPast`.
+    lm_loss, router_loss (`torch.FloatTensor`, *optional*): the two parts (router: mean over labelled rows, unweighted).
+    router_logits, expert_index, routed_image: as in `MixpertModelOutputWithPast`.
     """
 
-    loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     router_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple | None = None
-    attentions: tuple | None = None
     router_logits: torch.FloatTensor | None = None
     expert_index: torch.LongTensor | None = None
     routed_image: torch.LongTensor | None = None
@@ -189,7 +192,7 @@ class MixpertPreTrainedModel(HubCheckpointMixin, PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -352,6 +355,7 @@ class MixpertModel(MixpertPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> MixpertModelOutputWithPast:
+        cache = take_cache(past_key_values, kwargs)
         features = (mm_encoder_outputs or {}).get("image")
         if features is None and pixel_values is not None:
             features = self.get_image_features(
@@ -372,13 +376,12 @@ class MixpertModel(MixpertPreTrainedModel):
         if image_grid_thw is not None:
             backbone_kwargs["image_grid_thw"] = image_grid_thw
         outputs = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            **backbone_kwargs, **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, **cache_kwarg(cache), **backbone_kwargs, **kwargs,
         )
         return MixpertModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **cache_kwarg(output_cache(outputs)),
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=features.router_logits if features is not None else None,
@@ -447,7 +450,7 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, expert_labels=expert_labels,
+            past_key_values=take_cache(past_key_values, kwargs), inputs_embeds=inputs_embeds, expert_labels=expert_labels,
             image_sizes=image_sizes, batch_num_images=batch_num_images, image_grid_thw=image_grid_thw,
             image_num_patches=image_num_patches, mm_token_type_ids=mm_token_type_ids,
             mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, **kwargs,
@@ -466,9 +469,8 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         )
         return MixpertCausalLMOutputWithPast(
             loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=logits,
-            past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions, router_logits=outputs.router_logits, expert_index=outputs.expert_index,
-            routed_image=outputs.routed_image,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions, router_logits=outputs.router_logits,
+            expert_index=outputs.expert_index, routed_image=outputs.routed_image, **cache_kwarg(output_cache(outputs)),
         )
 
     # ------------------------------------------------------------------------------------------------ generation

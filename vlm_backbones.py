@@ -21,13 +21,47 @@ Qwen2-VL encodes each image at native resolution, so there a unit is one whole i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 
 SUPPORTED_FAMILIES = ("llava_onevision", "qwen2_vl", "internvl")
+
+
+# ------------------------------------------------------------------------------------- transformers versions
+# The one place that knows how transformers releases differ for this code. A Hub user loading our files with
+# `trust_remote_code` runs them on whatever transformers they have, so nothing here tests a version number: each
+# difference is read off the installed library itself.
+#
+# KV cache name. transformers 5.24 renamed `past_key_values` to `cache` in every model output, native forward and in
+# generation (which then calls our `forward(cache=...)` and reads `outputs["cache"]`); 5.23 uses `past_key_values`.
+# Our output classes inherit the name from the library's own output classes, our forwards accept both names, and we
+# hand the cache to the native modules under the name they declare.
+
+#: The KV-cache field / keyword name of the installed transformers (`"cache"` from 5.24, `"past_key_values"` before).
+CACHE_NAME = "cache" if "cache" in {f.name for f in fields(BaseModelOutputWithPast)} else "past_key_values"
+
+
+def take_cache(past_key_values, kwargs: dict):
+    """The KV cache given to one of our forwards under either name (generation on 5.24 passes `cache=`, code written
+    for 5.23 `past_key_values=`). Removes `cache` from `kwargs` so it is not passed on twice."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the KV cache once, as `cache` or as `past_key_values` (its name before transformers 5.24).")
+    return cache if cache is not None else past_key_values
+
+
+def cache_kwarg(cache) -> dict:
+    """`{name: cache}` under the installed transformers' name, for native forwards and output classes."""
+    return {CACHE_NAME: cache}
+
+
+def output_cache(outputs):
+    """The KV cache of a native output (without 5.24's deprecation warning for the old attribute name)."""
+    return getattr(outputs, CACHE_NAME, None)
 
 
 def unsupported_family_error(model_type) -> ValueError:
@@ -234,7 +268,7 @@ class BackboneFamily(ABC):
         """Run the backbone's language model on `inputs_embeds` (image tokens already filled in)."""
         return backbone(inputs_embeds=inputs_embeds, **kwargs)
 
-    def position_ids(self, backbone, input_ids, attention_mask, image_inputs, past_key_values=None, mm_token_type_ids=None):
+    def position_ids(self, backbone, input_ids, attention_mask, image_inputs, cache=None, mm_token_type_ids=None):
         """Position ids the backbone would derive itself, or `None` where it uses plain `arange` positions. Chimera
         asks for them before GSCM zeroes parts of the attention mask, which must not move any position."""
         return None
@@ -518,10 +552,10 @@ class Qwen2VLFamily(BackboneFamily):
             **kwargs,
         )
 
-    def position_ids(self, backbone, input_ids, attention_mask, image_inputs, past_key_values=None, mm_token_type_ids=None):
+    def position_ids(self, backbone, input_ids, attention_mask, image_inputs, cache=None, mm_token_type_ids=None):
         return backbone.compute_3d_position_ids(
             input_ids=input_ids, inputs_embeds=None, image_grid_thw=(image_inputs or {}).get("image_grid_thw"),
-            attention_mask=attention_mask, past_key_values=past_key_values, mm_token_type_ids=mm_token_type_ids,
+            attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids, **cache_kwarg(cache),
         )
 
     def generation_position_ids(self, backbone, text_positions, input_ids, model_kwargs):

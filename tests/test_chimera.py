@@ -359,3 +359,34 @@ def test_from_generalist_takes_the_vision_half_of_full_clip_and_siglip_models():
     assert model.model.expert_encoders["math"].encoder is clip.vision_model
     assert model.model.expert_encoders["chart"].encoder is siglip.vision_model
     assert not any(p.is_meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
+def test_kv_cache_is_honoured_under_either_name(cache_name):
+    """transformers 5.24 passes the KV cache as `cache=`, 5.23 (and user code written for it) as `past_key_values=`:
+    both reach the LLM, and both trigger the refusal to insert expert tokens into a sequence that continues a cache."""
+    from vlm_backbones import CACHE_NAME, take_cache
+
+    model, processor = build_tiny_chimera("internvl")
+    model.eval()
+    inputs = processor(images=random_images(1), text=[chat_prompt(processor)], return_tensors="pt")
+    ids = inputs.input_ids
+    with torch.no_grad():
+        full = model(**inputs, expert_labels=torch.tensor([0])).logits
+        prefix = model(**inputs, expert_labels=torch.tensor([0]), use_cache=True)
+        cache = getattr(prefix, CACHE_NAME)
+        assert cache is not None and cache.get_seq_length() == ids.shape[1]
+        # Continue the cached prompt by its own last token under `cache_name`: the logits of a cache-aware
+        # continuation equal those of a full forward on the longer sequence.
+        next_token = full[:, -1:].argmax(-1)
+        step = model(input_ids=next_token, attention_mask=torch.ones(1, ids.shape[1] + 1, dtype=torch.long),
+                     **{cache_name: cache})
+        longer = model(**{**inputs, "input_ids": torch.cat([ids, next_token], 1),
+                          "attention_mask": torch.ones(1, ids.shape[1] + 1, dtype=torch.long)},
+                       expert_labels=torch.tensor([0])).logits
+        torch.testing.assert_close(step.logits[:, -1], longer[:, -1], rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="continues a KV cache; use `generate\\(\\)`"):
+            model(**inputs, expert_labels=torch.tensor([1]), **{cache_name: getattr(
+                model(**inputs, expert_labels=torch.tensor([0]), use_cache=True), CACHE_NAME)})
+    with pytest.raises(ValueError, match="Pass the KV cache once"):
+        take_cache(object(), {"cache": object()})

@@ -37,3 +37,17 @@ def test_setup_installs_every_top_level_hub_module():
     )
     top_level = {p.stem for p in ROOT.glob("*.py") if p.name != "setup.py"}
     assert set(modules) == top_level
+
+
+def test_readme_commands_install_the_oldest_supported_transformers_and_ci_tests_the_newest():
+    setup = (ROOT / "setup.py").read_text()
+    lower, upper = re.search(r'"transformers>=([\d.]+),<([\d.]+)"', setup).groups()
+    for marker in ("<!-- test-command -->", "<!-- main-command -->"):
+        assert f"transformers=={lower}.0" in _fenced_after(marker), marker
+    ci = (ROOT / ".ci/run").read_text()
+    # The second stage: an unpinned venv without the project, compared against the README venv's references.
+    assert "--upgrade transformers trl peft" in ci
+    assert 'COMPAT_REFERENCE_PYTHON="$PWD/.venv/bin/python"' in ci
+    assert "pytest -m compat tests/test_remote_code_compat.py" in ci
+    readme = (ROOT / "README.md").read_text()
+    assert f"transformers>={lower},<{upper}" in readme  # the Compatibility section states setup.py's range

@@ -29,12 +29,12 @@ sys.meta_path.insert(0, _NotInstalled())
 """
 
 
-def run_without_project(code: str, cwd, timeout: int = 240, env: dict | None = None) -> str:
-    """Run `code` in a fresh interpreter that cannot import this project; return stdout (raise on failure).
-    `env` defaults to this process's environment with `HF_HUB_OFFLINE=1`."""
+def run_without_project(code: str, cwd, timeout: int = 240, env: dict | None = None, python: str | None = None) -> str:
+    """Run `code` in a fresh interpreter (`python`, default this one) that cannot import this project; return stdout
+    (raise on failure). `env` defaults to this process's environment with `HF_HUB_OFFLINE=1`."""
     env = {**(env if env is not None else {**os.environ, "HF_HUB_OFFLINE": "1"}), "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "-c", _BLOCKER + textwrap.dedent(code)],
+        [python or sys.executable, "-c", _BLOCKER + textwrap.dedent(code)],
         capture_output=True, text=True, cwd=str(cwd), env=env, timeout=timeout,
     )
     if result.returncode != 0:
