@@ -120,6 +120,22 @@ class ChimeraConfig(PreTrainedConfig):
     tie_word_embeddings: bool | None = None
     initializer_range: float = 0.02
 
+    @property
+    def _attn_implementation(self):
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value):
+        # transformers sets the attention implementation recursively on `sub_configs` only; the experts are a list of
+        # configs (their number varies), so pass it on to each expert here too. A dict value may name an expert's
+        # domain, e.g. `{"": "sdpa", "table": "eager"}`; otherwise each expert takes the top-level value.
+        PreTrainedConfig._attn_implementation.fset(self, value)
+        for expert in getattr(self, "experts", None) or []:
+            if isinstance(expert, ChimeraExpertConfig):
+                expert._attn_implementation = (
+                    value.get(expert.domain, self._attn_implementation_internal) if isinstance(value, dict) else value
+                )
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.generalist_config.model_type not in SUPPORTED_FAMILIES:
@@ -127,6 +143,8 @@ class ChimeraConfig(PreTrainedConfig):
         self.experts = [
             e if isinstance(e, ChimeraExpertConfig) else ChimeraExpertConfig(**e) for e in (self.experts or [])
         ]
+        if self._attn_implementation_internal is not None:
+            self._attn_implementation = self._attn_implementation_internal  # reach the experts built just now
         domains = [e.domain for e in self.experts]
         duplicates = sorted({d for d in domains if domains.count(d) > 1})
         if duplicates:
@@ -158,6 +176,11 @@ class ChimeraConfig(PreTrainedConfig):
 
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         return self.generalist_config.get_text_config(decoder=decoder, encoder=encoder)
+
+    @property
+    def vision_config(self) -> PreTrainedConfig:
+        """The generalist's vision-tower config (where transformers' VLM tooling looks for `config.vision_config`)."""
+        return self.generalist_config.vision_config
 
     def to_dict(self):
         output = super().to_dict()

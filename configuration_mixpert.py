@@ -117,6 +117,11 @@ class MixpertConfig(PreTrainedConfig):
     def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
         return self.base_config.get_text_config(decoder=decoder, encoder=encoder)
 
+    @property
+    def vision_config(self) -> PreTrainedConfig:
+        """The base model's vision-tower config (where transformers' VLM tooling looks for `config.vision_config`)."""
+        return self.base_config.vision_config
+
 
 MixpertConfig.register_for_auto_class()
 

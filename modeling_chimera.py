@@ -32,14 +32,21 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, ModelOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
 from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
 
 
 try:
     from .configuration_chimera import ChimeraConfig, ChimeraExpertConfig
     from .vlm_backbones import (
         HubCheckpointMixin,
+        image_rows_from_prompt,
+        placeholder_mask,
         cache_kwarg,
         output_cache,
         take_cache,
@@ -53,6 +60,8 @@ except ImportError:
     from configuration_chimera import ChimeraConfig, ChimeraExpertConfig
     from vlm_backbones import (
         HubCheckpointMixin,
+        image_rows_from_prompt,
+        placeholder_mask,
         cache_kwarg,
         output_cache,
         take_cache,
@@ -71,11 +80,16 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
-class ChimeraImageFeatures(ModelOutput):
+class ChimeraImageFeatures(BaseModelOutputWithPooling):
     r"""
-    Everything Chimera derives from the images of one batch, before the language model.
+    Everything Chimera derives from the images of one batch, before the language model. It follows transformers'
+    VLM contract for `get_image_features` (a `BaseModelOutputWithPooling`), plus the routing.
 
-    generalist_features (`tuple[torch.FloatTensor]`): per image, `(n_i, llm_hidden)` generalist tokens.
+    last_hidden_state (`torch.FloatTensor`): the generalist tower's activations after the last layer its projector
+        reads, per tile `(num_tiles, tokens, vision_hidden)` (Qwen2-VL: packed patches `(num_patches, vision_hidden)`).
+    pooler_output (`tuple[torch.FloatTensor]`): per image, `(n_i, llm_hidden)` generalist tokens (what replaces the
+        image placeholders); also readable as `generalist_features`.
+    hidden_states, attentions (`tuple[torch.FloatTensor]`, *optional*): the generalist tower's, when requested.
     router_logits (`torch.FloatTensor` of shape `(num_images, num_experts + 1)`): router scores, class 0 = no expert.
     expert_index (`torch.LongTensor` of shape `(num_images,)`): the expert used per image (0 = none).
     expert_features (`tuple`): per image, `(m_i, llm_hidden)` expert tokens, or `None` when no expert is used.
@@ -83,11 +97,14 @@ class ChimeraImageFeatures(ModelOutput):
         `generate`, used to repeat features for beam search).
     """
 
-    generalist_features: tuple | None = None
     router_logits: torch.FloatTensor | None = None
     expert_index: torch.LongTensor | None = None
     expert_features: tuple | None = None
     image_rows: torch.LongTensor | None = None
+
+    @property
+    def generalist_features(self) -> tuple | None:
+        return self.pooler_output
 
 
 @dataclass
@@ -216,9 +233,9 @@ class ChimeraExpertEncoder(nn.Module):
                     # Kosmos2_5VisionModel returns only `last_hidden_state`: read the layers from its encoder.
                     outputs = self.encoder.encoder(self.encoder.embeddings(inputs), attention_mask=mask, **kwargs)
                 else:
-                    outputs = self.encoder(flattened_patches=inputs, attention_mask=mask, **kwargs)
+                    outputs = self.encoder(flattened_patches=inputs, attention_mask=mask, return_dict=True, **kwargs)
             else:
-                outputs = self.encoder(pixel_values=inputs, **kwargs)
+                outputs = self.encoder(pixel_values=inputs, return_dict=True, **kwargs)
             features = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
             if features.dim() == 4:  # GOT-OCR2 maps: (B, C, H, W) neck output or (B, H, W, C) layer outputs
                 features = features.flatten(2).transpose(1, 2) if layer is None else features.flatten(1, 2)
@@ -315,6 +332,12 @@ class ChimeraModel(ChimeraPreTrainedModel):
     def get_input_embeddings(self):
         return self.generalist.get_input_embeddings()
 
+    @property
+    def get_rope_index(self):
+        """Qwen2-VL's 3D RoPE position function of the backbone (absent for the other families, so `hasattr` tells
+        whether the model uses 3D positions, as on the native models)."""
+        return self.generalist.get_rope_index
+
     def set_input_embeddings(self, value):
         self.generalist.set_input_embeddings(value)
 
@@ -357,11 +380,11 @@ class ChimeraModel(ChimeraPreTrainedModel):
         return expert_labels
 
     def encode_generalist(self, pixel_values, input_ids=None, **image_inputs):
-        """Generalist tokens per image, router logits, and the image grouping."""
+        """Generalist tokens per image, router logits, the image grouping and the tower activations."""
         images = self._image_batch(pixel_values, input_ids=input_ids, **image_inputs)
         features, acts = self.family.encode(self.generalist, self.generalist.config, images)
         router_logits = self.router(self._route_feature(acts, images).to(self.router.weight.dtype))
-        return features, router_logits, images
+        return features, router_logits, images, acts
 
     def encode_experts(self, expert_index, expert_pixel_values, num_images):
         """Run each used expert once, on just the images routed to it (the official training code runs every expert
@@ -392,10 +415,10 @@ class ChimeraModel(ChimeraPreTrainedModel):
                 features[image] = tokens[row]
         return tuple(features)
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
-        input_ids: torch.LongTensor | None = None,
         expert_pixel_values: list | None = None,
         expert_labels: torch.LongTensor | None = None,
         expert_index: torch.LongTensor | None = None,
@@ -408,9 +431,18 @@ class ChimeraModel(ChimeraPreTrainedModel):
         """Encode a batch of images: generalist tokens, router scores, the expert choice and the expert tokens.
 
         The expert is `expert_index` when given, else the labelled one (`expert_labels`, teacher forcing), else the
-        router's argmax. Only the chosen expert's encoder runs for an image.
+        router's argmax. Only the chosen expert's encoder runs for an image. InternVL needs `image_num_patches` (or
+        `input_ids`, passed as a keyword) to group tiles into images; without either every row of `pixel_values` is
+        one image, as in the native `get_image_features`. `output_hidden_states` / `output_attentions` add the
+        generalist tower's (the tower is unchanged, so they are the native tower's own).
         """
-        features, router_logits, images = self.encode_generalist(
+        # `input_ids`, `output_hidden_states` and `output_attentions` are read from **kwargs on purpose:
+        # `GenerationMixin` pops every named parameter of `get_image_features` from the generation kwargs, and must not
+        # take them away from `generate` (as in the native models, whose flags travel in `**kwargs`).
+        input_ids = kwargs.pop("input_ids", None)
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        output_attentions = kwargs.pop("output_attentions", None)
+        features, router_logits, images, acts = self.encode_generalist(
             pixel_values, input_ids=input_ids, image_sizes=image_sizes, batch_num_images=batch_num_images,
             image_grid_thw=image_grid_thw, image_num_patches=image_num_patches,
         )
@@ -421,8 +453,16 @@ class ChimeraModel(ChimeraPreTrainedModel):
             if labels is not None:
                 expert_index = torch.where(labels == -100, expert_index, labels.to(expert_index.device))
         expert_features = self.encode_experts(expert_index, expert_pixel_values, num_images)
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        tower = None
+        if output_hidden_states or output_attentions:
+            tower = self.family.tower_outputs(self.generalist, images, output_hidden_states, output_attentions)
         return ChimeraImageFeatures(
-            generalist_features=tuple(features),
+            last_hidden_state=acts.hidden,
+            pooler_output=tuple(features),
+            hidden_states=tower.hidden_states if tower is not None and output_hidden_states else None,
+            attentions=tower.attentions if tower is not None and output_attentions else None,
             router_logits=router_logits,
             expert_index=expert_index,
             expert_features=expert_features,
@@ -560,6 +600,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
 
     # -- forward
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -596,13 +637,13 @@ class ChimeraModel(ChimeraPreTrainedModel):
                 hidden_states=outputs.hidden_states, attentions=outputs.attentions,
             )
         if input_ids is None:
-            raise ValueError("Chimera needs `input_ids` with images (to place generalist and expert tokens).")
+            input_ids = self._placeholder_ids(inputs_embeds)
         self._check_expert_tokens_configured()
         expanded = self.has_expert_tokens(input_ids)
         image_inputs = dict(image_sizes=image_sizes, batch_num_images=batch_num_images, image_grid_thw=image_grid_thw,
                             image_num_patches=image_num_patches)
         if image_features is None:
-            features, router_logits, images = self.encode_generalist(pixel_values, input_ids=input_ids, **image_inputs)
+            features, router_logits, images, _ = self.encode_generalist(pixel_values, input_ids=input_ids, **image_inputs)
             labels = self._validate_expert_labels(expert_labels, images.num_images)
             if expanded:
                 expert_index = self.expert_index_from_tokens(input_ids, features)
@@ -616,7 +657,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
                 if labels is not None:
                     expert_index = torch.where(labels.to(expert_index.device) == -100, expert_index, labels.to(expert_index.device))
             image_features = ChimeraImageFeatures(
-                generalist_features=tuple(features), router_logits=router_logits, expert_index=expert_index,
+                pooler_output=tuple(features), router_logits=router_logits, expert_index=expert_index,
                 expert_features=self.encode_experts(expert_index, expert_pixel_values, images.num_images),
             )
         if cache is not None and cache.get_seq_length() > 0 and not expanded and bool(
@@ -629,13 +670,16 @@ class ChimeraModel(ChimeraPreTrainedModel):
 
         if expanded:
             layout = self.layout(input_ids, ChimeraImageFeatures(
-                generalist_features=image_features.generalist_features, expert_index=torch.zeros_like(image_features.expert_index),
+                pooler_output=image_features.pooler_output, expert_index=torch.zeros_like(image_features.expert_index),
                 expert_features=image_features.expert_features), attention_mask, mm_token_type_ids, position_ids)
         else:
             layout = self.layout(input_ids, image_features, attention_mask, mm_token_type_ids, position_ids)
 
         ids = layout.input_ids
         embeds = self.get_input_embeddings()(ids)
+        if inputs_embeds is not None:  # the caller's embeddings at the caller's positions; inserted slots from ids
+            index = layout.keep_positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+            embeds = embeds.scatter(1, index, inputs_embeds.to(embeds.dtype))
         embeds = self._scatter(embeds, ids == self.generalist_image_token_id, image_features.generalist_features, "image")
         for k, token_id in enumerate(self.config.expert_token_ids or [], start=1):
             chosen = [f for f, e in zip(image_features.expert_features, image_features.expert_index.tolist()) if e == k]
@@ -660,7 +704,8 @@ class ChimeraModel(ChimeraPreTrainedModel):
             index = layout.source_positions.unsqueeze(-1)
             realign = lambda h: h.gather(1, index.expand(-1, -1, h.shape[-1]))  # noqa: E731
             hidden = realign(hidden)
-            all_hidden = tuple(realign(h) for h in all_hidden) if all_hidden is not None else None
+            # `output_hidden_states=[layer ids]` captures some layers only: the others are None.
+            all_hidden = tuple(h if h is None else realign(h) for h in all_hidden) if all_hidden is not None else None
         return ChimeraModelOutputWithPast(
             last_hidden_state=hidden,
             **cache_kwarg(output_cache(outputs)),
@@ -671,6 +716,17 @@ class ChimeraModel(ChimeraPreTrainedModel):
             expanded_input_ids=ids,
             expanded_attention_mask=attention,
         )
+
+    def _placeholder_ids(self, inputs_embeds):
+        """Token ids for a call with `inputs_embeds` and images but no `input_ids`: the image token where the
+        embedding is the image token's own (how the native VLMs find placeholders in `inputs_embeds`), the pad token
+        elsewhere. They only place the generalist and expert tokens; the values come from `inputs_embeds`."""
+        if inputs_embeds is None:
+            raise ValueError("Pass `input_ids` or `inputs_embeds` together with the images.")
+        is_image = placeholder_mask(inputs_embeds, self.get_input_embeddings(), self.generalist_image_token_id)
+        pad = self.config.get_text_config().pad_token_id
+        ids = torch.full(inputs_embeds.shape[:2], 0 if pad is None else pad, dtype=torch.long, device=inputs_embeds.device)
+        return ids.masked_fill(is_image, self.generalist_image_token_id)
 
     @staticmethod
     def _scatter(embeds, mask, features, what):
@@ -709,9 +765,21 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
     def domains(self) -> list[str]:
         return self.config.domains
 
+    def resize_token_embeddings(self, new_num_tokens=None, *args, **kwargs):
+        """`PreTrainedModel.resize_token_embeddings`, refusing to drop the rows of the expert placeholder tokens."""
+        ids = self.config.expert_token_ids or []
+        if new_num_tokens is not None and ids and new_num_tokens <= max(ids):
+            raise ValueError(
+                f"Cannot resize the vocabulary to {new_num_tokens}: Chimera's expert placeholder tokens "
+                f"(`config.expert_token_ids` = {ids}) need at least {max(ids) + 1} rows. Resize to a larger size, or "
+                "move the placeholders first."
+            )
+        return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
+
     def get_image_features(self, pixel_values, **kwargs) -> ChimeraImageFeatures:
         return self.model.get_image_features(pixel_values, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -745,9 +813,10 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         `vlm_backbones.lm_and_router_loss`); `lm_loss` and `router_loss` are also returned unscaled.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=take_cache(past_key_values, kwargs), inputs_embeds=inputs_embeds,
+            past_key_values=take_cache(past_key_values, kwargs), inputs_embeds=inputs_embeds, return_dict=True,
             expert_pixel_values=expert_pixel_values,
             expert_labels=expert_labels, image_sizes=image_sizes, batch_num_images=batch_num_images,
             image_grid_thw=image_grid_thw, image_num_patches=image_num_patches, mm_token_type_ids=mm_token_type_ids,
@@ -761,7 +830,7 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         if expert_labels is not None and outputs.router_logits is not None:
             targets = torch.as_tensor(expert_labels).long().reshape(-1)
         loss, lm_loss, router_loss = lm_and_router_loss(
-            self, logits, labels, outputs.router_logits, targets, num_items_in_batch
+            self, logits, labels, outputs.router_logits, targets, num_items_in_batch, shift_labels
         )
         return ChimeraCausalLMOutputWithPast(
             loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=logits,
@@ -773,20 +842,22 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         text_positions = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
-        input_ids = model_kwargs.get("input_ids")
-        if input_ids is None or input_ids.shape[1] == 0:
-            input_ids = inputs_tensor
-        return self.model.family.generation_position_ids(self.model.generalist, text_positions, input_ids, model_kwargs)
+        return self.model.family.generation_position_ids(self.model.generalist, text_positions, inputs_tensor, model_kwargs)
 
     def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
         # Beam search / num_return_sequences repeat every row; repeat its images' features with it.
         features = mm_encoder_output.get("image")
         if not isinstance(features, ChimeraImageFeatures):
             return super()._expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size, inputs_embeds)
+        if features.image_rows is None:  # encoded by `GenerationMixin` itself (a prompt given as embeddings)
+            features.image_rows = image_rows_from_prompt(
+                input_ids, inputs_embeds, self.get_input_embeddings(), self.model.generalist_image_token_id,
+                [int(f.shape[0]) for f in features.pooler_output],
+            )
         order, rows = repeat_images_for_generation(features.image_rows, expand_size)
         index = torch.tensor(order, device=features.router_logits.device)
         mm_encoder_output["image"] = ChimeraImageFeatures(
-            generalist_features=tuple(features.generalist_features[i] for i in order),
+            pooler_output=tuple(features.pooler_output[i] for i in order),
             router_logits=features.router_logits.index_select(0, index),
             expert_index=features.expert_index.index_select(0, index),
             expert_features=tuple(features.expert_features[i] for i in order),
@@ -809,11 +880,17 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
             "image_num_patches",
         )}
         if pixel_values is None or input_ids is None or self.model.has_expert_tokens(input_ids):
-            passthrough = {k: v for k, v in image_kwargs.items() if v is not None and k != "expert_labels"}
-            return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                    **passthrough, **kwargs)
+            # Only what was given: `GenerationMixin` encodes images whenever a `pixel_values` key exists, even None.
+            passthrough = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                               **{k: v for k, v in image_kwargs.items() if k != "expert_labels"})
+            if input_ids is None and kwargs.get("inputs_embeds") is not None:
+                # From embeddings alone `GenerationMixin` guesses the batch size from the first tensor kwarg, which
+                # for packed or tiled images is not the batch: give it an empty prompt of the right batch size.
+                embeds = kwargs["inputs_embeds"]
+                passthrough["input_ids"] = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
+            return super().generate(**{k: v for k, v in passthrough.items() if v is not None}, **kwargs)
         self.model._check_expert_tokens_configured()
-        features = self.model.get_image_features(pixel_values, input_ids=input_ids, **image_kwargs)
+        features = self.model.get_image_features(pixel_values, input_ids=input_ids, return_dict=True, **image_kwargs)
         generation_config = kwargs.get("generation_config") or self.generation_config
         pad_token_id = kwargs.get("pad_token_id", generation_config.pad_token_id)
         layout = self.model.layout(

@@ -30,12 +30,14 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     ModelOutput,
 )
+from transformers.utils.generic import can_return_tuple
 
 
 try:
     from .configuration_mixpert import MixpertConfig
     from .vlm_backbones import (
         HubCheckpointMixin,
+        image_rows_from_prompt,
         cache_kwarg,
         output_cache,
         take_cache,
@@ -49,6 +51,7 @@ except ImportError:
     from configuration_mixpert import MixpertConfig
     from vlm_backbones import (
         HubCheckpointMixin,
+        image_rows_from_prompt,
         cache_kwarg,
         output_cache,
         take_cache,
@@ -64,9 +67,17 @@ except ImportError:
 
 
 @dataclass
-class MixpertImageFeatures(ModelOutput):
+class MixpertImageFeatures(BaseModelOutputWithPooling):
     r"""
-    image_features (`tuple[torch.FloatTensor]`): per image, its LLM tokens `(n_i, llm_hidden)`.
+    What Mixpert's vision side gives for one batch: transformers' VLM contract for `get_image_features` (a
+    `BaseModelOutputWithPooling`) plus the routing.
+
+    last_hidden_state (`torch.FloatTensor`): tower activations after the last layer the projector reads, each unit
+        through the expert it was routed to: `(num_tiles, tokens, vision_hidden)` (Qwen2-VL: packed patches).
+    pooler_output (`tuple[torch.FloatTensor]`): per image, its LLM tokens `(n_i, llm_hidden)`; also readable as
+        `image_features`.
+    hidden_states (`tuple[torch.FloatTensor]`, *optional*): on request, the embeddings and every layer's output up
+        to that layer, shared layers then each unit's expert layers.
     router_logits (`torch.FloatTensor` of shape `(num_routed, num_domains)`): one row per image (`"image"`
         granularity) or per tile (`"sub_image"`).
     expert_index (`torch.LongTensor` of shape `(num_routed,)`): expert used per row, 0 = versatile, k = k-th domain.
@@ -74,11 +85,14 @@ class MixpertImageFeatures(ModelOutput):
     image_rows (`torch.LongTensor`, *optional*): batch row of each image (set by `generate`, for beam search).
     """
 
-    image_features: tuple | None = None
     router_logits: torch.FloatTensor | None = None
     expert_index: torch.LongTensor | None = None
     routed_image: torch.LongTensor | None = None
     image_rows: torch.LongTensor | None = None
+
+    @property
+    def image_features(self) -> tuple | None:
+        return self.pooler_output
 
 
 @dataclass
@@ -224,6 +238,12 @@ class MixpertModel(MixpertPreTrainedModel):
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()
 
+    @property
+    def get_rope_index(self):
+        """Qwen2-VL's 3D RoPE position function of the backbone (absent for the other families, so `hasattr` tells
+        whether the model uses 3D positions, as on the native models)."""
+        return self.backbone.get_rope_index
+
     def set_input_embeddings(self, value):
         self.backbone.set_input_embeddings(value)
 
@@ -265,10 +285,10 @@ class MixpertModel(MixpertPreTrainedModel):
             )
         return labels
 
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: torch.Tensor,
-        input_ids: torch.LongTensor | None = None,
         expert_labels: torch.LongTensor | None = None,
         expert_index: torch.LongTensor | None = None,
         routing_strategy: str | None = None,
@@ -283,17 +303,28 @@ class MixpertModel(MixpertPreTrainedModel):
 
         The expert of each image (tile) is `expert_index` when given, else its label (`expert_labels`, 0 = versatile,
         -100 = unlabelled), else the router's decision under `routing_strategy` / `routing_threshold` (default: the
-        config's).
+        config's). InternVL groups tiles by `image_num_patches` (or `input_ids`, as a keyword); without either every
+        row of `pixel_values` is one image, as in the native `get_image_features`. Attention weights are not
+        recorded: the tower runs layer by layer to dispatch units between experts.
         """
+        # `input_ids` and `output_hidden_states` are read from **kwargs on purpose: `GenerationMixin` pops every named
+        # parameter of `get_image_features` from the generation kwargs, and must not take them away from `generate`
+        # (as in the native models, whose flags travel in `**kwargs`).
+        input_ids = kwargs.pop("input_ids", None)
+        output_hidden_states = kwargs.pop("output_hidden_states", None)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         family, config, backbone = self.family, self.config, self.backbone
         images = family.image_batch(
             backbone.config, pixel_values, input_ids=input_ids, image_sizes=image_sizes,
             batch_num_images=batch_num_images, image_grid_thw=image_grid_thw, image_num_patches=image_num_patches,
         )
         taps, _ = family.feature_taps(backbone.config)
-        shared_depth = family.used_depth(backbone.config) - config.num_expert_layers
+        depth = family.used_depth(backbone.config)
+        shared_depth = depth - config.num_expert_layers
+        keep = set(taps) | ({*range(depth + 1)} if output_hidden_states else set())
         acts = family.embed(backbone, images)
-        acts = family.run_layers(family.vision_layers(backbone)[:shared_depth], acts, keep=set(taps) | {shared_depth})
+        acts = family.run_layers(family.vision_layers(backbone)[:shared_depth], acts, keep=keep | {shared_depth})
 
         # Router input: global average pool of the shared output, per tile, then per image over its tiles (all tiles
         # of a family have the same token count, so the mean of tile means is the mean over all the image's tokens).
@@ -323,20 +354,30 @@ class MixpertModel(MixpertPreTrainedModel):
         # Grouped dispatch: one pass per used expert over the units routed to it.
         used = torch.unique(unit_expert).tolist()
         unit_features = [None] * acts.num_units
+        expert_states = {i: torch.empty_like(acts.hidden) for i in keep | {depth} if i > shared_depth}
         for index in used:
             units = (unit_expert == index).nonzero().squeeze(-1)
             layers, norm, projector = self.expert_modules(index)
             group = acts if len(used) == 1 else family.select_units(acts, units)  # no copy when one expert takes all
-            group = family.run_layers(layers, group, keep=taps)
+            group = family.run_layers(layers, group, keep=keep)
+            rows = family.unit_rows(acts, units)
+            for i, states in expert_states.items():
+                states[rows] = group.hidden if i == depth else group.taps[i]
             for unit, features in zip(units.tolist(), family.project(backbone, group, backbone.config, norm, projector)):
                 unit_features[unit] = features
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(acts.taps[i] if i <= shared_depth else expert_states[i] for i in range(depth + 1))
         return MixpertImageFeatures(
-            image_features=tuple(family.assemble(backbone, unit_features, images)),
+            last_hidden_state=expert_states[depth] if depth in expert_states else acts.hidden,
+            pooler_output=tuple(family.assemble(backbone, unit_features, images)),
+            hidden_states=hidden_states,
             router_logits=router_logits,
             expert_index=expert_index,
             routed_image=routed_image,
         )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -361,6 +402,7 @@ class MixpertModel(MixpertPreTrainedModel):
             features = self.get_image_features(
                 pixel_values, input_ids=input_ids, expert_labels=expert_labels, image_sizes=image_sizes,
                 batch_num_images=batch_num_images, image_grid_thw=image_grid_thw, image_num_patches=image_num_patches,
+                output_hidden_states=False, return_dict=True,
             )
         backbone_kwargs = {}
         if features is not None:
@@ -377,7 +419,7 @@ class MixpertModel(MixpertPreTrainedModel):
             backbone_kwargs["image_grid_thw"] = image_grid_thw
         outputs = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
-            use_cache=use_cache, **cache_kwarg(cache), **backbone_kwargs, **kwargs,
+            use_cache=use_cache, return_dict=True, **cache_kwarg(cache), **backbone_kwargs, **kwargs,
         )
         return MixpertModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
@@ -421,6 +463,7 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values, **kwargs) -> MixpertImageFeatures:
         return self.model.get_image_features(pixel_values, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -448,9 +491,11 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
             a router class). With `routing_granularity="sub_image"` every tile takes its image's label.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=take_cache(past_key_values, kwargs), inputs_embeds=inputs_embeds, expert_labels=expert_labels,
+            return_dict=True,
             image_sizes=image_sizes, batch_num_images=batch_num_images, image_grid_thw=image_grid_thw,
             image_num_patches=image_num_patches, mm_token_type_ids=mm_token_type_ids,
             mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, **kwargs,
@@ -465,7 +510,7 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
             # Domain k is router class k - 1; the versatile expert (0) and unlabelled rows (-100) have no target.
             targets = torch.where(row_labels >= 1, row_labels - 1, torch.full_like(row_labels, -100))
         loss, lm_loss, router_loss = lm_and_router_loss(
-            self, logits, labels, outputs.router_logits, targets, num_items_in_batch
+            self, logits, labels, outputs.router_logits, targets, num_items_in_batch, shift_labels
         )
         return MixpertCausalLMOutputWithPast(
             loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=logits,
@@ -477,18 +522,20 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         text_positions = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
-        input_ids = model_kwargs.get("input_ids")
-        if input_ids is None or input_ids.shape[1] == 0:
-            input_ids = inputs_tensor
-        return self.model.family.generation_position_ids(self.model.backbone, text_positions, input_ids, model_kwargs)
+        return self.model.family.generation_position_ids(self.model.backbone, text_positions, inputs_tensor, model_kwargs)
 
     def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
         features = mm_encoder_output.get("image")
         if not isinstance(features, MixpertImageFeatures):
             return super()._expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size, inputs_embeds)
+        if features.image_rows is None:  # encoded by `GenerationMixin` itself (a prompt given as embeddings)
+            features.image_rows = image_rows_from_prompt(
+                input_ids, inputs_embeds, self.get_input_embeddings(), self.model.image_token_id,
+                [int(f.shape[0]) for f in features.pooler_output],
+            )
         order, rows = repeat_images_for_generation(features.image_rows, expand_size)
         mm_encoder_output["image"] = MixpertImageFeatures(
-            image_features=tuple(features.image_features[i] for i in order),
+            pooler_output=tuple(features.pooler_output[i] for i in order),
             image_rows=torch.tensor(rows, device=features.image_rows.device),
         )
         return mm_encoder_output
@@ -501,10 +548,18 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         image_kwargs = {name: kwargs.pop(name, None) for name in (
             "expert_labels", "image_sizes", "batch_num_images", "image_num_patches")}
         if pixel_values is None or input_ids is None:
-            return super().generate(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                    **{k: v for k, v in image_kwargs.items() if v is not None}, **kwargs)
+            # Only what was given: `GenerationMixin` encodes images whenever a `pixel_values` key exists, even None.
+            passthrough = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                               **image_kwargs)
+            if input_ids is None and kwargs.get("inputs_embeds") is not None:
+                # From embeddings alone `GenerationMixin` guesses the batch size from the first tensor kwarg, which
+                # for packed or tiled images is not the batch: give it an empty prompt of the right batch size.
+                embeds = kwargs["inputs_embeds"]
+                passthrough["input_ids"] = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
+            return super().generate(**{k: v for k, v in passthrough.items() if v is not None}, **kwargs)
         features = self.model.get_image_features(
-            pixel_values, input_ids=input_ids, image_grid_thw=kwargs.get("image_grid_thw"), **image_kwargs
+            pixel_values, input_ids=input_ids, image_grid_thw=kwargs.get("image_grid_thw"), return_dict=True,
+            **image_kwargs
         )
         counts = [int(f.shape[0]) for f in features.image_features]
         features.image_rows = torch.tensor(

@@ -48,6 +48,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        # parameterized, pytest-timeout: imported by transformers' common model tests (tests/transformers_common.py)
+        "dev": ["pytest>=8", "parameterized>=0.9", "pytest-timeout>=2"],
     },
 )

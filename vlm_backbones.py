@@ -209,6 +209,10 @@ class BackboneFamily(ABC):
             unit_image=acts.unit_image.index_select(0, unit_index),
         )
 
+    def unit_rows(self, acts: VisionActivations, unit_index: torch.LongTensor) -> torch.LongTensor:
+        """Rows of `acts.hidden` that hold the units `unit_index` (the inverse of `select_units`)."""
+        return unit_index.to(acts.hidden.device)
+
     @abstractmethod
     def project(self, backbone, acts, config, final_norm=None, projector=None) -> list[torch.Tensor]:
         """Feature selection + (final norm) + projection: one `(tokens, llm_hidden)` tensor per unit."""
@@ -249,6 +253,13 @@ class BackboneFamily(ABC):
         counts = torch.tensor(images.units_per_image, dtype=torch.long)
         return torch.cumsum(counts, 0) - counts  # first unit of every image
 
+    def tower_outputs(self, backbone, images: ImageBatch, output_hidden_states=False, output_attentions=False):
+        """The native tower's own forward on the batch's units, for the `hidden_states` / `attentions` that
+        `get_image_features` returns on request (the layer-by-layer path records neither)."""
+        tower = self.tower(backbone)
+        return tower(pixel_values=images.pixel_values.to(tower.dtype), output_hidden_states=output_hidden_states,
+                     output_attentions=output_attentions, return_dict=True)
+
     def encode(self, backbone, config, images: ImageBatch) -> tuple[list[torch.Tensor], VisionActivations]:
         """The backbone's own image features (exactly its `get_image_features`), plus the tower activations."""
         taps, _ = self.feature_taps(config)
@@ -266,14 +277,14 @@ class BackboneFamily(ABC):
 
     def language_forward(self, backbone, inputs_embeds, input_ids=None, image_inputs=None, **kwargs):
         """Run the backbone's language model on `inputs_embeds` (image tokens already filled in)."""
-        return backbone(inputs_embeds=inputs_embeds, **kwargs)
+        return backbone(inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
 
     def position_ids(self, backbone, input_ids, attention_mask, image_inputs, cache=None, mm_token_type_ids=None):
         """Position ids the backbone would derive itself, or `None` where it uses plain `arange` positions. Chimera
         asks for them before GSCM zeroes parts of the attention mask, which must not move any position."""
         return None
 
-    def generation_position_ids(self, backbone, text_positions, input_ids, model_kwargs):
+    def generation_position_ids(self, backbone, text_positions, inputs_tensor, model_kwargs):
         return text_positions
 
 
@@ -389,14 +400,13 @@ class InternVLFamily(BackboneFamily):
         return int((size // patch) ** 2 * config.downsample_ratio**2)
 
     def image_batch(self, config, pixel_values, input_ids=None, image_num_patches=None, **_):
-        if image_num_patches is None:
-            if input_ids is None:
-                raise ValueError(
-                    "InternVL packs the tiles of all images into one `pixel_values` tensor; to tell which tiles "
-                    "belong to which image pass `input_ids` (each `<img>...</img>` run is one image) or "
-                    "`image_num_patches` (tiles per image)."
-                )
+        # InternVL packs the tiles of all images into one `pixel_values`: `image_num_patches` (tiles per image) or the
+        # prompt's `<img>...</img>` runs tell which tiles form an image. Without either, every row is one image, as in
+        # the native `get_image_features`; the image-token count check in `forward` catches a tiled batch.
+        if image_num_patches is None and input_ids is not None:
             image_num_patches = [n // self.tokens_per_tile(config) for n in image_token_runs(input_ids, config.image_token_id)]
+        if image_num_patches is None:
+            image_num_patches = [1] * pixel_values.shape[0]
         units = [int(n) for n in image_num_patches]
         return _tile_image_batch(pixel_values, units)
 
@@ -525,6 +535,14 @@ class Qwen2VLFamily(BackboneFamily):
             rotary=tuple(r.index_select(0, patches) for r in acts.rotary),
         )
 
+    def tower_outputs(self, backbone, images, output_hidden_states=False, output_attentions=False):
+        visual = backbone.visual
+        return visual(images.pixel_values.type(visual.dtype), grid_thw=images.extra["image_grid_thw"],
+                      output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True)
+
+    def unit_rows(self, acts, unit_index):
+        return self._patch_index(acts, unit_index)
+
     def _split_patches(self, acts, tensor):
         return list(torch.split(tensor, acts.grid_thw.prod(-1).tolist()))
 
@@ -549,6 +567,7 @@ class Qwen2VLFamily(BackboneFamily):
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             image_grid_thw=image_inputs.get("image_grid_thw"),
+            return_dict=True,
             **kwargs,
         )
 
@@ -558,14 +577,22 @@ class Qwen2VLFamily(BackboneFamily):
             attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids, **cache_kwarg(cache),
         )
 
-    def generation_position_ids(self, backbone, text_positions, input_ids, model_kwargs):
-        # Mirrors Qwen2VLForConditionalGeneration._prepare_position_ids_for_generation: [text; t; h; w] rows.
-        grid = model_kwargs.get("image_grid_thw")
+    def generation_position_ids(self, backbone, text_positions, inputs_tensor, model_kwargs):
+        # Mirrors Qwen2VLForConditionalGeneration._prepare_position_ids_for_generation: [text; t; h; w] rows, or text
+        # positions shifted by the stored `rope_deltas` when continuing a cache without new vision tokens.
+        cache = model_kwargs.get(CACHE_NAME)
+        past_length = cache.get_seq_length() if cache is not None else 0
         mm_types = model_kwargs.get("mm_token_type_ids")
-        if input_ids is not None and mm_types is not None and grid is not None:
+        new_vision = mm_types is not None and bool(mm_types[:, past_length:].any())
+        if past_length and getattr(backbone, "rope_deltas", None) is not None and not new_vision:
+            return text_positions[None, ...] + backbone.rope_deltas
+        ids = model_kwargs.get("input_ids")
+        ids = ids if ids is not None and ids.shape[1] > 0 else inputs_tensor
+        is_ids = ids is not None and ids.dim() == 2 and ids.dtype in (torch.int, torch.long)
+        grid = model_kwargs.get("image_grid_thw")
+        if is_ids and mm_types is not None and grid is not None:
             vision_positions, rope_deltas = backbone.get_rope_index(
-                input_ids, mm_token_type_ids=mm_types, image_grid_thw=grid,
-                attention_mask=model_kwargs.get("attention_mask"),
+                ids, mm_token_type_ids=mm_types, image_grid_thw=grid, attention_mask=model_kwargs.get("attention_mask"),
             )
         else:
             vision_positions = text_positions.unsqueeze(0).expand(3, -1, -1)
@@ -636,6 +663,23 @@ def image_token_spans(input_ids: torch.Tensor, image_token_id: int, counts: list
     return spans
 
 
+def placeholder_mask(inputs_embeds: torch.Tensor, embedding: nn.Module, token_id: int) -> torch.BoolTensor:
+    """Where `inputs_embeds` holds `token_id`'s own embedding: how the native VLMs find image placeholders when they
+    are given embeddings instead of ids. `(batch, seq)`."""
+    token = embedding(torch.tensor(token_id, device=inputs_embeds.device)).to(inputs_embeds.dtype)
+    return (inputs_embeds == token).all(-1)
+
+
+def image_rows_from_prompt(input_ids, inputs_embeds, embedding, image_token_id: int, counts: list) -> torch.LongTensor:
+    """The batch row of each image, read off the prompt's placeholders (`input_ids`, or `inputs_embeds` when the
+    prompt was given as embeddings; `counts`: placeholder tokens per image)."""
+    if input_ids is None or input_ids.shape[1] == 0:
+        mask = placeholder_mask(inputs_embeds, embedding, image_token_id)
+        input_ids = torch.where(mask, image_token_id, -1)
+    rows = [row for row, _, _ in image_token_spans(input_ids, image_token_id, counts)]
+    return torch.tensor(rows, dtype=torch.long, device=input_ids.device)
+
+
 def repeat_images_for_generation(image_rows: torch.LongTensor, expand_size: int) -> tuple[list[int], list[int]]:
     """Beam search / `num_return_sequences` repeat each batch row `expand_size` times; return, for the repeated batch,
     which original image each new image is and the new image's row."""
@@ -653,7 +697,7 @@ def repeat_images_for_generation(image_rows: torch.LongTensor, expand_size: int)
 # ------------------------------------------------------------------------------------------ shared model plumbing
 
 
-def lm_and_router_loss(model, logits, labels, router_logits, router_targets, num_items_in_batch=None):
+def lm_and_router_loss(model, logits, labels, router_logits, router_targets, num_items_in_batch=None, shift_labels=None):
     """`(loss, lm_loss, router_loss)` for Chimera and Mixpert.
 
     `lm_loss` is the mean next-token cross-entropy over this micro-batch's label tokens and `router_loss` the mean
@@ -667,11 +711,14 @@ def lm_and_router_loss(model, logits, labels, router_logits, router_targets, num
     """
     lm_loss = router_loss = None
     total = None
-    local_items = labels[..., 1:].ne(-100).sum() if labels is not None else None
-    if labels is not None:
+    # `shift_labels` (already shifted targets, as sequence / context parallelism passes them) take precedence over
+    # `labels`, as in transformers' `ForCausalLMLoss`.
+    targets = shift_labels if shift_labels is not None else (labels[..., 1:] if labels is not None else None)
+    local_items = targets.ne(-100).sum() if targets is not None else None
+    if targets is not None:
         lm_loss = model.loss_function(
-            logits=logits, labels=labels, vocab_size=model.config.get_text_config().vocab_size,
-            num_items_in_batch=local_items.clamp(min=1),
+            logits=logits, labels=labels, shift_labels=shift_labels,
+            vocab_size=model.config.get_text_config().vocab_size, num_items_in_batch=local_items.clamp(min=1),
         )
         total = lm_loss
     if router_targets is not None and router_logits is not None and bool((router_targets != -100).any()):

@@ -521,7 +521,7 @@ def test_converted_intern_vit_layers_and_generalist_features_match_the_official_
         torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
         # expert_route (model/chimera/modeling_chimera.py:373-380): router on pooler_output =
         # last_hidden_state[:, 0] of the thumbnail (the last tile of each image).
-        _, router_logits, _ = model.model.encode_generalist(pixels, image_num_patches=[2, 1])
+        _, router_logits, _, _ = model.model.encode_generalist(pixels, image_num_patches=[2, 1])
         expected = F.linear(vit[[1, 2], 0], sd["expert_router.weight"])
         torch.testing.assert_close(router_logits, expected, rtol=1e-4, atol=1e-5)
 
