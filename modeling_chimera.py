@@ -676,10 +676,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
             layout = self.layout(input_ids, image_features, attention_mask, mm_token_type_ids, position_ids)
 
         ids = layout.input_ids
-        embeds = self.get_input_embeddings()(ids)
-        if inputs_embeds is not None:  # the caller's embeddings at the caller's positions; inserted slots from ids
-            index = layout.keep_positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
-            embeds = embeds.scatter(1, index, inputs_embeds.to(embeds.dtype))
+        embeds = self.expanded_embeddings(layout, inputs_embeds)
         embeds = self._scatter(embeds, ids == self.generalist_image_token_id, image_features.generalist_features, "image")
         for k, token_id in enumerate(self.config.expert_token_ids or [], start=1):
             chosen = [f for f, e in zip(image_features.expert_features, image_features.expert_index.tolist()) if e == k]
@@ -717,16 +714,27 @@ class ChimeraModel(ChimeraPreTrainedModel):
             expanded_attention_mask=attention,
         )
 
+    def expanded_embeddings(self, layout, inputs_embeds=None):
+        """Token embeddings of the expanded sequence: the caller's `inputs_embeds` at the caller's positions when
+        given, the embedding table elsewhere (inserted expert slots)."""
+        embeds = self.get_input_embeddings()(layout.input_ids)
+        if inputs_embeds is not None:
+            index = layout.keep_positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+            embeds = embeds.scatter(1, index, inputs_embeds.to(embeds.dtype))
+        return embeds
+
     def _placeholder_ids(self, inputs_embeds):
-        """Token ids for a call with `inputs_embeds` and images but no `input_ids`: the image token where the
-        embedding is the image token's own (how the native VLMs find placeholders in `inputs_embeds`), the pad token
-        elsewhere. They only place the generalist and expert tokens; the values come from `inputs_embeds`."""
+        """Token ids for a call with `inputs_embeds` and images but no `input_ids`: the image token (and each expert
+        token) where the embedding is that token's own (how the native VLMs find placeholders in `inputs_embeds`),
+        the pad token elsewhere. They only place the generalist and expert tokens; the values come from
+        `inputs_embeds`."""
         if inputs_embeds is None:
             raise ValueError("Pass `input_ids` or `inputs_embeds` together with the images.")
-        is_image = placeholder_mask(inputs_embeds, self.get_input_embeddings(), self.generalist_image_token_id)
         pad = self.config.get_text_config().pad_token_id
         ids = torch.full(inputs_embeds.shape[:2], 0 if pad is None else pad, dtype=torch.long, device=inputs_embeds.device)
-        return ids.masked_fill(is_image, self.generalist_image_token_id)
+        for token in [self.generalist_image_token_id, *(self.config.expert_token_ids or [])]:
+            ids = ids.masked_fill(placeholder_mask(inputs_embeds, self.get_input_embeddings(), token), token)
+        return ids
 
     @staticmethod
     def _scatter(embeds, mask, features, what):
@@ -741,6 +749,7 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
     """Chimera with the generalist's LM head. See the module docstring for the expert-token layout."""
 
     _tied_weights_keys = {"lm_head.weight": "model.generalist.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # as the native VLMs: shard the head with the tied embedding
 
     def __init__(self, config: ChimeraConfig):
         super().__init__(config)
@@ -871,53 +880,65 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
 
         With images: encode them once (generalist, router, chosen experts), insert each routed image's expert
         tokens into the prompt, decode on that expanded prompt, and return the caller's prompt + the new tokens
-        (the inserted tokens are removed again, so `out[:, input_ids.shape[1]:]` is the continuation). Pass
-        `expert_labels` to force experts (0 = none); `return_dict_in_generate=True` also gives `expert_index` and
-        `router_logits` through `model.last_routing`.
+        (the inserted tokens are removed again, so `out[:, input_ids.shape[1]:]` is the continuation). A prompt given
+        as `inputs_embeds` (placeholders embedded with the image token's embedding) is expanded the same way; then, as
+        for any model, only the new tokens are returned. Pass `expert_labels` to force experts (0 = none);
+        `return_dict_in_generate=True` also gives `expert_index` and `router_logits`.
         """
         image_kwargs = {name: kwargs.pop(name, None) for name in (
             "expert_pixel_values", "expert_labels", "image_sizes", "batch_num_images", "image_grid_thw",
             "image_num_patches",
         )}
-        if pixel_values is None or input_ids is None or self.model.has_expert_tokens(input_ids):
+        inputs_embeds = kwargs.pop("inputs_embeds", None)
+        prompt_ids = input_ids
+        if prompt_ids is None and inputs_embeds is not None and pixel_values is not None:
+            prompt_ids = self.model._placeholder_ids(inputs_embeds)
+        if pixel_values is None or prompt_ids is None or self.model.has_expert_tokens(prompt_ids):
             # Only what was given: `GenerationMixin` encodes images whenever a `pixel_values` key exists, even None.
             passthrough = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                               inputs_embeds=inputs_embeds,
                                **{k: v for k, v in image_kwargs.items() if k != "expert_labels"})
-            if input_ids is None and kwargs.get("inputs_embeds") is not None:
+            if input_ids is None and inputs_embeds is not None:
                 # From embeddings alone `GenerationMixin` guesses the batch size from the first tensor kwarg, which
                 # for packed or tiled images is not the batch: give it an empty prompt of the right batch size.
-                embeds = kwargs["inputs_embeds"]
-                passthrough["input_ids"] = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
+                passthrough["input_ids"] = inputs_embeds.new_empty(inputs_embeds.shape[0], 0, dtype=torch.long)
             return super().generate(**{k: v for k, v in passthrough.items() if v is not None}, **kwargs)
         self.model._check_expert_tokens_configured()
-        features = self.model.get_image_features(pixel_values, input_ids=input_ids, return_dict=True, **image_kwargs)
+        features = self.model.get_image_features(pixel_values, input_ids=prompt_ids, return_dict=True, **image_kwargs)
         generation_config = kwargs.get("generation_config") or self.generation_config
-        pad_token_id = kwargs.get("pad_token_id", generation_config.pad_token_id)
         layout = self.model.layout(
-            input_ids, features, attention_mask=attention_mask, mm_token_type_ids=kwargs.pop("mm_token_type_ids", None),
-            padding_side="left", pad_token_id=pad_token_id,
+            prompt_ids, features, attention_mask=attention_mask, mm_token_type_ids=kwargs.pop("mm_token_type_ids", None),
+            position_ids=kwargs.pop("position_ids", None), padding_side="left",
+            pad_token_id=kwargs.get("pad_token_id", generation_config.pad_token_id),
         )
-        features.image_rows = torch.tensor(layout.image_rows, dtype=torch.long, device=input_ids.device)
-        extra = {}
-        if layout.mm_token_type_ids is not None:
-            extra["mm_token_type_ids"] = layout.mm_token_type_ids
-        if image_kwargs["image_grid_thw"] is not None:
-            extra["image_grid_thw"] = image_kwargs["image_grid_thw"]
+        features.image_rows = torch.tensor(layout.image_rows, dtype=torch.long, device=prompt_ids.device)
+        extra = {name: value for name, value in (
+            ("mm_token_type_ids", layout.mm_token_type_ids), ("image_grid_thw", image_kwargs["image_grid_thw"]),
+            ("position_ids", layout.position_ids)) if value is not None}
+        if inputs_embeds is not None:  # the caller's embeddings, with the expert slots filled in from their ids
+            extra["inputs_embeds"] = self.model.expanded_embeddings(layout, inputs_embeds)
         attention = layout.attention_mask if layout.attention_mask is not None else torch.ones_like(layout.input_ids)
+        ids = layout.input_ids if input_ids is not None else layout.input_ids[:, :0]
         output = super().generate(
-            input_ids=layout.input_ids, attention_mask=attention, mm_encoder_outputs={"image": features}, **extra,
-            **kwargs,
+            input_ids=ids, attention_mask=attention, mm_encoder_outputs={"image": features}, **extra, **kwargs
         )
+        if input_ids is not None:
+            output = self._strip_expert_tokens(output, layout, input_ids.shape[0])
+        if not isinstance(output, torch.Tensor):
+            output["expert_index"] = features.expert_index
+            output["router_logits"] = features.router_logits
+        return output
+
+    @staticmethod
+    def _strip_expert_tokens(output, layout, batch_size):
+        """`generate` output on the expanded prompt -> the caller's prompt + the new tokens."""
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        expand = sequences.shape[0] // input_ids.shape[0]
-        keep = layout.keep_positions.repeat_interleave(expand, dim=0)
+        keep = layout.keep_positions.repeat_interleave(sequences.shape[0] // batch_size, dim=0)
         prompt_len = layout.input_ids.shape[1]
         stripped = torch.cat([sequences[:, :prompt_len].gather(1, keep), sequences[:, prompt_len:]], dim=1)
         if isinstance(output, torch.Tensor):
             return stripped
         output.sequences = stripped
-        output["expert_index"] = features.expert_index
-        output["router_logits"] = features.router_logits
         return output
 
     # ------------------------------------------------------------------------------------------------- assembly

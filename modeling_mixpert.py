@@ -145,11 +145,19 @@ class MixpertVisionExpert(nn.Module):
     def copy_from_backbone(cls, family, backbone, config: MixpertConfig) -> "MixpertVisionExpert":
         """Deep copies of the versatile expert's modules (Mixpert §3.2: experts start from the joint model)."""
         layers, norm, projector = versatile_modules(family, backbone, config)
-        return cls(
+        expert = cls(
             layers=copy.deepcopy(layers),
             norm=copy.deepcopy(norm) if norm is not None else None,
             projector=copy.deepcopy(projector) if config.expert_projector else None,
         )
+        # A deep copy also copies each layer's `config`; point the copies back at the tower's own config so that
+        # `set_attn_implementation` / `attn_implementation=` (set on the registered sub-configs) reach the experts.
+        for original, copied in ((layers, expert.layers), (norm, expert.norm), (projector, expert.projector)):
+            if original is not None and copied is not None:
+                for source, target in zip(original.modules(), copied.modules()):
+                    if hasattr(source, "config") and hasattr(target, "config"):
+                        target.config = source.config
+        return expert
 
 
 def versatile_modules(family, backbone, config: MixpertConfig):
@@ -436,6 +444,7 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
     """Mixpert with the base model's LM head."""
 
     _tied_weights_keys = {"lm_head.weight": "model.backbone.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # as the native VLMs: shard the head with the tied embedding
 
     def __init__(self, config: MixpertConfig):
         super().__init__(config)

@@ -164,8 +164,11 @@ def test_bad_inputs_raise_clear_errors():
     truncated["input_ids"][tuple(image_positions[-1])] = 0  # one image token lost
     with pytest.raises(ValueError, match="tiles but the prompt's image tokens|prompt holds 7 image tokens"):
         model(**truncated, expert_labels=torch.tensor([0, 0]))
-    with pytest.raises(ValueError, match="needs `input_ids` with images"):
+    # `inputs_embeds` with images: placeholders are where the image token's embedding is; none here.
+    with pytest.raises(ValueError, match="holds 2 tiles but the prompt's image tokens describe 0"):
         model(inputs_embeds=torch.zeros(2, 5, 32), pixel_values=inputs.pixel_values)
+    with pytest.raises(ValueError, match="Pass `input_ids` or `inputs_embeds` together with the images"):
+        model(pixel_values=inputs.pixel_values)
 
 
 def test_image_token_count_mismatch_names_the_fix():
