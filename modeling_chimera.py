@@ -45,6 +45,7 @@ try:
     from .configuration_chimera import ChimeraConfig, ChimeraExpertConfig
     from .vlm_backbones import (
         HubCheckpointMixin,
+        passthrough_generate_kwargs,
         image_rows_from_prompt,
         placeholder_mask,
         cache_kwarg,
@@ -60,6 +61,7 @@ except ImportError:
     from configuration_chimera import ChimeraConfig, ChimeraExpertConfig
     from vlm_backbones import (
         HubCheckpointMixin,
+        passthrough_generate_kwargs,
         image_rows_from_prompt,
         placeholder_mask,
         cache_kwarg,
@@ -894,15 +896,10 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         if prompt_ids is None and inputs_embeds is not None and pixel_values is not None:
             prompt_ids = self.model._placeholder_ids(inputs_embeds)
         if pixel_values is None or prompt_ids is None or self.model.has_expert_tokens(prompt_ids):
-            # Only what was given: `GenerationMixin` encodes images whenever a `pixel_values` key exists, even None.
-            passthrough = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                               inputs_embeds=inputs_embeds,
-                               **{k: v for k, v in image_kwargs.items() if k != "expert_labels"})
-            if input_ids is None and inputs_embeds is not None:
-                # From embeddings alone `GenerationMixin` guesses the batch size from the first tensor kwarg, which
-                # for packed or tiled images is not the batch: give it an empty prompt of the right batch size.
-                passthrough["input_ids"] = inputs_embeds.new_empty(inputs_embeds.shape[0], 0, dtype=torch.long)
-            return super().generate(**{k: v for k, v in passthrough.items() if v is not None}, **kwargs)
+            return super().generate(**passthrough_generate_kwargs(
+                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds, **{k: v for k, v in image_kwargs.items() if k != "expert_labels"},
+            ), **kwargs)
         self.model._check_expert_tokens_configured()
         features = self.model.get_image_features(pixel_values, input_ids=prompt_ids, return_dict=True, **image_kwargs)
         generation_config = kwargs.get("generation_config") or self.generation_config

@@ -37,6 +37,7 @@ try:
     from .configuration_mixpert import MixpertConfig
     from .vlm_backbones import (
         HubCheckpointMixin,
+        passthrough_generate_kwargs,
         image_rows_from_prompt,
         cache_kwarg,
         output_cache,
@@ -51,6 +52,7 @@ except ImportError:
     from configuration_mixpert import MixpertConfig
     from vlm_backbones import (
         HubCheckpointMixin,
+        passthrough_generate_kwargs,
         image_rows_from_prompt,
         cache_kwarg,
         output_cache,
@@ -557,15 +559,10 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         image_kwargs = {name: kwargs.pop(name, None) for name in (
             "expert_labels", "image_sizes", "batch_num_images", "image_num_patches")}
         if pixel_values is None or input_ids is None:
-            # Only what was given: `GenerationMixin` encodes images whenever a `pixel_values` key exists, even None.
-            passthrough = dict(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                               **image_kwargs)
-            if input_ids is None and kwargs.get("inputs_embeds") is not None:
-                # From embeddings alone `GenerationMixin` guesses the batch size from the first tensor kwarg, which
-                # for packed or tiled images is not the batch: give it an empty prompt of the right batch size.
-                embeds = kwargs["inputs_embeds"]
-                passthrough["input_ids"] = torch.empty(embeds.shape[0], 0, dtype=torch.long, device=embeds.device)
-            return super().generate(**{k: v for k, v in passthrough.items() if v is not None}, **kwargs)
+            return super().generate(**passthrough_generate_kwargs(
+                input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                inputs_embeds=kwargs.pop("inputs_embeds", None), **image_kwargs,
+            ), **kwargs)
         features = self.model.get_image_features(
             pixel_values, input_ids=input_ids, image_grid_thw=kwargs.get("image_grid_thw"), return_dict=True,
             **image_kwargs

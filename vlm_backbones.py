@@ -663,6 +663,18 @@ def image_token_spans(input_ids: torch.Tensor, image_token_id: int, counts: list
     return spans
 
 
+def passthrough_generate_kwargs(**given) -> dict:
+    """Arguments for `GenerationMixin.generate` when no routing is needed before decoding: only what was given
+    (`GenerationMixin` encodes images whenever a `pixel_values` key exists, even `None`), plus an empty prompt of the
+    right batch size for a prompt given as `inputs_embeds` alone (`GenerationMixin` would otherwise guess the batch
+    size from the first tensor argument, which for packed or tiled images is not the batch)."""
+    kwargs = {k: v for k, v in given.items() if v is not None}
+    embeds = kwargs.get("inputs_embeds")
+    if kwargs.get("input_ids") is None and embeds is not None:
+        kwargs["input_ids"] = embeds.new_empty(embeds.shape[0], 0, dtype=torch.long)
+    return kwargs
+
+
 def placeholder_mask(inputs_embeds: torch.Tensor, embedding: nn.Module, token_id: int) -> torch.BoolTensor:
     """Where `inputs_embeds` holds `token_id`'s own embedding: how the native VLMs find image placeholders when they
     are given embeddings instead of ids. `(batch, seq)`."""

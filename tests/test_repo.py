@@ -49,5 +49,6 @@ def test_readme_commands_install_the_oldest_supported_transformers_and_ci_tests_
     assert "--upgrade transformers trl peft" in ci
     assert 'COMPAT_REFERENCE_PYTHON="$PWD/.venv/bin/python"' in ci
     assert "pytest -m compat tests/test_remote_code_compat.py" in ci
+    assert ".venv/bin/python -m pytest -m common" in ci  # transformers' common model tests
     readme = (ROOT / "README.md").read_text()
     assert f"transformers>={lower},<{upper}" in readme  # the Compatibility section states setup.py's range
