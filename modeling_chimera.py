@@ -47,7 +47,7 @@ try:
         HubCheckpointMixin,
         passthrough_generate_kwargs,
         image_rows_from_prompt,
-        placeholder_mask,
+        placeholder_ids,
         cache_kwarg,
         output_cache,
         take_cache,
@@ -63,7 +63,7 @@ except ImportError:
         HubCheckpointMixin,
         passthrough_generate_kwargs,
         image_rows_from_prompt,
-        placeholder_mask,
+        placeholder_ids,
         cache_kwarg,
         output_cache,
         take_cache,
@@ -178,24 +178,52 @@ class GotOcr2ExpertBackbone(nn.Module):
         return features.flatten(2).transpose(1, 2)
 
 
-def _build_expert_encoder(vision_config) -> nn.Module:
+def _expert_encoder_class(vision_config) -> type:
+    """The transformers class that runs an expert's vision tower (for GOT-OCR2 experts: its encoder)."""
     family = vision_config.model_type
     if family == "pix2struct_vision_model":
         from transformers import Pix2StructVisionModel
 
-        return Pix2StructVisionModel(vision_config)
-    if family == "got_ocr2_vision":
+        return Pix2StructVisionModel
+    if family in ("got_ocr2_vision", "got_ocr2"):
         from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2VisionEncoder
 
-        return GotOcr2VisionEncoder(vision_config)
-    if family == "got_ocr2":
-        return GotOcr2ExpertBackbone(vision_config)
+        return GotOcr2VisionEncoder
     if family == "kosmos_2_5_vision_model":
         # Kosmos-2.5's Pix2Struct-like encoder (attention scaled by 1/sqrt(head_dim)); `AutoModel` has no mapping.
         from transformers.models.kosmos2_5.modeling_kosmos2_5 import Kosmos2_5VisionModel
 
-        return Kosmos2_5VisionModel(vision_config)
-    return AutoModel.from_config(vision_config)
+        return Kosmos2_5VisionModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    return MODEL_MAPPING[type(vision_config)]
+
+
+def _build_expert_encoder(vision_config) -> nn.Module:
+    if vision_config.model_type == "got_ocr2":
+        return GotOcr2ExpertBackbone(vision_config)
+    return _expert_encoder_class(vision_config)(vision_config)
+
+
+_ATTENTION_SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}
+
+
+def _fit_expert_attention(config: ChimeraExpertConfig) -> None:
+    """An expert that cannot run the requested attention implementation keeps its own default instead of failing the
+    whole load: a generalist on flash attention is common, while GOT-OCR2's encoder supports only eager attention and
+    Pix2Struct no flash attention. A warning says so; a dict such as `{"": "sdpa", "ocr": "eager"}` chooses per expert."""
+    requested = config.vision_config._attn_implementation
+    if not isinstance(requested, str) or requested == "eager":
+        return
+    flag = "_supports_flash_attn" if requested.startswith("flash_attention") else _ATTENTION_SUPPORT_FLAGS.get(requested)
+    encoder_class = _expert_encoder_class(config.vision_config)
+    if flag is not None and not getattr(encoder_class, flag, False):
+        logger.warning_once(
+            f"Expert {config.domain!r} ({encoder_class.__name__}) does not support attn_implementation={requested!r}: "
+            f"it keeps its default. Choose per expert with a dict, e.g. attn_implementation={{'': {requested!r}, "
+            f"{config.domain!r}: 'eager'}}."
+        )
+        config._attn_implementation = None
 
 
 def expert_hidden_size(vision_config) -> int:
@@ -214,6 +242,7 @@ class ChimeraExpertEncoder(nn.Module):
     def __init__(self, config: ChimeraExpertConfig):
         super().__init__()
         self.config = config
+        _fit_expert_attention(config)
         self.encoder = _build_expert_encoder(config.vision_config)
 
     @property
@@ -733,10 +762,8 @@ class ChimeraModel(ChimeraPreTrainedModel):
         if inputs_embeds is None:
             raise ValueError("Pass `input_ids` or `inputs_embeds` together with the images.")
         pad = self.config.get_text_config().pad_token_id
-        ids = torch.full(inputs_embeds.shape[:2], 0 if pad is None else pad, dtype=torch.long, device=inputs_embeds.device)
-        for token in [self.generalist_image_token_id, *(self.config.expert_token_ids or [])]:
-            ids = ids.masked_fill(placeholder_mask(inputs_embeds, self.get_input_embeddings(), token), token)
-        return ids
+        tokens = [self.generalist_image_token_id, *(self.config.expert_token_ids or [])]
+        return placeholder_ids(inputs_embeds, self.get_input_embeddings(), tokens, fill=0 if pad is None else pad)
 
     @staticmethod
     def _scatter(embeds, mask, features, what):
@@ -915,24 +942,26 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         if inputs_embeds is not None:  # the caller's embeddings, with the expert slots filled in from their ids
             extra["inputs_embeds"] = self.model.expanded_embeddings(layout, inputs_embeds)
         attention = layout.attention_mask if layout.attention_mask is not None else torch.ones_like(layout.input_ids)
-        ids = layout.input_ids if input_ids is not None else layout.input_ids[:, :0]
+        # The expanded ids go along even for a prompt given as embeddings: Qwen2-VL's 3D positions are read off them.
         output = super().generate(
-            input_ids=ids, attention_mask=attention, mm_encoder_outputs={"image": features}, **extra, **kwargs
+            input_ids=layout.input_ids, attention_mask=attention, mm_encoder_outputs={"image": features}, **extra,
+            **kwargs,
         )
-        if input_ids is not None:
-            output = self._strip_expert_tokens(output, layout, input_ids.shape[0])
+        output = self._strip_expert_tokens(output, layout, prompt_ids.shape[0], keep_prompt=input_ids is not None)
         if not isinstance(output, torch.Tensor):
             output["expert_index"] = features.expert_index
             output["router_logits"] = features.router_logits
         return output
 
     @staticmethod
-    def _strip_expert_tokens(output, layout, batch_size):
-        """`generate` output on the expanded prompt -> the caller's prompt + the new tokens."""
+    def _strip_expert_tokens(output, layout, batch_size, keep_prompt=True):
+        """`generate` output on the expanded prompt -> the caller's prompt (when it was given as ids) + the new
+        tokens."""
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         keep = layout.keep_positions.repeat_interleave(sequences.shape[0] // batch_size, dim=0)
         prompt_len = layout.input_ids.shape[1]
-        stripped = torch.cat([sequences[:, :prompt_len].gather(1, keep), sequences[:, prompt_len:]], dim=1)
+        prompt = sequences[:, :prompt_len].gather(1, keep) if keep_prompt else sequences[:, :0]
+        stripped = torch.cat([prompt, sequences[:, prompt_len:]], dim=1)
         if isinstance(output, torch.Tensor):
             return stripped
         output.sequences = stripped

@@ -37,6 +37,7 @@ try:
     from .configuration_mixpert import MixpertConfig
     from .vlm_backbones import (
         HubCheckpointMixin,
+        placeholder_ids,
         passthrough_generate_kwargs,
         image_rows_from_prompt,
         cache_kwarg,
@@ -52,6 +53,7 @@ except ImportError:
     from configuration_mixpert import MixpertConfig
     from vlm_backbones import (
         HubCheckpointMixin,
+        placeholder_ids,
         passthrough_generate_kwargs,
         image_rows_from_prompt,
         cache_kwarg,
@@ -409,8 +411,11 @@ class MixpertModel(MixpertPreTrainedModel):
         cache = take_cache(past_key_values, kwargs)
         features = (mm_encoder_outputs or {}).get("image")
         if features is None and pixel_values is not None:
+            # Placeholders group InternVL's tiles into images: read them off `inputs_embeds` when no ids are given.
+            ids = input_ids if input_ids is not None or inputs_embeds is None else placeholder_ids(
+                inputs_embeds, self.get_input_embeddings(), [self.image_token_id], -1)
             features = self.get_image_features(
-                pixel_values, input_ids=input_ids, expert_labels=expert_labels, image_sizes=image_sizes,
+                pixel_values, input_ids=ids, expert_labels=expert_labels, image_sizes=image_sizes,
                 batch_num_images=batch_num_images, image_grid_thw=image_grid_thw, image_num_patches=image_num_patches,
                 output_hidden_states=False, return_dict=True,
             )
@@ -558,23 +563,28 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         also carries `expert_index` and `router_logits`. Pass `expert_labels` to force experts."""
         image_kwargs = {name: kwargs.pop(name, None) for name in (
             "expert_labels", "image_sizes", "batch_num_images", "image_num_patches")}
-        if pixel_values is None or input_ids is None:
+        inputs_embeds = kwargs.pop("inputs_embeds", None)
+        prompt_ids = input_ids
+        if prompt_ids is None and inputs_embeds is not None and pixel_values is not None:
+            prompt_ids = placeholder_ids(inputs_embeds, self.get_input_embeddings(), [self.model.image_token_id], -1)
+        if pixel_values is None or prompt_ids is None:
             return super().generate(**passthrough_generate_kwargs(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                inputs_embeds=kwargs.pop("inputs_embeds", None), **image_kwargs,
+                inputs_embeds=inputs_embeds, **image_kwargs,
             ), **kwargs)
+        # The prompt's placeholders group InternVL's tiles into images and give each image's batch row.
         features = self.model.get_image_features(
-            pixel_values, input_ids=input_ids, image_grid_thw=kwargs.get("image_grid_thw"), return_dict=True,
+            pixel_values, input_ids=prompt_ids, image_grid_thw=kwargs.get("image_grid_thw"), return_dict=True,
             **image_kwargs
         )
-        counts = [int(f.shape[0]) for f in features.image_features]
+        counts = [int(f.shape[0]) for f in features.pooler_output]
         features.image_rows = torch.tensor(
-            [row for row, _, _ in image_token_spans(input_ids, self.model.image_token_id, counts)],
-            dtype=torch.long, device=input_ids.device,
+            [row for row, _, _ in image_token_spans(prompt_ids, self.model.image_token_id, counts)],
+            dtype=torch.long, device=prompt_ids.device,
         )
-        output = super().generate(
-            input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs={"image": features}, **kwargs
-        )
+        output = super().generate(**passthrough_generate_kwargs(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+        ), mm_encoder_outputs={"image": features}, **kwargs)
         if not isinstance(output, torch.Tensor):
             output["expert_index"] = features.expert_index
             output["router_logits"] = features.router_logits

@@ -682,12 +682,20 @@ def placeholder_mask(inputs_embeds: torch.Tensor, embedding: nn.Module, token_id
     return (inputs_embeds == token).all(-1)
 
 
+def placeholder_ids(inputs_embeds: torch.Tensor, embedding: nn.Module, token_ids, fill: int) -> torch.LongTensor:
+    """Token ids recovered from a prompt given as embeddings: each of `token_ids` where the embedding is that token's
+    own, `fill` elsewhere. Enough to place image (and expert) tokens; the values stay those of `inputs_embeds`."""
+    ids = torch.full(inputs_embeds.shape[:2], fill, dtype=torch.long, device=inputs_embeds.device)
+    for token in token_ids:
+        ids = ids.masked_fill(placeholder_mask(inputs_embeds, embedding, token), token)
+    return ids
+
+
 def image_rows_from_prompt(input_ids, inputs_embeds, embedding, image_token_id: int, counts: list) -> torch.LongTensor:
     """The batch row of each image, read off the prompt's placeholders (`input_ids`, or `inputs_embeds` when the
     prompt was given as embeddings; `counts`: placeholder tokens per image)."""
     if input_ids is None or input_ids.shape[1] == 0:
-        mask = placeholder_mask(inputs_embeds, embedding, image_token_id)
-        input_ids = torch.where(mask, image_token_id, -1)
+        input_ids = placeholder_ids(inputs_embeds, embedding, [image_token_id], fill=-1)
     rows = [row for row, _, _ in image_token_spans(input_ids, image_token_id, counts)]
     return torch.tensor(rows, dtype=torch.long, device=input_ids.device)
 

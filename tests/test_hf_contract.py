@@ -10,8 +10,8 @@ import torch
 from train.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt, random_images
 
 
-SETUPS = [("chimera", "internvl"), ("chimera", "llava_onevision"), ("mixpert", "llava_onevision"),
-          ("mixpert", "qwen2_vl")]
+SETUPS = [("chimera", "internvl"), ("chimera", "llava_onevision"), ("chimera", "qwen2_vl"),
+          ("mixpert", "internvl"), ("mixpert", "llava_onevision"), ("mixpert", "qwen2_vl")]
 
 
 @pytest.fixture(scope="module", params=SETUPS, ids=lambda s: "-".join(s))
@@ -61,10 +61,12 @@ def test_d2_return_dict_false_gives_the_tuple_of_the_output(setup):
 
 
 def test_d3_inputs_embeds_with_images_equal_input_ids(setup):
-    _, model, _, inputs, labels = setup
+    kind, model, _, inputs, labels = setup
     embeds = model.get_input_embeddings()(inputs["input_ids"])
     rest = {k: v for k, v in inputs.items() if k != "input_ids"}
-    if hasattr(model.model, "get_rope_index"):  # Qwen2-VL's 3D positions come from ids; give them, as natively
+    if kind == "mixpert" and hasattr(model.model, "get_rope_index"):
+        # Qwen2-VL's 3D positions come from ids: give them, as for the native model. (Chimera recovers the
+        # placeholders from the embeddings and computes them itself.)
         rest["position_ids"] = model.model.get_rope_index(**inputs)[0]
     with torch.no_grad():
         from_ids = model(**inputs, expert_labels=labels).logits
@@ -135,3 +137,43 @@ def test_d9_partial_hidden_state_capture(setup):
     assert [h is None for h in partial] == [i != 1 for i in range(len(everything))]
     assert torch.equal(partial[1], everything[1])
     assert partial[1].shape[1] == inputs["input_ids"].shape[1]  # aligned with the caller's tokens
+
+
+def test_d1_an_expert_that_cannot_run_the_requested_attention_keeps_its_own(tmp_path, caplog):
+    """GOT-OCR2's encoder supports only eager attention: a Chimera loaded with sdpa (or flash attention, common for the
+    generalist) still loads; that expert keeps eager, says so, and a dict chooses per expert."""
+    model, _ = build_tiny_chimera("llava_onevision", {"ocr": "got_ocr2", "table": "pix2struct_vision_model"})
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, attn_implementation="sdpa")
+    assert loaded.model.expert_encoders["ocr"].encoder.vision_tower.config._attn_implementation == "eager"
+    assert loaded.model.expert_encoders["table"].encoder.config._attn_implementation == "sdpa"
+    assert loaded.model.generalist.config.text_config._attn_implementation == "sdpa"
+    chosen = type(model).from_pretrained(tmp_path, attn_implementation={"": "sdpa", "table": "eager"})
+    assert chosen.model.expert_encoders["table"].encoder.config._attn_implementation == "eager"
+    assert chosen.model.generalist.config.text_config._attn_implementation == "sdpa"
+
+
+def test_mixpert_groups_internvl_tiles_from_embeddings_as_from_ids():
+    """Without `input_ids`, the placeholders in `inputs_embeds` tell which InternVL tiles form an image: routing is per
+    image, as with ids (experts perturbed so that a per-tile routing would change the output)."""
+    model, processor = build_tiny_mixpert("internvl", domains=("chart", "table"), routing_strategy="direct")
+    model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for expert in model.model.vision_experts.values():
+            for parameter in expert.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+    images = random_images(2, seed=5, sizes=((16, 48), (32, 32)))
+    processor.tokenizer.padding_side = "left"
+    inputs = dict(processor(images=images, text=[chat_prompt(processor)] * 2, return_tensors="pt", padding=True))
+    assert inputs["pixel_values"].shape[0] > 2  # tiled
+    rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with torch.no_grad():
+        from_ids = model(**inputs)
+        from_embeds = model(**rest, inputs_embeds=embeds)
+    assert from_ids.expert_index.shape == (2,) and torch.equal(from_ids.expert_index, from_embeds.expert_index)
+    assert torch.equal(from_ids.logits, from_embeds.logits)
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(**inputs, **kwargs)[:, inputs["input_ids"].shape[1]:],
+                       model.generate(**rest, inputs_embeds=embeds, **kwargs))
