@@ -34,7 +34,7 @@ from transformers.utils.generic import can_return_tuple
 
 
 try:
-    from .configuration_mixpert import MixpertConfig
+    from .configuration_mixpert import ROUTING_STRATEGIES, MixpertConfig
     from .vlm_backbones import (
         HubCheckpointMixin,
         placeholder_ids,
@@ -50,7 +50,7 @@ try:
         lm_and_router_loss,
     )
 except ImportError:
-    from configuration_mixpert import MixpertConfig
+    from configuration_mixpert import ROUTING_STRATEGIES, MixpertConfig
     from vlm_backbones import (
         HubCheckpointMixin,
         placeholder_ids,
@@ -353,11 +353,14 @@ class MixpertModel(MixpertPreTrainedModel):
 
         labels = self._validate_expert_labels(expert_labels, images.num_images)
         if expert_index is None:
-            expert_index = route(
-                router_logits.float().softmax(-1),
-                routing_strategy or config.routing_strategy,
-                config.routing_threshold if routing_threshold is None else routing_threshold,
-            )
+            strategy = routing_strategy or config.routing_strategy
+            threshold = config.routing_threshold if routing_threshold is None else float(routing_threshold)
+            if strategy not in ROUTING_STRATEGIES:
+                raise ValueError(f"`routing_strategy` must be one of {ROUTING_STRATEGIES}, got {strategy!r}.")
+            if not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"`routing_threshold` must be in [0, 1] (a probability or a difference of two), got "
+                                 f"{threshold}.")
+            expert_index = route(router_logits.float().softmax(-1), strategy, threshold)
             if labels is not None:
                 row_labels = labels.to(expert_index.device)[routed_image]
                 expert_index = torch.where(row_labels == -100, expert_index, row_labels)
@@ -403,6 +406,8 @@ class MixpertModel(MixpertPreTrainedModel):
         batch_num_images: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         image_num_patches: torch.Tensor | None = None,
+        routing_strategy: str | None = None,
+        routing_threshold: float | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
         use_cache: bool | None = None,
@@ -417,7 +422,8 @@ class MixpertModel(MixpertPreTrainedModel):
             features = self.get_image_features(
                 pixel_values, input_ids=ids, expert_labels=expert_labels, image_sizes=image_sizes,
                 batch_num_images=batch_num_images, image_grid_thw=image_grid_thw, image_num_patches=image_num_patches,
-                output_hidden_states=False, return_dict=True,
+                routing_strategy=routing_strategy, routing_threshold=routing_threshold, output_hidden_states=False,
+                return_dict=True,
             )
         backbone_kwargs = {}
         if features is not None:
@@ -494,6 +500,8 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         batch_num_images: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
         image_num_patches: torch.Tensor | None = None,
+        routing_strategy: str | None = None,
+        routing_threshold: float | None = None,
         mm_token_type_ids: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
         use_cache: bool | None = None,
@@ -505,6 +513,9 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
             Per image: 0 = versatile expert, k = k-th domain expert, -100 = let the router decide. Labelled images use
             that expert, and images labelled with a domain add the router's cross-entropy (the versatile expert is not
             a router class). With `routing_granularity="sub_image"` every tile takes its image's label.
+        routing_strategy (`str`, *optional*), routing_threshold (`float`, *optional*):
+            This call's routing rule instead of the config's (`generate` takes them too): `"direct"`,
+            `"score_threshold"` or `"score_difference"`, and λ / τ in [0, 1] (Mixpert §3.3).
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
@@ -513,7 +524,8 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
             past_key_values=take_cache(past_key_values, kwargs), inputs_embeds=inputs_embeds, expert_labels=expert_labels,
             return_dict=True,
             image_sizes=image_sizes, batch_num_images=batch_num_images, image_grid_thw=image_grid_thw,
-            image_num_patches=image_num_patches, mm_token_type_ids=mm_token_type_ids,
+            image_num_patches=image_num_patches, routing_strategy=routing_strategy, routing_threshold=routing_threshold,
+            mm_token_type_ids=mm_token_type_ids,
             mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -562,12 +574,18 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         `num_return_sequences` repeat whole images, tiles included). With `return_dict_in_generate=True` the output
         also carries `expert_index` and `router_logits`. Pass `expert_labels` to force experts."""
         image_kwargs = {name: kwargs.pop(name, None) for name in (
-            "expert_labels", "image_sizes", "batch_num_images", "image_num_patches")}
+            "expert_labels", "image_sizes", "batch_num_images", "image_num_patches", "routing_strategy",
+            "routing_threshold")}
         inputs_embeds = kwargs.pop("inputs_embeds", None)
         prompt_ids = input_ids
         if prompt_ids is None and inputs_embeds is not None and pixel_values is not None:
             prompt_ids = placeholder_ids(inputs_embeds, self.get_input_embeddings(), [self.model.image_token_id], -1)
         if pixel_values is None or prompt_ids is None:
+            routing = {k: image_kwargs.pop(k) for k in ("routing_strategy", "routing_threshold")}
+            if pixel_values is not None and any(v is not None for v in routing.values()):
+                # `GenerationMixin` encodes the images itself here: it would not pass a routing override on.
+                raise ValueError("`routing_strategy` / `routing_threshold` need `input_ids` (or `inputs_embeds`) with "
+                                 "the images; set `model.config.routing_strategy` instead.")
             return super().generate(**passthrough_generate_kwargs(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                 inputs_embeds=inputs_embeds, **image_kwargs,

@@ -8,6 +8,7 @@ from modeling_mixpert import MixpertForConditionalGeneration, route
 from tests.utils import run_without_project
 from train.tiny import (
     FAMILIES,
+    build_tiny_mixpert,
     build_generalist,
     build_generalist_config,
     build_processor,
@@ -297,3 +298,23 @@ def test_tiny_internvl_processor_caps_tiles_of_a_large_image(max_patches):
     # InternVL tiles a large image into up to `max_patches` crops, plus a thumbnail when there is more than one
     expected = 1 if max_patches == 1 else min(max_patches, 2) + 1
     assert out["pixel_values"].shape == (expected, 3, 16, 16)
+
+
+def test_routing_strategy_can_be_chosen_per_call_in_forward_and_generate():
+    """`forward` / `generate(routing_strategy=..., routing_threshold=...)` route by that rule instead of the config's;
+    bad values are refused with the allowed ones named."""
+    model, processor = build_tiny_mixpert("qwen2_vl", domains=("chart", "table"), routing_strategy="score_threshold",
+                                          routing_threshold=1.0)  # the config sends every image to the versatile
+    model.eval()
+    inputs = processor(images=random_images(2), text=[chat_prompt(processor)] * 2, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert model(**inputs).expert_index.tolist() == [0, 0]
+        direct = model(**inputs, routing_strategy="direct")
+        assert direct.expert_index.tolist() == (direct.router_logits.argmax(-1) + 1).tolist()
+        assert model(**inputs, routing_threshold=0.0).expert_index.tolist() == direct.expert_index.tolist()
+    out = model.generate(**inputs, routing_strategy="direct", max_new_tokens=2, return_dict_in_generate=True)
+    assert out.expert_index.tolist() == direct.expert_index.tolist()
+    with pytest.raises(ValueError, match=r"`routing_strategy` must be one of \('direct'"):
+        model(**inputs, routing_strategy="argmax")
+    with pytest.raises(ValueError, match=r"`routing_threshold` must be in \[0, 1\]"):
+        model(**inputs, routing_threshold=1.5)

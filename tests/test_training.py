@@ -366,3 +366,28 @@ def test_per_group_learning_rates_refuse_optimizer_factories(tmp_path, monkeypat
                         staticmethod(lambda args, model=None: (lambda: None, {})))
     with pytest.raises(ValueError, match="cannot take this script's per-group learning rates; use --optim adamw_torch"):
         trainer.create_optimizer()
+
+
+def test_dpo_policy_and_reference_see_the_same_inputs_after_a_gscm_stage(tmp_path):
+    """A stage-2 checkpoint keeps `gscm_ratio` > 0; DPO runs the policy in train mode and the reference in eval mode,
+    so the ratio must be off for both, or the policy's image tokens are masked and the reference's are not
+    (with policy = reference the log-probability ratios then differ from 0)."""
+    import torch
+
+    from train.dpo import load_models, make_parser
+    from train.tiny import build_tiny_chimera, chat_prompt, random_images
+
+    model, processor = build_tiny_chimera("internvl", gscm_ratio=0.5)
+    model.save_pretrained(tmp_path / "stage2")
+    processor.save_pretrained(tmp_path / "stage2")
+    script_args, _, model_args, _ = make_parser().parse_args_into_dataclasses(
+        ["--model_name_or_path", str(tmp_path / "stage2"), "--output_dir", str(tmp_path / "dpo"), "--use_cpu", "true"]
+    )
+    _, policy, reference, processor = load_models(model_args, script_args)
+    assert policy.config.gscm_ratio == 0.0 and reference.config.gscm_ratio == 0.0
+    inputs = processor(images=random_images(1), text=[chat_prompt(processor)], return_tensors="pt")
+    policy.train()
+    reference.eval()
+    with torch.no_grad():
+        assert torch.equal(policy(**inputs, expert_labels=torch.tensor([1])).logits,
+                           reference(**inputs, expert_labels=torch.tensor([1])).logits)

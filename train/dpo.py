@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -35,6 +36,9 @@ from train.common import (
     tiny_model_kwargs,
     training_files,
 )
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,7 +82,7 @@ def load_models(model_args: ModelArguments, script_args: DPOScriptArguments):
         else:
             raise ValueError(f"--tiny_model must be chimera or mixpert, got {script_args.tiny_model!r}.")
         (policy, processor), (reference, _) = build(), build()
-        return script_args.tiny_model, policy, reference, processor
+        return script_args.tiny_model, *without_gscm(policy, reference), processor
     kind = _read_model_type(model_args.model_name_or_path)
     if kind not in ("chimera", "mixpert"):
         raise ValueError(f"{model_args.model_name_or_path} holds a {kind!r} model; train.dpo trains Chimera or Mixpert.")
@@ -89,7 +93,18 @@ def load_models(model_args: ModelArguments, script_args: DPOScriptArguments):
     processor = (ChimeraProcessor if kind == "chimera" else AutoProcessor).from_pretrained(
         model_args.model_name_or_path, trust_remote_code=True  # our own checkpoint: its config names our classes
     )
-    return kind, policy, reference, processor
+    return kind, *without_gscm(policy, reference), processor
+
+
+def without_gscm(policy, reference):
+    """GSCM belongs to stage 2 (Chimera §3.3). A stage-2 checkpoint keeps its `gscm_ratio` in `config.json`; in DPO
+    the policy runs in train mode and the reference in eval mode, so a ratio left on would mask the policy's image
+    tokens but not the reference's, and the log-probability ratios would compare two different inputs. Both get 0."""
+    for model in (policy, reference):
+        if getattr(model.config, "gscm_ratio", 0.0):
+            logger.info(f"DPO: gscm_ratio {model.config.gscm_ratio} -> 0 (GSCM is a stage-2 mechanism).")
+            model.config.gscm_ratio = 0.0
+    return policy, reference
 
 
 def load_preference_data(files, image_root=None):
