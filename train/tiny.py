@@ -3,8 +3,8 @@
 Nothing here downloads anything. Tests, the tiny training configs (`train/configs/tiny/`) and the mini-lab use
 these builders when no model path is given, so the whole pipeline runs on a CPU without the Hugging Face Hub.
 
-The sizes follow `shared/notes/transformers5.md` ("tiny backbones that build and run"): hidden 32, 2 text and
-2 vision layers. Every builder is deterministic for a given `seed`.
+The sizes are the smallest that build and run on every family: hidden 32, 2 text and 2 vision layers. Every builder
+is deterministic for a given `seed`.
 """
 
 from __future__ import annotations
