@@ -45,7 +45,6 @@ try:
         take_cache,
         check_image_token_count,
         get_backbone_family,
-        image_token_spans,
         repeat_images_for_generation,
         lm_and_router_loss,
     )
@@ -61,7 +60,6 @@ except ImportError:
         take_cache,
         check_image_token_count,
         get_backbone_family,
-        image_token_spans,
         repeat_images_for_generation,
         lm_and_router_loss,
     )
@@ -595,10 +593,8 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
             pixel_values, input_ids=prompt_ids, image_grid_thw=kwargs.get("image_grid_thw"), return_dict=True,
             **image_kwargs
         )
-        counts = [int(f.shape[0]) for f in features.pooler_output]
-        features.image_rows = torch.tensor(
-            [row for row, _, _ in image_token_spans(prompt_ids, self.model.image_token_id, counts)],
-            dtype=torch.long, device=prompt_ids.device,
+        features.image_rows = image_rows_from_prompt(
+            prompt_ids, None, None, self.model.image_token_id, [int(f.shape[0]) for f in features.pooler_output]
         )
         output = super().generate(**passthrough_generate_kwargs(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
