@@ -989,9 +989,9 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
                 The object's modules are reused, not copied; its vocabulary grows by one row per expert.
             experts: `{domain: expert}` in router order. An expert is a vision model object (`CLIPVisionModel`,
                 `SiglipVisionModel`, `Pix2StructVisionModel`, `GotOcr2VisionEncoder`, or a full `CLIPModel`,
-                `SiglipModel`, `Pix2StructForConditionalGeneration`, `GotOcr2ForConditionalGeneration`, whose
-                vision part is taken), a path / repo id of one, or a dict `{"model": ..., "feature_layer": ...,
-                "feature_select_strategy": ...}`. Expert encoders are frozen.
+                `SiglipModel`, `Pix2StructForConditionalGeneration`, `GotOcr2ForConditionalGeneration`,
+                `Kosmos2_5ForConditionalGeneration`, whose vision part is taken), a path / repo id of one, or a
+                dict `{"model": ..., "feature_layer": ..., "feature_select_strategy": ...}`. Expert encoders are frozen.
             expert_token_ids: reuse existing vocabulary ids as expert placeholders instead of adding new rows.
             router_feature, gscm_ratio, router_loss_weight, **config_kwargs: see `ChimeraConfig`.
         """
@@ -1063,7 +1063,7 @@ def load_expert_encoder(spec, dtype=None):
             from transformers import Pix2StructForConditionalGeneration
 
             spec = Pix2StructForConditionalGeneration.from_pretrained(spec, dtype=dtype, use_safetensors=True)
-        elif family == "got_ocr2":
+        elif family in ("got_ocr2", "kosmos-2.5"):
             spec = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, use_safetensors=True)
         elif family == "pix2struct_vision_model":
             from transformers import Pix2StructVisionModel
@@ -1080,6 +1080,10 @@ def load_expert_encoder(spec, dtype=None):
         return config.vision_config, spec.vision_model
     if family == "pix2struct" and hasattr(spec, "encoder"):
         return config.vision_config, spec.encoder
+    if family == "kosmos-2.5" and hasattr(spec, "vision_model"):
+        # A full Kosmos-2.5 (`Kosmos2_5Model` / `...ForConditionalGeneration`): its vision encoder is the expert, as
+        # in the official Chimera table expert.
+        return config.vision_config, spec.vision_model
     if family == "got_ocr2":
         inner = spec.model if hasattr(spec, "model") else spec
         with torch.device("meta"):

@@ -334,6 +334,32 @@ def test_from_generalist_loads_paths(tmp_path):
                        reference.model.multi_modal_projector.conv_upsampler2.weight)
 
 
+def test_from_generalist_takes_a_full_kosmos_2_5_as_an_expert(tmp_path):
+    # The official table expert is Kosmos-2.5's encoder; a whole Kosmos-2.5 checkpoint (object or folder) gives it.
+    from transformers import Kosmos2_5Config, Kosmos2_5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    kosmos = Kosmos2_5ForConditionalGeneration(Kosmos2_5Config(
+        vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                           head_dim=6, patch_embed_hidden_size=48, max_num_patches=16),
+        text_config=dict(vocab_size=64, embed_dim=24, ffn_dim=48, layers=1, attention_heads=4),
+        latent_query_num=4,
+    )).eval()
+    kosmos.save_pretrained(tmp_path / "kosmos")
+    tokenizer = build_tokenizer("internvl")
+    for spec in (kosmos, str(tmp_path / "kosmos")):
+        model = ChimeraForConditionalGeneration.from_generalist(build_generalist("internvl", tokenizer), {"table": spec})
+        encoder = model.model.expert_encoders["table"]
+        assert model.config.experts[0].vision_config.model_type == "kosmos_2_5_vision_model"
+        assert type(encoder.encoder).__name__ == "Kosmos2_5VisionModel"
+        for name, weight in kosmos.vision_model.state_dict().items():
+            assert torch.equal(encoder.encoder.state_dict()[name], weight), name
+        rows_cols = torch.stack(torch.meshgrid(torch.arange(1, 5.0), torch.arange(1, 5.0), indexing="ij"), -1)
+        patches = torch.cat([rows_cols.reshape(1, 16, 2).expand(2, -1, -1), torch.randn(2, 16, 48)], -1)
+        with torch.no_grad():
+            assert encoder(patches).shape == (2, 16, 24)
+
+
 def test_config_copies_are_independent_and_deterministic():
     a, _ = build_tiny_chimera("qwen2_vl", seed=7)
     b, _ = build_tiny_chimera("qwen2_vl", seed=7)
