@@ -26,6 +26,7 @@ Users never write these tokens:
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -941,6 +942,7 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
             ("position_ids", layout.position_ids)) if value is not None}
         if inputs_embeds is not None:  # the caller's embeddings, with the expert slots filled in from their ids
             extra["inputs_embeds"] = self.model.expanded_embeddings(layout, inputs_embeds)
+        self._count_lengths_from_the_callers_prompt(kwargs, layout.input_ids.shape[1] - prompt_ids.shape[1])
         attention = layout.attention_mask if layout.attention_mask is not None else torch.ones_like(layout.input_ids)
         # The expanded ids go along even for a prompt given as embeddings: Qwen2-VL's 3D positions are read off them.
         output = super().generate(
@@ -952,6 +954,25 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
             output["expert_index"] = features.expert_index
             output["router_logits"] = features.router_logits
         return output
+
+    def _count_lengths_from_the_callers_prompt(self, kwargs, inserted: int) -> None:
+        """`max_length` / `min_length` measure the caller's prompt + new tokens; decoding runs on the prompt with
+        `inserted` expert tokens added, so the totals it sees grow by as much (`max_new_tokens`, when set anywhere,
+        takes precedence in `generate` and needs nothing). Precedence as in `generate`: keyword > the
+        `generation_config` passed > the model's."""
+        if not inserted:
+            return
+        passed = kwargs.get("generation_config")
+        sources = [kwargs, vars(passed) if passed is not None else {}, vars(self.generation_config)]
+        for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            value = next((source[total] for source in sources if source.get(total) is not None), None)
+            if value is None or any(source.get(new) is not None for source in sources):
+                continue
+            if total in kwargs or passed is None:
+                kwargs[total] = value + inserted
+            else:  # keep the caller's object unchanged; `generate` warns when a config and keywords are mixed
+                passed = kwargs["generation_config"] = copy.deepcopy(passed)
+                setattr(passed, total, value + inserted)
 
     @staticmethod
     def _strip_expert_tokens(output, layout, batch_size, keep_prompt=True):

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from modeling_chimera import ChimeraForConditionalGeneration
 from train.tiny import (
@@ -178,6 +179,31 @@ def test_generate_routes_before_decoding_and_matches_uncached_greedy(family):
             if types is not None:
                 types = torch.cat([types, torch.zeros_like(next_token)], dim=1)
     assert torch.equal(out.sequences, ids)
+
+
+@pytest.mark.parametrize("family", ["internvl", "llava_onevision"])
+def test_generate_max_length_counts_the_callers_prompt_not_the_expert_tokens(family):
+    model, processor = build_tiny_chimera(family)
+    model.generation_config.eos_token_id = None  # decode every allowed step
+    inputs = two_sample_batch(processor, seed=3)
+    prompt_len, labels = inputs.input_ids.shape[1], torch.tensor([1, 2, 1])
+    with torch.no_grad():
+        reference = model.generate(**inputs, expert_labels=labels, max_new_tokens=6, do_sample=False)
+        by_length = model.generate(**inputs, expert_labels=labels, max_length=prompt_len + 6, do_sample=False)
+        by_config = model.generate(**inputs, expert_labels=labels,
+                                   generation_config=GenerationConfig(max_length=prompt_len + 6, do_sample=False))
+        model.generation_config.max_length = prompt_len + 6  # the model's own default counts the same way
+        by_default = model.generate(**inputs, expert_labels=labels, do_sample=False)
+        model.generation_config.max_length = None
+        eos = int(reference[0, prompt_len + 1])  # row 0 would stop at its second new token
+        free = model.generate(**inputs, expert_labels=labels, max_new_tokens=6, do_sample=False, eos_token_id=eos)
+        held = model.generate(**inputs, expert_labels=labels, max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                              min_length=prompt_len + 4)
+    assert reference.shape == (2, prompt_len + 6)
+    for out in (by_length, by_config, by_default):
+        assert torch.equal(out, reference)
+    assert eos in free[0, prompt_len:prompt_len + 2].tolist()
+    assert eos not in held[0, prompt_len:prompt_len + 4].tolist()  # min_length counts the caller's prompt too
 
 
 def test_generate_with_router_decision_beam_search_and_text_only_rows():
