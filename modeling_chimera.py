@@ -411,6 +411,25 @@ class ChimeraModel(ChimeraPreTrainedModel):
             )
         return expert_labels
 
+    def choose_experts(self, router_logits, expert_labels=None, input_ids=None, generalist_features=None):
+        """The expert of each image (0 = none): the one `input_ids` already name when they hold expert blocks, else
+        the labelled one (`expert_labels`, teacher forcing; -100 leaves it to the router), else the router's
+        argmax (Chimera §3.2)."""
+        labels = self._validate_expert_labels(expert_labels, router_logits.shape[0])
+        if input_ids is not None and self.has_expert_tokens(input_ids):
+            expert_index = self.expert_index_from_tokens(input_ids, generalist_features)
+            if labels is not None and bool(((labels != -100) & (labels.to(expert_index.device) != expert_index)).any()):
+                raise ValueError(
+                    f"`expert_labels` {labels.tolist()} disagree with the expert tokens in `input_ids` "
+                    f"{expert_index.tolist()}: pass compact input_ids (without expert tokens) to teacher-force."
+                )
+            return expert_index
+        expert_index = router_logits.argmax(-1)
+        if labels is not None:
+            labels = labels.to(expert_index.device)
+            expert_index = torch.where(labels == -100, expert_index, labels)
+        return expert_index
+
     def encode_generalist(self, pixel_values, input_ids=None, **image_inputs):
         """Generalist tokens per image, router logits, the image grouping and the tower activations."""
         images = self._image_batch(pixel_values, input_ids=input_ids, **image_inputs)
@@ -479,11 +498,10 @@ class ChimeraModel(ChimeraPreTrainedModel):
             image_grid_thw=image_grid_thw, image_num_patches=image_num_patches,
         )
         num_images = images.num_images
-        labels = self._validate_expert_labels(expert_labels, num_images)
         if expert_index is None:
-            expert_index = router_logits.argmax(-1)
-            if labels is not None:
-                expert_index = torch.where(labels == -100, expert_index, labels.to(expert_index.device))
+            expert_index = self.choose_experts(router_logits, expert_labels, input_ids, features)
+        else:
+            self._validate_expert_labels(expert_labels, num_images)
         expert_features = self.encode_experts(expert_index, expert_pixel_values, num_images)
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
@@ -550,12 +568,13 @@ class ChimeraModel(ChimeraPreTrainedModel):
         padding_side: str | None = None,
         pad_token_id: int | None = None,
     ) -> ExpertTokenLayout:
-        """Insert each routed image's expert block after its generalist tokens (compact -> expanded inputs)."""
+        """Insert each routed image's expert block after its generalist tokens (compact -> expanded inputs). Inputs
+        that already hold expert blocks are laid out as they are."""
         batch, seq_len = input_ids.shape
         device = input_ids.device
         gen_counts = [int(f.shape[0]) for f in image_features.generalist_features]
         spans = image_token_spans(input_ids, self.generalist_image_token_id, gen_counts) if gen_counts else []
-        expert_index = image_features.expert_index.tolist() if gen_counts else []
+        expert_index = image_features.expert_index.tolist() if gen_counts and not self.has_expert_tokens(input_ids) else []
         inserts = [[] for _ in range(batch)]  # per row: (anchor col, block ids)
         for (row, _, last), k, feats in zip(spans, expert_index, image_features.expert_features or ()):
             if k == 0:
@@ -676,18 +695,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
                             image_num_patches=image_num_patches)
         if image_features is None:
             features, router_logits, images, _ = self.encode_generalist(pixel_values, input_ids=input_ids, **image_inputs)
-            labels = self._validate_expert_labels(expert_labels, images.num_images)
-            if expanded:
-                expert_index = self.expert_index_from_tokens(input_ids, features)
-                if labels is not None and bool(((labels != -100) & (labels.to(expert_index.device) != expert_index)).any()):
-                    raise ValueError(
-                        f"`expert_labels` {labels.tolist()} disagree with the expert tokens in `input_ids` "
-                        f"{expert_index.tolist()}: pass compact input_ids (without expert tokens) to teacher-force."
-                    )
-            else:
-                expert_index = router_logits.argmax(-1)
-                if labels is not None:
-                    expert_index = torch.where(labels.to(expert_index.device) == -100, expert_index, labels.to(expert_index.device))
+            expert_index = self.choose_experts(router_logits, expert_labels, input_ids, features)
             image_features = ChimeraImageFeatures(
                 pooler_output=tuple(features), router_logits=router_logits, expert_index=expert_index,
                 expert_features=self.encode_experts(expert_index, expert_pixel_values, images.num_images),
@@ -700,12 +708,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
                 "routes before decoding, or pass input_ids that already hold the expert tokens."
             )
 
-        if expanded:
-            layout = self.layout(input_ids, ChimeraImageFeatures(
-                pooler_output=image_features.pooler_output, expert_index=torch.zeros_like(image_features.expert_index),
-                expert_features=image_features.expert_features), attention_mask, mm_token_type_ids, position_ids)
-        else:
-            layout = self.layout(input_ids, image_features, attention_mask, mm_token_type_ids, position_ids)
+        layout = self.layout(input_ids, image_features, attention_mask, mm_token_type_ids, position_ids)
 
         ids = layout.input_ids
         embeds = self.expanded_embeddings(layout, inputs_embeds)
@@ -729,7 +732,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
             mm_token_type_ids=layout.mm_token_type_ids, **cache_kwarg(cache), **kwargs,
         )
         hidden, all_hidden = outputs.last_hidden_state, outputs.hidden_states
-        if layout.inserted and not expanded:
+        if layout.inserted:
             index = layout.source_positions.unsqueeze(-1)
             realign = lambda h: h.gather(1, index.expand(-1, -1, h.shape[-1]))  # noqa: E731
             hidden = realign(hidden)
@@ -910,7 +913,8 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
 
         With images: encode them once (generalist, router, chosen experts), insert each routed image's expert
         tokens into the prompt, decode on that expanded prompt, and return the caller's prompt + the new tokens
-        (the inserted tokens are removed again, so `out[:, input_ids.shape[1]:]` is the continuation). A prompt given
+        (the inserted tokens are removed again, so `out[:, input_ids.shape[1]:]` is the continuation). A prompt that
+        already holds expert blocks (e.g. a previous call's `expanded_input_ids`) keeps the experts it names. A prompt given
         as `inputs_embeds` (placeholders embedded with the image token's embedding) is expanded the same way; then, as
         for any model, only the new tokens are returned. Pass `expert_labels` to force experts (0 = none);
         `return_dict_in_generate=True` also gives `expert_index` and `router_logits`.
@@ -923,7 +927,7 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         prompt_ids = input_ids
         if prompt_ids is None and inputs_embeds is not None and pixel_values is not None:
             prompt_ids = self.model._placeholder_ids(inputs_embeds)
-        if pixel_values is None or prompt_ids is None or self.model.has_expert_tokens(prompt_ids):
+        if pixel_values is None or prompt_ids is None:
             return super().generate(**passthrough_generate_kwargs(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                 inputs_embeds=inputs_embeds, **{k: v for k, v in image_kwargs.items() if k != "expert_labels"},

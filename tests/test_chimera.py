@@ -206,6 +206,29 @@ def test_generate_max_length_counts_the_callers_prompt_not_the_expert_tokens(fam
     assert eos not in held[0, prompt_len:prompt_len + 4].tolist()  # min_length counts the caller's prompt too
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_on_a_prompt_that_already_holds_expert_tokens_keeps_its_experts(family):
+    model, processor = build_tiny_chimera(family)
+    model.generation_config.eos_token_id = None
+    inputs = two_sample_batch(processor, seed=3)
+    image_inputs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    with torch.no_grad():
+        routed = model(**inputs).expert_index
+        labels = torch.where(routed == 1, 2, 1)  # experts the router would not choose
+        step = model.model(**inputs, expert_labels=labels)
+        reference = model.generate(**inputs, expert_labels=labels, max_new_tokens=4, do_sample=False)
+        expanded = dict(image_inputs, input_ids=step.expanded_input_ids, attention_mask=step.expanded_attention_mask)
+        if "mm_token_type_ids" in inputs:
+            expanded["mm_token_type_ids"] = (step.expanded_input_ids == model.model.generalist_image_token_id).long()
+        out = model.generate(**expanded, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+        with pytest.raises(ValueError, match="disagree with the expert tokens"):
+            model.generate(**expanded, expert_labels=routed, max_new_tokens=1)
+    assert out.expert_index.tolist() == labels.tolist()
+    prompt_len = step.expanded_input_ids.shape[1]
+    assert torch.equal(out.sequences[:, :prompt_len], step.expanded_input_ids)  # the prompt as given
+    assert torch.equal(out.sequences[:, prompt_len:], reference[:, inputs.input_ids.shape[1]:])
+
+
 def test_generate_with_router_decision_beam_search_and_text_only_rows():
     model, processor = build_tiny_chimera("internvl")
     images = random_images(1, seed=2)
