@@ -58,13 +58,22 @@ def test_chimera_stage_1_trains_router_and_projectors_only(data_dir, tmp_path):
     model = trainer.model
     moved = changed(initial, model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("model.router.", "model.expert_projectors.")) for n in trainable)
+    # Chimera §3.4: stage 1 trains the router, the expert projectors and the generalist's projector
+    assert trainable and all(n.startswith(("model.router.", "model.expert_projectors.",
+                                           "model.generalist.multi_modal_projector.")) for n in trainable)
+    assert any(n.startswith("model.generalist.multi_modal_projector.") for n in trainable)
     assert moved == trainable  # every trainable parameter changed, nothing else did
     assert model.config.gscm_ratio == 0.0
     summary = json.loads((tmp_path / "run_summary.json").read_text())
-    assert summary["groups"] == ["router", "expert_projectors"] and summary["global_step"] == 3
+    assert summary["groups"] == ["router", "expert_projectors", "generalist_projector"]
+    assert summary["global_step"] == 3
     history = [h for h in trainer.state.log_history if "lm_loss" in h]
     assert history and "router_loss" in history[0]
+
+    frozen = run_script("chimera", "chimera_stage1.yaml", "--output_dir", tmp_path / "frozen", "--max_steps", 1,
+                        "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no",
+                        "--train_generalist_projector", "false").model
+    assert not any(p.requires_grad for n, p in frozen.named_parameters() if ".multi_modal_projector." in n)
 
 
 def test_chimera_router_phase_fits_the_router_alone_on_cached_features(data_dir, tmp_path):
@@ -99,7 +108,7 @@ def test_chimera_router_phase_fits_the_router_alone_on_cached_features(data_dir,
     torch.testing.assert_close(routed, after.model.router(features[:4]), rtol=1e-5, atol=1e-5)  # batch of 16 vs 4
     assert targets.tolist() == [labels[d] for d in DOMAINS] * 2
     assert (routed.argmax(-1) == targets[:4]).all()
-    with pytest.raises(ValueError, match="--stage router trains the router alone; drop --use_lora"):
+    with pytest.raises(ValueError, match="--stage router trains the router alone; drop --use_lora."):
         run_script("chimera", "chimera_stage1.yaml", "--stage", "router", "--use_lora", "true", "--output_dir", tmp_path)
 
 
@@ -114,9 +123,9 @@ def test_chimera_stage_2_adds_the_llm_and_gscm_and_keeps_experts_frozen(data_dir
                          "--save_strategy", "no")
     model = trainer.model
     moved = changed(initial, model)
-    assert not any(n.startswith(("model.expert_encoders.", "model.generalist.vision_tower.",
-                                 "model.generalist.multi_modal_projector.")) for n in moved)
+    assert not any(n.startswith(("model.expert_encoders.", "model.generalist.vision_tower.")) for n in moved)
     assert any(n.startswith("model.generalist.language_model.") for n in moved)
+    assert any(n.startswith("model.generalist.multi_modal_projector.") for n in moved)  # Chimera §3.4
     assert "model.router.weight" in moved and "lm_head.weight" in moved
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert moved == trainable
@@ -137,6 +146,7 @@ def test_chimera_stage_2_with_lora_merges_into_a_plain_checkpoint(data_dir, tmp_
     moved = changed(snapshot(before), after)
     assert "model.router.weight" in moved
     assert any(".self_attn.q_proj.weight" in n for n in moved)  # LoRA merged into the LLM
+    assert any(n.startswith("model.generalist.multi_modal_projector.") for n in moved)  # fully trained, as in stage 1
     assert not any(n.startswith("model.expert_encoders.") for n in moved)
 
 
@@ -196,7 +206,8 @@ def test_chimera_router_learning_rate_and_optim_flag(data_dir, tmp_path, monkeyp
                "--train_file", data_dir / "sft.jsonl", "--learning_rate", 1e-3, "--router_learning_rate", 3e-2,
                "--optim", "sgd", "--weight_decay", 0.1)
     assert seen[3e-2] == {"model.router.weight"}
-    assert seen[1e-3] and all(n.startswith("model.expert_projectors.") for n in seen[1e-3])
+    assert seen[1e-3] and all(n.startswith(("model.expert_projectors.", "model.generalist.multi_modal_projector."))
+                              for n in seen[1e-3])
     optimizer = seen["optimizer"]
     assert isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.SGD)  # --optim is honoured
     decay = {n: g["weight_decay"] for g in optimizer.param_groups for n in names_of(g, seen)}

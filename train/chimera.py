@@ -1,7 +1,8 @@
 """Chimera's progressive training (Chimera §3.4) with `transformers.Trainer`.
 
-Stage 1 trains the router and the expert projectors only (generalist encoder + projector, experts, LLM frozen).
-Stage 2 also trains the LLM (fully, or LoRA adapters with `--use_lora`) and turns on Generalist-Specialist
+Stage 1 trains the router, the expert projectors and the generalist's projector (Chimera §3.4 trains it in stages 1
+and 2; `--train_generalist_projector false` freezes it); the generalist's vision encoder, the experts and the LLM stay
+frozen. Stage 2 also trains the LLM (fully, or LoRA adapters with `--use_lora`) and turns on Generalist-Specialist
 Collaboration Masking (`--gscm_ratio`, Chimera §3.3). Expert encoders are frozen at every stage. The loss is
 `lm_loss + router_loss` (router cross-entropy on each sample's domain, teacher-forced experts); both parts are logged.
 `--stage router` trains the router alone on generalist features computed once (the same objective as its part of
@@ -16,7 +17,7 @@ Tiny, offline (builds a tiny model and synthetic data when no paths are given):
 Real run (see train/configs/real/), 8 GPUs:
 
     accelerate launch --config_file train/configs/accelerate/deepspeed_zero2.yaml -m train.chimera \\
-        --config train/configs/real/chimera_internvl2_8b_stage1.yaml --output_dir runs/chimera-8b-stage1
+        --config train/configs/real/chimera_internvl_8b_stage1.yaml --output_dir runs/chimera-8b-stage1
 
 Two CPU processes (gloo data parallel): `torchrun --nproc_per_node 2 -m train.chimera --config ...`.
 Resume: `--resume_from_checkpoint last` (or a checkpoint folder). Push: `--push_to_hub --hub_model_id org/name`.
@@ -51,15 +52,17 @@ from train.common import (
 class ChimeraScriptArguments:
     """Stage and what it trains."""
 
-    stage: str = field(default="1", metadata={"help": "1: router + expert projectors; 2: + LLM, with GSCM; router: "
-                                                     "the router alone, on cached generalist features."})
+    stage: str = field(default="1", metadata={"help": "1: router + expert and generalist projectors; 2: + LLM, with "
+                                                     "GSCM; router: the router alone, on cached generalist features."})
     gscm_ratio: float = field(default=0.1, metadata={"help": "Stage 2: fraction of generalist image tokens masked "
                                                             "for expert images (Chimera §3.3). Ignored in stage 1."})
     no_expert_domains: list[str] = field(
         default_factory=lambda: ["general"],
         metadata={"help": "Data domains that use no expert (router class 0). Any other domain must be an expert's."},
     )
-    train_generalist_projector: bool = field(default=False, metadata={"help": "Also train the generalist projector."})
+    train_generalist_projector: bool = field(
+        default=True, metadata={"help": "Stages 1 and 2: train the generalist's projector too (Chimera §3.4 does); "
+                                        "false freezes it. The router stage never trains it."})
     router_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the router (new, small, starts from scratch); default: "
                                         "--learning_rate."})
@@ -97,8 +100,8 @@ def stage_groups(script_args: ChimeraScriptArguments) -> list[str]:
     if script_args.stage not in ("1", "2", "router"):
         raise ValueError(f"--stage must be 1, 2 or router, got {script_args.stage}.")
     if script_args.stage == "router":
-        if script_args.use_lora or script_args.train_generalist_projector:
-            raise ValueError("--stage router trains the router alone; drop --use_lora / --train_generalist_projector.")
+        if script_args.use_lora:
+            raise ValueError("--stage router trains the router alone; drop --use_lora.")
         return ["router"]
     names = ["router", "expert_projectors"]
     if script_args.stage == "2" and not script_args.use_lora:
@@ -109,13 +112,17 @@ def stage_groups(script_args: ChimeraScriptArguments) -> list[str]:
 
 
 def apply_lora(model, script_args: ChimeraScriptArguments):
-    """LoRA on the LLM's linear layers; the router and expert projectors stay fully trainable (`modules_to_save`)."""
+    """LoRA on the LLM's linear layers; the router, the expert projectors and (unless frozen) the generalist's
+    projector stay fully trainable (`modules_to_save`)."""
     from peft import LoraConfig, get_peft_model
 
+    full = ["router"] + [f"expert_projectors.{d}" for d in model.domains]
+    if script_args.train_generalist_projector:
+        projector = model.model.family.projector(model.model.generalist)
+        full.append(next(name for name, module in model.named_modules() if module is projector))
     config = LoraConfig(
         r=script_args.lora_r, lora_alpha=script_args.lora_alpha, lora_dropout=script_args.lora_dropout,
-        target_modules=LLM_LORA_TARGETS,
-        modules_to_save=["router"] + [f"expert_projectors.{d}" for d in model.domains],
+        target_modules=LLM_LORA_TARGETS, modules_to_save=full,
     )
     return get_peft_model(model, config)
 

@@ -13,7 +13,7 @@ Tiny, offline (builds a tiny Chimera and synthetic preference pairs when no path
 Real run:
 
     accelerate launch --config_file train/configs/accelerate/deepspeed_zero2.yaml -m train.dpo \\
-        --config train/configs/real/chimera_internvl2_8b_dpo.yaml --output_dir runs/chimera-8b-dpo
+        --config train/configs/real/chimera_internvl_8b_dpo.yaml --output_dir runs/chimera-8b-dpo
 """
 
 from __future__ import annotations
