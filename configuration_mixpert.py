@@ -27,7 +27,7 @@ class MixpertConfig(PreTrainedConfig):
         base_config (`dict` or `PreTrainedConfig`):
             The base model's full config; `model_type` one of `llava_onevision`, `qwen2_vl`, `internvl`. Defaults to a
             default `llava_onevision` config (the paper's main base model).
-        domains (`list[str]`, *optional*, defaults to `["chart", "doc", "math", "ocr", "general"]`):
+        domains (`list[str]`, *optional*, defaults to `["chart", "document", "math", "ocr", "general"]`):
             Domain experts in order (paper §4.1). Expert `k` (1-based) is router class `k - 1` and `expert_labels ==
             k`; `expert_labels == 0` selects the versatile expert, which is the router's fallback, not a class.
         num_expert_layers (`int`, *optional*, defaults to 2):
@@ -75,7 +75,7 @@ class MixpertConfig(PreTrainedConfig):
         if model_type not in SUPPORTED_FAMILIES:
             raise unsupported_family_error(model_type)
         family = get_backbone_family(model_type)
-        self.domains = list(self.domains) if self.domains is not None else ["chart", "doc", "math", "ocr", "general"]
+        self.domains = list(self.domains) if self.domains is not None else ["chart", "document", "math", "ocr", "general"]
         if not self.domains or not all(isinstance(d, str) and d and "." not in d for d in self.domains):
             raise ValueError(f"`domains` must be a non-empty list of non-empty names without dots, got {self.domains}.")
         duplicates = sorted({d for d in self.domains if self.domains.count(d) > 1})

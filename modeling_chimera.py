@@ -56,6 +56,7 @@ try:
         get_backbone_family,
         image_token_spans,
         repeat_images_for_generation,
+        integer_labels,
         lm_and_router_loss,
     )
 except ImportError:
@@ -72,6 +73,7 @@ except ImportError:
         get_backbone_family,
         image_token_spans,
         repeat_images_for_generation,
+        integer_labels,
         lm_and_router_loss,
     )
 
@@ -333,6 +335,9 @@ class ChimeraPreTrainedModel(HubCheckpointMixin, PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
     _no_split_modules = []
+    # The router is small and trained from scratch: in bf16 most of its updates would round away, so it is loaded and
+    # kept in fp32 whatever `dtype` the rest of the model takes (its input is cast to its dtype in `forward`).
+    _keep_in_fp32_modules_strict = ["router"]
     _auto_map = {
         "AutoConfig": "configuration_chimera.ChimeraConfig",
         "AutoModel": "modeling_chimera.ChimeraForConditionalGeneration",
@@ -396,7 +401,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
     def _validate_expert_labels(self, expert_labels, num_images):
         if expert_labels is None:
             return None
-        expert_labels = torch.as_tensor(expert_labels).long().reshape(-1)
+        expert_labels = integer_labels(expert_labels)
         if expert_labels.numel() != num_images:
             raise ValueError(
                 f"`expert_labels` must hold one label per image ({num_images} images in this batch), got "
@@ -760,13 +765,16 @@ class ChimeraModel(ChimeraPreTrainedModel):
 
     def _placeholder_ids(self, inputs_embeds):
         """Token ids for a call with `inputs_embeds` and images but no `input_ids`: the image token (and each expert
-        token) where the embedding is that token's own (how the native VLMs find placeholders in `inputs_embeds`),
+        token, and the layout's `</img>` / wrapper tokens) where the embedding is that token's own (how the native VLMs find placeholders in `inputs_embeds`),
         the pad token elsewhere. They only place the generalist and expert tokens; the values come from
         `inputs_embeds`."""
         if inputs_embeds is None:
             raise ValueError("Pass `input_ids` or `inputs_embeds` together with the images.")
         pad = self.config.get_text_config().pad_token_id
-        tokens = [self.generalist_image_token_id, *(self.config.expert_token_ids or [])]
+        layout = (self.config.expert_insert_after_token_id, self.config.expert_start_token_id,
+                  self.config.expert_end_token_id)  # where blocks go (InternVL: after `</img>`) and their wrappers
+        tokens = [self.generalist_image_token_id, *(self.config.expert_token_ids or []),
+                  *(t for t in layout if t is not None)]
         return placeholder_ids(inputs_embeds, self.get_input_embeddings(), tokens, fill=0 if pad is None else pad)
 
     @staticmethod
@@ -1004,6 +1012,8 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         gscm_ratio: float = 0.0,
         router_loss_weight: float = 1.0,
         dtype: torch.dtype | None = None,
+        expert_layout: str | None = None,
+        image_end_token_id: int | None = None,
         **config_kwargs,
     ) -> "ChimeraForConditionalGeneration":
         """Assemble Chimera from an existing generalist and expert encoders.
@@ -1018,13 +1028,22 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
                 `Kosmos2_5ForConditionalGeneration`, whose vision part is taken), a path / repo id of one, or a
                 dict `{"model": ..., "feature_layer": ..., "feature_select_strategy": ...}`. Expert encoders are frozen.
             expert_token_ids: reuse existing vocabulary ids as expert placeholders instead of adding new rows.
+            expert_layout: where expert blocks go. `"official"` (the default for InternVL generalists, the only family
+                the official Chimera ships): `</img><domain><expert tokens></domain>`, as in checkpoints converted
+                from the official release, so one layout serves both; `<domain>` / `</domain>` get new vocabulary
+                rows unless `expert_start_token_id` / `expert_end_token_id` are given. `"plain"` (the default for
+                LLaVA-OneVision and Qwen2-VL): the expert tokens right after the image's last generalist token
+                (before Qwen2-VL's `<|vision_end|>`), no wrapper tokens.
+            image_end_token_id: the id of InternVL's `</img>` (`processor.end_image_token_id`), needed by the official
+                layout; read from the generalist's tokenizer when `generalist` is a path or repo id.
             router_feature, gscm_ratio, router_loss_weight, **config_kwargs: see `ChimeraConfig`.
         """
         from transformers.initialization import no_init_weights
 
         if not isinstance(experts, dict) or not experts:
             raise ValueError("`experts` must be a non-empty dict {domain: expert vision model or path}.")
-        if isinstance(generalist, str):
+        generalist_path = generalist if isinstance(generalist, str) else None
+        if generalist_path is not None:
             generalist = AutoModelForImageTextToText.from_pretrained(generalist, dtype=dtype, use_safetensors=True)
         if not hasattr(generalist, "lm_head") or not hasattr(generalist, "model"):
             raise ValueError(
@@ -1043,6 +1062,9 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         new_rows = 0
         if expert_token_ids is None:
             expert_token_ids, new_rows = list(range(vocab, vocab + len(expert_specs))), len(expert_specs)
+        config_kwargs.update(_expert_layout_ids(generalist, generalist_path, expert_layout, image_end_token_id,
+                                                vocab + new_rows, config_kwargs))
+        new_rows += sum(config_kwargs.pop("_new_rows", ()))
         config = ChimeraConfig(
             generalist_config=generalist.config, experts=expert_specs, expert_token_ids=expert_token_ids,
             router_feature=router_feature, gscm_ratio=gscm_ratio, router_loss_weight=router_loss_weight,
@@ -1060,19 +1082,50 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
             new.to_empty(device=reference.device)
             for sub in new.modules():
                 model._init_weights(sub)
-            new.to(reference.dtype)
+            new.to(torch.float32 if new is model.model.router else reference.dtype)  # `_keep_in_fp32_modules_strict`
         model.generation_config = generalist.generation_config
         if new_rows:
             model.resize_token_embeddings(vocab + new_rows, mean_resizing=True)
             generalist.lm_head = model.lm_head  # keep the (now shared) generalist object consistent
-        # Expert placeholders are inputs only: never generate them.
+        # Expert placeholders (and their wrappers) are inputs only: never generate them.
         suppress = list(model.generation_config.suppress_tokens or [])
-        model.generation_config.suppress_tokens = suppress + [t for t in expert_token_ids if t not in suppress]
+        inputs_only = [*expert_token_ids, config.expert_start_token_id, config.expert_end_token_id]
+        model.generation_config.suppress_tokens = suppress + [t for t in inputs_only if t is not None and t not in suppress]
         model.eval() if not generalist.training else model.train()
         return model
 
 
 ChimeraForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+
+def _expert_layout_ids(generalist, generalist_path, layout, image_end_token_id, next_id, config_kwargs) -> dict:
+    """Config entries of the expert-token layout `from_generalist` builds (see its `expert_layout`). New vocabulary
+    rows for `<domain>` / `</domain>` start at `next_id`; `_new_rows` says how many."""
+    family = generalist.config.model_type
+    layout = layout or ("official" if family == "internvl" else "plain")
+    if layout == "plain":
+        return {}
+    if layout != "official":
+        raise ValueError(f"expert_layout must be 'official' or 'plain', got {layout!r}.")
+    if family != "internvl":
+        raise ValueError(f"expert_layout='official' is InternVL's (`</img><domain>...</domain>`); a {family} generalist "
+                         "takes expert_layout='plain'.")
+    if image_end_token_id is None and generalist_path is not None:
+        from transformers import AutoTokenizer
+
+        image_end_token_id = getattr(AutoTokenizer.from_pretrained(generalist_path), "end_image_token_id", None)
+    if image_end_token_id is None:
+        raise ValueError(
+            "An InternVL generalist gets the official Chimera expert layout `</img><domain>...</domain>` by default, "
+            "which needs the id of `</img>`: pass image_end_token_id=processor.end_image_token_id (or "
+            "tokenizer.end_image_token_id), or expert_layout='plain' for expert tokens right after the image tokens."
+        )
+    ids, new = {"expert_insert_after_token_id": int(image_end_token_id)}, []
+    for key in ("expert_start_token_id", "expert_end_token_id"):
+        if config_kwargs.get(key) is None:
+            ids[key] = next_id + len(new)
+            new.append(1)
+    return {**ids, "_new_rows": new}
 
 
 def load_expert_encoder(spec, dtype=None):

@@ -46,6 +46,7 @@ try:
         check_image_token_count,
         get_backbone_family,
         repeat_images_for_generation,
+        integer_labels,
         lm_and_router_loss,
     )
 except ImportError:
@@ -61,6 +62,7 @@ except ImportError:
         check_image_token_count,
         get_backbone_family,
         repeat_images_for_generation,
+        integer_labels,
         lm_and_router_loss,
     )
 
@@ -223,6 +225,9 @@ class MixpertPreTrainedModel(HubCheckpointMixin, PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
     _no_split_modules = []
+    # The router is small and trained from scratch: in bf16 most of its updates would round away, so it is loaded and
+    # kept in fp32 whatever `dtype` the rest of the model takes (its input is cast to its dtype in `forward`).
+    _keep_in_fp32_modules_strict = ["vision_router"]
     _auto_map = {
         "AutoConfig": "configuration_mixpert.MixpertConfig",
         "AutoModel": "modeling_mixpert.MixpertForConditionalGeneration",
@@ -280,7 +285,7 @@ class MixpertModel(MixpertPreTrainedModel):
     def _validate_expert_labels(self, expert_labels, num_images):
         if expert_labels is None:
             return None
-        labels = torch.as_tensor(expert_labels).long().reshape(-1)
+        labels = integer_labels(expert_labels)
         if labels.numel() != num_images:
             raise ValueError(
                 f"`expert_labels` must hold one label per image ({num_images} images in this batch), got "
@@ -610,7 +615,7 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
     def from_base(
         cls,
         base,
-        domains=("chart", "doc", "math", "ocr", "general"),
+        domains=("chart", "document", "math", "ocr", "general"),
         num_expert_layers: int = 2,
         dtype: torch.dtype | None = None,
         **config_kwargs,
@@ -652,7 +657,7 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         router.to_empty(device=reference.device)
         for module in router.modules():
             model._init_weights(module)
-        router.to(reference.dtype)
+        router.to(torch.float32)  # `_keep_in_fp32_modules_strict`: the router stays fp32 in every dtype
         model.generation_config = base.generation_config
         return model.train(base.training)
 

@@ -159,13 +159,6 @@ class ChimeraProcessor(ProcessorMixin):
             expert_preprocessing=preprocessing,
         )
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        # Calling this class directly already trusts its code; without the flag the tokenizer loader would stop to
-        # ask about the folder's config.json, whose `auto_map` names the (same) Chimera classes.
-        kwargs.setdefault("trust_remote_code", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
     @property
     def domains(self) -> list[str]:
         return list(self.expert_image_processors)

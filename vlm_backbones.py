@@ -20,11 +20,13 @@ Qwen2-VL encodes each image at native resolution, so there a unit is one whole i
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 
@@ -717,6 +719,17 @@ def repeat_images_for_generation(image_rows: torch.LongTensor, expand_size: int)
 # ------------------------------------------------------------------------------------------ shared model plumbing
 
 
+def integer_labels(expert_labels) -> torch.LongTensor:
+    """`expert_labels` as a flat LongTensor; float or bool labels are refused (`.long()` would turn 1.7 into 1)."""
+    labels = torch.as_tensor(expert_labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"`expert_labels` must be integers (one expert index per image, -100 for none), got {labels.dtype}: "
+            "pass a LongTensor such as `torch.tensor([1, 0, 2])`."
+        )
+    return labels.long().reshape(-1)
+
+
 def lm_and_router_loss(model, logits, labels, router_logits, router_targets, num_items_in_batch=None, shift_labels=None):
     """`(loss, lm_loss, router_loss)` for Chimera and Mixpert.
 
@@ -748,6 +761,11 @@ def lm_and_router_loss(model, logits, labels, router_logits, router_targets, num
         weighted = model.config.router_loss_weight * router_loss
         total = weighted if total is None else total + weighted
     if total is not None and num_items_in_batch is not None and local_items is not None:
+        if int(num_items_in_batch) == 0:  # 0 / 0 would write NaN into every trained weight
+            raise ValueError(
+                "The accumulated batch has no label tokens (every label is -100), so its loss is undefined: every "
+                "training row needs an answer (assistant turn) that is not cut off."
+            )
         total = total * local_items.to(total.device) / torch.as_tensor(num_items_in_batch, device=total.device)
     return total, lm_loss, router_loss
 
@@ -772,6 +790,8 @@ class HubCheckpointMixin:
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.setdefault("use_safetensors", True)
         name = cls.config_class.__name__
+        if not isinstance(kwargs.get("config"), PretrainedConfig):
+            cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
@@ -796,6 +816,23 @@ class HubCheckpointMixin:
                 "`from_base`), or fix `config.json` so the experts and routers match the weights."
             )
         return (model, info) if want_info else model
+
+    @classmethod
+    def _check_saved_model_type(cls, path, kwargs) -> None:
+        """The folder / repo must hold this model: a missing `config.json`, or another model's (a Chimera folder given
+        to Mixpert), would otherwise build a default-sized model from defaults (~8B parameters) before failing."""
+        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+        folder = os.path.join(str(path), hub.get("subfolder", ""))
+        if os.path.isdir(str(path)) and not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(f"{path} has no config.json: it is not a saved model folder (save one with "
+                                    f"`save_pretrained`).")
+        found = cls.config_class.get_config_dict(path, **hub)[0].get("model_type")
+        expected = cls.config_class.model_type
+        if found != expected:
+            raise ValueError(
+                f"{path} holds a {found!r} model, not a {expected!r} one: load it with its own class "
+                f"(`AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)` picks it)."
+            )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._auto_map}

@@ -60,7 +60,7 @@ def bench_family(family, size, batch, dispatch_batch, repeats):
     image_size, patch = size["image_size"], size["patch_size"]
     base = build_generalist(family, tokenizer, seed=0, **size)
     twin = build_generalist(family, tokenizer, seed=0, **size)
-    model = MixpertForConditionalGeneration.from_base(base, domains=["chart", "doc", "math", "ocr", "general"])
+    model = MixpertForConditionalGeneration.from_base(base, domains=["chart", "document", "math", "ocr", "general"])
     model.eval()
     processor = build_processor(family, tokenizer, image_size=image_size, patch_size=patch)
     images = random_images(max(batch, dispatch_batch), seed=0, sizes=((image_size, image_size),))
@@ -111,7 +111,7 @@ def llava_onevision_7b_table():
     )
     with torch.device("meta"):
         base = LlavaOnevisionForConditionalGeneration(config)
-        model = MixpertForConditionalGeneration.from_base(base, domains=["chart", "doc", "math", "ocr", "general"])
+        model = MixpertForConditionalGeneration.from_base(base, domains=["chart", "document", "math", "ocr", "general"])
     return model.parameter_counts()
 
 

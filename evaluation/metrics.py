@@ -28,6 +28,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 __all__ = [
     "DEFAULT_DOMAIN_METRICS",
+    "DOMAINS",
     "METRICS",
     "anls",
     "confusion_matrix",
@@ -668,14 +669,18 @@ METRICS: Mapping[str, Callable[..., float]] = MappingProxyType(
 DEFAULT_DOMAIN_METRICS: Mapping[str, str] = MappingProxyType(
     {
         "chart": "relaxed_accuracy",
+        "table": "teds",
+        "math": "mathvista",
         "document": "anls",
         "ocr": "ocrbench",
-        "math": "mathvista",
-        "table": "teds",
         "general": "exact_match",
     }
 )
 """Expert domain -> name in `METRICS` of its standard metric (`table` answers are HTML tables, scored by TEDS)."""
+
+DOMAINS: tuple[str, ...] = tuple(DEFAULT_DOMAIN_METRICS)
+"""The project's one domain vocabulary (models' default domains, data, metrics, configs): chart, table, math,
+document, ocr, general. Other names work where a metric is named for them (`train.evaluate --metric name=...`)."""
 
 
 def score(metric_name: str, prediction: Any, target_or_targets: Any, **kwargs) -> float:

@@ -21,7 +21,7 @@ from train.tiny import (
 EXPERT_SETS = {
     "pix2struct+clip": {"table": "pix2struct_vision_model", "math": "clip_vision_model"},
     "siglip+got": {"chart": "siglip_vision_model", "ocr": "got_ocr2"},
-    "got_vision+clip": {"doc": "got_ocr2_vision", "math": "clip_vision_model"},
+    "got_vision+clip": {"document": "got_ocr2_vision", "math": "clip_vision_model"},
 }
 CASES = [(f, e) for f in FAMILIES for e in ("pix2struct+clip", "siglip+got")] + [("internvl", "got_vision+clip")]
 
@@ -87,10 +87,19 @@ def test_expert_tokens_follow_each_image_and_outputs_stay_aligned(family):
         table_tokens = model.model.expert_encoders["table"](inputs.expert_pixel_values[0][:1]).shape[1]
         math_tokens = model.model.expert_encoders["math"](inputs.expert_pixel_values[1][:1]).shape[1]
         assert int((ids == table_id).sum()) == table_tokens and int((ids == math_id).sum()) == math_tokens
-        # Sample 0: its only image's block starts right after its last image token.
+        # Sample 0: its only image's block starts right after its last image token (InternVL, official layout:
+        # after `</img>`, wrapped in `<domain>` ... `</domain>`).
         row0 = ids[0].tolist()
         last_image = max(i for i, t in enumerate(row0) if t == image_id)
-        assert row0[last_image + 1 : last_image + 1 + table_tokens] == [table_id] * table_tokens
+        config = model.config
+        offset = 3 if family == "internvl" else 1
+        assert row0[last_image + offset : last_image + offset + table_tokens] == [table_id] * table_tokens
+        if family == "internvl":
+            assert row0[last_image + 1] == config.expert_insert_after_token_id == processor.generalist.end_image_token_id
+            assert row0[last_image + 2] == config.expert_start_token_id
+            assert row0[last_image + offset + table_tokens] == config.expert_end_token_id
+        else:
+            assert config.expert_start_token_id is None and config.expert_insert_after_token_id is None
         # Sample 1: no block after image 1 (label 0), a math block right after image 2.
         row1 = ids[1].tolist()
         runs, start = [], None
@@ -107,8 +116,8 @@ def test_expert_tokens_follow_each_image_and_outputs_stay_aligned(family):
             (s, _), = runs if len(runs) == 1 else (runs[0],)
             runs = [(s, s + counts[0] - 1), (s + counts[0], s + counts[0] + counts[1] - 1)]
         first_end, second_end = runs[0][1], runs[-1][1]
-        assert row1[first_end + 1] != math_id
-        assert row1[second_end + 1 : second_end + 1 + math_tokens] == [math_id] * math_tokens
+        assert row1[first_end + offset] not in (math_id, config.expert_start_token_id)
+        assert row1[second_end + offset : second_end + offset + math_tokens] == [math_id] * math_tokens
 
         # Compact-mode outputs equal the expanded run, read at the caller's positions.
         expanded = model.model(
@@ -355,14 +364,25 @@ def test_from_generalist_reuses_modules_and_reserves_expert_tokens():
     vocab = generalist.config.get_text_config().vocab_size
     from train.tiny import build_expert
 
-    model = ChimeraForConditionalGeneration.from_generalist(
-        generalist, {"table": build_expert("pix2struct_vision_model"), "math": build_expert("clip_vision_model")}
-    )
+    experts = {"table": build_expert("pix2struct_vision_model"), "math": build_expert("clip_vision_model")}
+    with pytest.raises(ValueError, match=r"needs the id of `</img>`: pass image_end_token_id=processor.end_image_"):
+        ChimeraForConditionalGeneration.from_generalist(generalist, experts)
+    with pytest.raises(ValueError, match="a llava_onevision generalist takes expert_layout='plain'"):
+        ChimeraForConditionalGeneration.from_generalist(
+            build_generalist("llava_onevision", build_tokenizer("llava_onevision")), experts, expert_layout="official")
+    image_end = tokenizer.convert_tokens_to_ids("</img>")
+    model = ChimeraForConditionalGeneration.from_generalist(generalist, experts, image_end_token_id=image_end)
     assert model.model.generalist is generalist.model and model.lm_head is generalist.lm_head
+    # The official layout `</img><domain><expert tokens></domain>`: two wrapper tokens get rows after the experts'
     assert model.config.expert_token_ids == [vocab, vocab + 1]
-    assert model.get_input_embeddings().weight.shape[0] == vocab + 2
-    assert model.config.get_text_config().vocab_size == vocab + 2
-    assert set(model.generation_config.suppress_tokens) >= {vocab, vocab + 1}
+    assert (model.config.expert_start_token_id, model.config.expert_end_token_id) == (vocab + 2, vocab + 3)
+    assert model.config.expert_insert_after_token_id == image_end
+    assert model.get_input_embeddings().weight.shape[0] == vocab + 4
+    assert model.config.get_text_config().vocab_size == vocab + 4
+    assert set(model.generation_config.suppress_tokens) >= {vocab, vocab + 1, vocab + 2, vocab + 3}
+    plain = ChimeraForConditionalGeneration.from_generalist(build_generalist("internvl", tokenizer), experts,
+                                                            expert_layout="plain")
+    assert plain.config.expert_start_token_id is None and plain.get_input_embeddings().weight.shape[0] == vocab + 2
     assert model.domains == ["table", "math"]
     assert not model.model.router.weight.is_meta and model.model.router.weight.abs().sum() > 0
 
@@ -397,7 +417,8 @@ def test_from_generalist_takes_a_full_kosmos_2_5_as_an_expert(tmp_path):
     kosmos.save_pretrained(tmp_path / "kosmos")
     tokenizer = build_tokenizer("internvl")
     for spec in (kosmos, str(tmp_path / "kosmos")):
-        model = ChimeraForConditionalGeneration.from_generalist(build_generalist("internvl", tokenizer), {"table": spec})
+        model = ChimeraForConditionalGeneration.from_generalist(build_generalist("internvl", tokenizer), {"table": spec},
+                                                                expert_layout="plain")
         encoder = model.model.expert_encoders["table"]
         assert model.config.experts[0].vision_config.model_type == "kosmos_2_5_vision_model"
         assert type(encoder.encoder).__name__ == "Kosmos2_5VisionModel"
@@ -430,7 +451,7 @@ def test_from_generalist_takes_the_vision_half_of_full_clip_and_siglip_models():
                                       text_config=text))
     tokenizer = build_tokenizer("internvl")
     model = ChimeraForConditionalGeneration.from_generalist(build_generalist("internvl", tokenizer),
-                                                            {"math": clip, "chart": siglip})
+                                                            {"math": clip, "chart": siglip}, expert_layout="plain")
     assert model.model.expert_encoders["math"].encoder is clip.vision_model
     assert model.model.expert_encoders["chart"].encoder is siglip.vision_model
     assert not any(p.is_meta for p in model.parameters())

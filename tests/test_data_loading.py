@@ -69,6 +69,18 @@ def test_loading_errors_name_the_file_and_row(tmp_path):
     too_many = dict(LLAVA_ROW, image=["img1.png"])
     with pytest.raises(ValueError, match=r"row 0: 2 image markers .* but only 1 image"):
         load_vl_dataset(write(tmp_path, "t.jsonl", [too_many]))
+    # Rows without an answer have no label token: a batch of them used to train to NaN weights and exit 0.
+    gpt_role = dict(HF_ROW, messages=[HF_ROW["messages"][0], {"role": "gpt", "content": "a cat"}])
+    with pytest.raises(ValueError, match=r"g.jsonl, row 1: message 1 has role 'gpt'; `messages` roles are system, "
+                                         r"user and assistant \(LLaVA's 'gpt' belongs in `conversations`"):
+        load_vl_dataset(write(tmp_path, "g.jsonl", [HF_ROW, gpt_role]))
+    for name, messages in (("q.jsonl", HF_ROW["messages"][:1]),
+                           ("e.jsonl", [HF_ROW["messages"][0], {"role": "assistant", "content": ""}])):
+        with pytest.raises(ValueError, match=r"row 0: no non-empty assistant turn \(the answer to train on\)"):
+            load_vl_dataset(write(tmp_path, name, [dict(HF_ROW, messages=messages)]))
+    with pytest.raises(ValueError, match="row 0: no non-empty assistant turn"):
+        load_vl_dataset(write(tmp_path, "h.jsonl", [dict(LLAVA_ROW, conversations=LLAVA_ROW["conversations"][:1],
+                                                         image=["img1.png"])]))
     with pytest.raises(ValueError, match="needs `messages`"):
         load_vl_dataset(write(tmp_path, "x.jsonl", [{"text": "hi"}]))
     with pytest.raises(FileNotFoundError, match="Data file not found"):

@@ -107,6 +107,15 @@ def test_d7_shift_labels_give_the_same_loss_as_labels(setup):
     assert not torch.allclose(other.lm_loss, from_labels.lm_loss)
 
 
+def test_a_batch_without_label_tokens_is_refused_not_trained_to_nan(setup):
+    _, model, _, inputs, labels = setup
+    no_targets = torch.full_like(inputs["input_ids"], -100)
+    with torch.no_grad():
+        assert model(**inputs, labels=no_targets, expert_labels=labels).lm_loss == 0  # no Trainer: nothing to divide
+        with pytest.raises(ValueError, match="has no label tokens .* every training row needs an answer"):
+            model(**inputs, labels=no_targets, expert_labels=labels, num_items_in_batch=torch.tensor(0))
+
+
 def test_d8_generate_without_images_from_ids_embeds_and_with_an_assistant(setup):
     _, model, processor, _, _ = setup
     text = processor.tokenizer(["hello there", "a b"], return_tensors="pt", padding=True)

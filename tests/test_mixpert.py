@@ -17,7 +17,7 @@ from train.tiny import (
     random_images,
 )
 
-DOMAINS = ["chart", "doc", "math"]
+DOMAINS = ["chart", "document", "math"]
 
 
 def build(family, seed=0, perturb=False, **kwargs):
@@ -186,7 +186,7 @@ def test_router_loss_only_on_domain_labels_and_backward():
     assert torch.allclose(out.loss, out.lm_loss + out.router_loss)
     out.loss.backward()
     assert model.model.vision_router.fc1.weight.grad.abs().sum() > 0
-    assert model.model.vision_experts["doc"].layers[0].attn.qkv.weight.grad.abs().sum() > 0  # expert 2 ran
+    assert model.model.vision_experts["document"].layers[0].attn.qkv.weight.grad.abs().sum() > 0  # expert 2 ran
     assert model.model.vision_experts["chart"].layers[0].attn.qkv.weight.grad is None  # expert 1 did not
     only_versatile = model(**inputs, expert_labels=torch.tensor([0, 0, 0]), labels=inputs.input_ids)
     assert only_versatile.router_loss is None

@@ -60,6 +60,11 @@ def test_evaluate_cli_on_a_saved_model(toy_run, tmp_path):
     assert report["split"] == "mixed" and report["model_kind"] == "mixpert"
     assert len(report["router"]["confusion_matrix"]) == 7  # versatile + 6 domains
     assert (tmp_path / "report.md").read_text().startswith("# mixpert mixpert")
+    streamed = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in streamed] == [p["prediction"] for p in report["predictions"]]
+    with pytest.raises(ValueError, match=r"--routing_threshold must be in \[0, 1\]"):
+        evaluate(evaluate_parser().parse_args(["--model_name_or_path", str(folder / "mixpert"), "--dataset",
+                                               str(folder / "data"), "--routing_threshold", "1.5"]))
     with pytest.raises(ValueError, match="Mixpert models only"):
         evaluate(evaluate_parser().parse_args(["--model_name_or_path", str(folder / "joint"), "--dataset",
                                                str(folder / "data"), "--routing_strategy", "direct"]))
@@ -81,3 +86,35 @@ def test_evaluate_cli_oracle_forces_each_domains_expert(toy_run, tmp_path):
     with pytest.raises(ValueError, match="expected DOMAIN=METRIC with METRIC one of"):
         evaluate(evaluate_parser().parse_args(["--model_name_or_path", str(folder / "chimera-stage2"), *args,
                                                "--metric", "table"]))
+
+
+def test_evaluation_refuses_domains_outside_the_vocabulary(toy_run):
+    # Mixpert's old default domain `doc` was scored by exact match and never routed, silently (one vocabulary now).
+    from evaluation.metrics import DEFAULT_DOMAIN_METRICS, DOMAINS
+    from modeling_mixpert import MixpertForConditionalGeneration
+    from train.evaluate import check_domains, score_rows
+
+    folder, _ = toy_run
+    assert DOMAINS == ("chart", "table", "math", "document", "ocr", "general") == tuple(DEFAULT_DOMAIN_METRICS)
+    model = MixpertForConditionalGeneration.from_pretrained(folder / "mixpert")
+    rows = [{"domain": "chart", "answer": "1"}, {"domain": "chrat", "answer": "1"}]
+    with pytest.raises(ValueError, match=r"lab: domain 'chrat' \(rows \[1\]\) is not one of .*--metric chrat=METRIC"):
+        check_domains(rows, "mixpert", model, dataset_name="lab")
+    check_domains(rows, "mixpert", model, {"chrat": "exact_match"})  # named metric: accepted
+    with pytest.raises(KeyError):
+        score_rows(rows, ["1", "1"])  # never a silent exact-match fallback
+    model.config.domains = ["chart", "doc"]
+    with pytest.raises(ValueError, match=r"The model's domains \['doc'\] are not in the domain vocabulary"):
+        check_domains(rows[:1], "mixpert", model)
+    assert MixpertForConditionalGeneration.config_class().domains == ["chart", "document", "math", "ocr", "general"]
+
+
+def test_a_malformed_prediction_scores_zero_with_a_warning_instead_of_losing_the_report(caplog):
+    from train.evaluate import score_rows
+
+    table = "<table><tr><td>1</td></tr></table>"
+    rows = [{"domain": "table", "answer": "1", "html": table}] * 2
+    with caplog.at_level("WARNING"):
+        scores = score_rows(rows, [table, '<table><tr><td colspan="x">1</td></tr></table>'])
+    assert scores["table"]["score"] == 0.5 and scores["table"]["num_samples"] == 2
+    assert "row 1 (table, teds)" in caplog.text and "it scores 0" in caplog.text

@@ -52,3 +52,12 @@ def test_readme_commands_install_the_oldest_supported_transformers_and_ci_tests_
     assert ".venv/bin/python -m pytest -m common" in ci  # transformers' common model tests
     readme = (ROOT / "README.md").read_text()
     assert f"transformers>={lower},<{upper}" in readme  # the Compatibility section states setup.py's range
+
+
+def test_real_mixpert_recipes_upcycle_the_checkpoint_of_the_papers_main_results():
+    # Mixpert's main table upcycles LLaVA-OneVision-7B-SI; the -ov (multi-image) checkpoint is its "MI" row only.
+    texts = {path: (ROOT / path).read_text() for path in (
+        "README.md", "train/assemble.py", "train/configs/real/mixpert_llava_ov_7b_experts.yaml")}
+    for path, text in texts.items():
+        assert "llava-onevision-qwen2-7b-si-hf" in text, path
+        assert "qwen2-7b-ov-hf\",  " not in text and "--base llava-hf/llava-onevision-qwen2-7b-ov" not in text, path

@@ -99,7 +99,9 @@ def test_chimera_router_phase_fits_the_router_alone_on_cached_features(data_dir,
     # The cached features are exactly what the model's router reads in forward().
     labels = make_domain_labels(list(after.config.domains), none_domains=["general", "document", "ocr"])
     data = load_vl_dataset(str(data_dir / "sft.jsonl"), domains=list(labels)[:-1])
-    features, targets = routing_features(after, processor, data, labels)
+    cache = routing_features(after, processor, data, labels, str(tmp_path / "cache"))
+    features, targets = cache.features, cache.targets
+    assert features.dtype == torch.float32 and features.shape == (12, after.config.generalist_config.vision_config.hidden_size)
     rows = [data[i] for i in range(4)]
     inputs = processor(images=[r["images"] for r in rows], text=[chat_prompt(processor)] * 4, return_tensors="pt",
                        padding=True)
@@ -227,6 +229,80 @@ def test_mixpert_router_phase_trains_only_the_router_on_cached_features(data_dir
     assert results["cached_rows"] == 12
 
 
+def test_router_phase_in_a_bf16_model_trains_an_fp32_router_on_the_training_device_and_saves_first(
+    data_dir, tmp_path, monkeypatch
+):
+    import train.common
+    import train.mixpert
+    from modeling_mixpert import MixpertForConditionalGeneration
+    from train.tiny import build_tiny_mixpert
+
+    model, processor = build_tiny_mixpert("internvl", DOMAINS, image_size=32, patch_size=8, seed=0,
+                                          generalist_kwargs={"hidden_size": 32})
+    model.save_pretrained(tmp_path / "start")
+    processor.save_pretrained(tmp_path / "start")
+    initial = MixpertForConditionalGeneration.from_pretrained(tmp_path / "start", dtype=torch.bfloat16)
+    assert initial.model.vision_router.fc1.weight.dtype == torch.float32  # kept fp32 in a bf16 model
+    before = initial.model.vision_router.fc1.weight.detach().clone()
+    seen = {}
+    real_device, real_features = train.mixpert.training_device, train.mixpert.pooled_shared_features
+    monkeypatch.setattr(train.mixpert, "training_device",
+                        lambda model, args: seen.setdefault("device", real_device(model, args)))
+    monkeypatch.setattr(train.mixpert, "pooled_shared_features", lambda *a, **k: seen.setdefault(
+        "features_on", a[4] if len(a) > 4 else k.get("device")) and real_features(*a, **k))
+
+    def broken(router, cache):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(train.common, "router_accuracy", broken)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run_script("mixpert", "mixpert_router.yaml", "--output_dir", tmp_path / "r", "--model_name_or_path",
+                   tmp_path / "start", "--dtype", "bfloat16", "--train_file", data_dir / "sft.jsonl",
+                   "--num_train_epochs", 3)
+    assert seen["features_on"] == seen["device"] == torch.device("cpu")  # one device for features and training
+    saved = MixpertForConditionalGeneration.from_pretrained(tmp_path / "r")  # on disk before the evaluation failed
+    after = saved.model.vision_router.fc1.weight
+    assert after.dtype == torch.float32 and saved.model.backbone.dtype == torch.bfloat16
+    assert (after != before).float().mean() > 0.99  # fp32 master weights: every update is kept
+
+
+def test_router_samples_per_domain_draws_a_balanced_seeded_subset(data_dir, tmp_path):
+    from train.common import sample_per_domain
+    from train.data.loading import load_vl_dataset
+
+    data = load_vl_dataset(str(data_dir / "sft.jsonl"))
+    first, again = sample_per_domain(data, 1, seed=0), sample_per_domain(data, 1, seed=0)
+    assert sorted(first["domain"]) == sorted(DOMAINS) and first["messages"] == again["messages"]
+    assert len(sample_per_domain(data, 5, seed=0)) == 12 and sample_per_domain(data, None, seed=0) is data
+    with pytest.raises(ValueError, match="--router_samples_per_domain must be a positive"):
+        sample_per_domain(data, 0, seed=0)
+    _, results = run_script("mixpert", "mixpert_router.yaml", "--output_dir", tmp_path, "--num_train_epochs", 1,
+                            "--train_file", data_dir / "sft.jsonl", "--router_samples_per_domain", 1)
+    assert results["cached_rows"] == 6
+
+
+def test_router_feature_cache_is_float32_memory_mapped_and_exact(tmp_path):
+    import numpy as np
+
+    from train.common import RouterFeatureCache
+
+    chunks = [torch.randn(5, 7, dtype=torch.float64), torch.randn(3, 7).bfloat16()]
+    cache = RouterFeatureCache(str(tmp_path))
+    for i, chunk in enumerate(chunks):
+        cache.append(chunk, [i] * len(chunk))
+    cache.close()
+    assert cache.features.dtype == torch.float32 and cache.features.shape == (8, 7)
+    assert isinstance(cache._mapped, np.memmap) and cache.features.data_ptr() == cache._mapped.ctypes.data
+    assert torch.equal(cache.features, torch.cat([c.float() for c in chunks]))
+    assert cache[6]["labels"] == 1 and torch.equal(cache[6]["features"], chunks[1][1].float())
+    path = cache.path
+    del cache
+    import gc
+
+    gc.collect()
+    assert not os.path.exists(path)  # the file goes with the cache
+
+
 @pytest.mark.parametrize("kind", ["chimera", "mixpert"])
 def test_dpo_trains_the_llm_and_leaves_router_and_experts(data_dir, tmp_path, kind):
     from train.tiny import build_tiny_chimera, build_tiny_mixpert
@@ -242,6 +318,26 @@ def test_dpo_trains_the_llm_and_leaves_router_and_experts(data_dir, tmp_path, ki
     moved = changed(initial, trainer.model)
     assert moved and all(".language_model." in n or n == "lm_head.weight" for n in moved)
     assert any(h.get("rewards/accuracies") is not None for h in trainer.state.log_history)
+
+
+def test_dpo_refuses_a_max_length_that_would_cut_image_tokens(data_dir, tmp_path, monkeypatch):
+    import train.dpo
+
+    longest = {}
+    real = train.dpo.check_lengths
+    monkeypatch.setattr(train.dpo, "check_lengths", lambda *a, **k: longest.setdefault("n", real(*a, **k)))
+    run_script("dpo", "chimera_dpo.yaml", "--output_dir", tmp_path / "ok", "--max_steps", 1,
+               "--train_file", data_dir / "pref.jsonl", "--save_strategy", "no")  # TRL's default, 1024: fits
+    assert 0 < longest["n"] < 1024
+    short = longest["n"] - 1  # one token short: the longest row would lose a token
+    with pytest.raises(ValueError, match=rf"row \d+ is {longest['n']} tokens long .* --max_length is {short}: TRL "
+                                         rf"would cut it, image tokens included. Pass --max_length {longest['n']}"):
+        run_script("dpo", "chimera_dpo.yaml", "--output_dir", tmp_path / "short", "--max_steps", 1,
+                   "--train_file", data_dir / "pref.jsonl", "--save_strategy", "no", "--max_length", short)
+    longest.clear()
+    run_script("dpo", "chimera_dpo.yaml", "--output_dir", tmp_path / "exact", "--max_steps", 1,
+               "--train_file", data_dir / "pref.jsonl", "--save_strategy", "no", "--max_length", short + 1)
+    assert longest["n"] == short + 1
 
 
 def test_bad_training_inputs_raise_clear_errors(data_dir, tmp_path):
@@ -356,10 +452,10 @@ def test_assemble_cli_builds_loadable_starting_checkpoints(tmp_path):
     chimera = AutoModelForImageTextToText.from_pretrained(tmp_path / "chimera", trust_remote_code=True)
     assert chimera.config.domains == ["math", "chart"] and chimera.config.experts[0].feature_layer == -2
     assemble(make_parser().parse_args([
-        "mixpert", "--base", str(tmp_path / "base"), "--domains", "chart", "doc", "--output_dir", str(tmp_path / "mixpert"),
+        "mixpert", "--base", str(tmp_path / "base"), "--domains", "chart", "document", "--output_dir", str(tmp_path / "mixpert"),
     ]))
     mixpert = AutoModelForImageTextToText.from_pretrained(tmp_path / "mixpert", trust_remote_code=True)
-    assert mixpert.config.domains == ["chart", "doc"] and mixpert.config.num_expert_layers == 2
+    assert mixpert.config.domains == ["chart", "document"] and mixpert.config.num_expert_layers == 2
     with pytest.raises(ValueError, match="DOMAIN=VALUE"):
         assemble(make_parser().parse_args(["chimera", "--generalist", "x", "--expert", "nodomain",
                                            "--output_dir", str(tmp_path / "bad")]))

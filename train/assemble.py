@@ -6,7 +6,7 @@
         --output_dir runs/chimera-assembled
 
     # Mixpert: upcycle a native VLM (K = 2 expert layers per domain, paper defaults)
-    python -m train.assemble mixpert --base llava-hf/llava-onevision-qwen2-7b-ov-hf \\
+    python -m train.assemble mixpert --base llava-hf/llava-onevision-qwen2-7b-si-hf \\
         --domains chart doc math ocr general --output_dir runs/mixpert-upcycled
 
 The output folder loads with `AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)` and is
@@ -32,7 +32,7 @@ def make_parser(prog: str | None = None):
     chimera.add_argument("--router_feature", default="auto", choices=["auto", "cls", "mean"])
     mixpert = sub.add_parser("mixpert", help="upcycle a native VLM into Mixpert")
     mixpert.add_argument("--base", required=True, help="native llava_onevision / qwen2_vl / internvl model")
-    mixpert.add_argument("--domains", nargs="+", default=["chart", "doc", "math", "ocr", "general"])
+    mixpert.add_argument("--domains", nargs="+", default=["chart", "document", "math", "ocr", "general"])
     mixpert.add_argument("--num_expert_layers", type=int, default=2)
     mixpert.add_argument("--routing_strategy", default="score_difference",
                          choices=["direct", "score_threshold", "score_difference"])

@@ -35,15 +35,20 @@ from transformers import TrainingArguments
 from train.common import (
     ModelArguments,
     GroupLearningRateTrainer,
+    TRUST_REMOTE_CODE_HELP,
     SFTDataArguments,
     chimera_groups,
     dtype_from_name,
     finish,
+    finish_router,
     prepare_training_args,
+    read_model_type,
     resume_checkpoint,
+    sample_per_domain,
     set_trainable,
     tiny_model_kwargs,
     train_router_on_features,
+    training_device,
     training_files,
 )
 
@@ -51,6 +56,8 @@ from train.common import (
 @dataclass
 class ChimeraScriptArguments:
     """Stage and what it trains."""
+
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
 
     stage: str = field(default="1", metadata={"help": "1: router + expert and generalist projectors; 2: + LLM, with "
                                                      "GSCM; router: the router alone, on cached generalist features."})
@@ -66,6 +73,9 @@ class ChimeraScriptArguments:
     router_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the router (new, small, starts from scratch); default: "
                                         "--learning_rate."})
+    router_samples_per_domain: int | None = field(
+        default=None, metadata={"help": "--stage router: train on at most this many images per domain, drawn at "
+                                        "random with --seed (default: every row)."})
     use_lora: bool = field(default=False, metadata={"help": "Stage 2: train LoRA adapters on the LLM (merged at the "
                                                            "end) instead of the full LLM."})
     lora_r: int = 16
@@ -89,10 +99,12 @@ def load_model_and_processor(model_args: ModelArguments, script_args: ChimeraScr
 
         experts = dict(pair.split("=") for pair in script_args.tiny_experts.split(","))
         return build_tiny_chimera(model_args.tiny_family, experts, **tiny_model_kwargs(model_args))
+    read_model_type(model_args.model_name_or_path, "chimera", "train.chimera")
     model = ChimeraForConditionalGeneration.from_pretrained(
         model_args.model_name_or_path, dtype=dtype_from_name(model_args.dtype)
     )
-    return model, ChimeraProcessor.from_pretrained(model_args.model_name_or_path)
+    return model, ChimeraProcessor.from_pretrained(model_args.model_name_or_path,
+                                                   trust_remote_code=script_args.trust_remote_code)
 
 
 def stage_groups(script_args: ChimeraScriptArguments) -> list[str]:
@@ -128,27 +140,30 @@ def apply_lora(model, script_args: ChimeraScriptArguments):
 
 
 @torch.no_grad()
-def routing_features(model, processor, data, labels: dict, batch_size: int = 16):
+def routing_features(model, processor, data, labels: dict, cache_dir: str, device=None, batch_size: int = 16):
     """The router's input (Chimera §3.2: the generalist tower's CLS / token mean on the whole-image tile) and target
-    for every labelled image of `data`, computed once."""
+    for every labelled image of `data`, computed once into a `RouterFeatureCache` (on `device`, default: where the
+    model is)."""
+    from train.common import RouterFeatureCache, to_device
     from train.data.collators import VisionLanguageSFTCollator
 
     collator = VisionLanguageSFTCollator(processor, labels)
     inner = model.model
-    features, targets = [], []
+    device = device if device is not None else next(model.parameters()).device
+    cache = RouterFeatureCache(cache_dir)
     for start in range(0, len(data), batch_size):
         batch = collator([data[i] for i in range(start, min(start + batch_size, len(data)))])
         if "pixel_values" not in batch:
             continue  # text-only rows
+        batch = to_device(batch, device)
         extra = {k: batch[k] for k in inner.family.image_input_names if k != "pixel_values" and k in batch}
         images = inner._image_batch(batch["pixel_values"], input_ids=batch["input_ids"], **extra)
         _, acts = inner.family.encode(inner.generalist, inner.generalist.config, images)
         keep = batch["expert_labels"] != -100
-        features.append(inner._route_feature(acts, images).float()[keep])
-        targets.append(batch["expert_labels"][keep])
-    if not features:
+        cache.append(inner._route_feature(acts, images)[keep], batch["expert_labels"][keep].tolist())
+    if not cache._targets:
         raise ValueError("--stage router found no image with a domain label in the training data.")
-    return torch.cat(features), torch.cat(targets)
+    return cache.close()
 
 
 def train_router(script_args, training_args, model, processor, model_args, data_args, summary):
@@ -161,15 +176,17 @@ def train_router(script_args, training_args, model, processor, model_args, data_
     domains = list(model.config.domains)
     files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
     data = load_vl_dataset(files["train"], data_args.image_root, domains=domains + list(script_args.no_expert_domains))
+    data = sample_per_domain(data, script_args.router_samples_per_domain, training_args.seed)
+    device = training_device(model, training_args)
     start = time.perf_counter()
-    features, targets = routing_features(model, processor, data,
-                                         make_domain_labels(domains, none_domains=script_args.no_expert_domains))
+    cache = routing_features(model, processor, data, make_domain_labels(domains, none_domains=script_args.no_expert_domains),
+                             training_args.output_dir, device)
     cache_seconds = time.perf_counter() - start
-    trainer, accuracy = train_router_on_features(model.model.router, features, targets, training_args)
-    results = {"cached_rows": len(targets), "feature_cache_seconds": cache_seconds, "train_accuracy": accuracy}
-    finish(trainer, model, processor, training_args, {
+    trainer = train_router_on_features(model.model.router, cache, training_args)
+    results = {"cached_rows": len(cache), "feature_cache_seconds": cache_seconds, "device": str(device)}
+    finish_router(trainer, model, processor, training_args, {
         "script": "chimera", "stage": "router", "trainable": summary, "groups": ["router"], "results": results,
-    })
+    }, model.model.router, cache)
     return trainer
 
 

@@ -7,13 +7,13 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer
 from transformers.trainer_optimizer import is_optimizer_factory
-from transformers.trainer_utils import get_last_checkpoint
 
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,25 @@ class SFTDataArguments(DataArguments):
     max_length: int | None = field(default=None, metadata={"help": "Raise on longer samples (never truncate)."})
 
 
+TRUST_REMOTE_CODE_HELP = ("Let code in the model folder run (a tokenizer or processor with custom code). Off by "
+                          "default (as in TRL's scripts): Chimera and Mixpert load with this project's classes.")
+
+
+def read_model_type(path: str, expected: str | None = None, script: str = "this script") -> str:
+    """`model_type` of a saved model (folder or Hub repo id), read from its `config.json` without running any code
+    from it. Raises when there is no `config.json`, or when it is not `expected`."""
+    from transformers import PretrainedConfig
+
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json: pass a folder saved with `save_pretrained` (or a Hub "
+                                f"repo id) as --model_name_or_path.")
+    kind = PretrainedConfig.get_config_dict(path)[0].get("model_type")
+    if expected is not None and kind != expected:
+        raise ValueError(f"{path} holds a {kind!r} model; {script} trains {expected!r} models. Pass a {expected} "
+                         f"folder as --model_name_or_path.")
+    return kind
+
+
 def dtype_from_name(name: str | None):
     if name is None:
         return None
@@ -76,9 +95,6 @@ def tiny_model_kwargs(model_args: ModelArguments) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------- data
-
-
-SYNTHETIC_DOMAINS = ("chart", "table", "math", "document", "ocr", "general")
 
 
 def write_tiny_data(folder: str, data_args: DataArguments, image_size: int, preference: bool = False) -> dict:
@@ -256,20 +272,115 @@ class RouterOnFeatures(torch.nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def train_router_on_features(router, features, targets, training_args):
-    """Fit `router` on cached `features` / `targets` with `Trainer` (all of `TrainingArguments` applies: epochs,
-    learning rate, schedule, resume). Returns `(trainer, train accuracy)`."""
-    import datasets
+class RouterFeatureCache(torch.utils.data.Dataset):
+    """Router inputs computed once, kept as one float32 matrix in a file and memory-mapped, with their int64 targets.
 
-    table = datasets.Dataset.from_dict({"features": features.tolist(), "labels": targets.tolist()}).with_format("torch")
+    Why not a `datasets` table: its rows go through Python floats into a float64 Arrow column (+1.9 GB peak for
+    20 000 x 1152 features, ~94 GB for Mixpert's 1M router samples). Here features are appended chunk by chunk to a
+    raw float32 file, so building the cache holds one chunk in memory and training pages rows in from the file: peak
+    memory stays near the N x D x 4 bytes the features take. The file lives in a temporary folder under `folder` and
+    is removed with the cache object.
+    """
+
+    def __init__(self, folder: str):
+        import tempfile
+
+        os.makedirs(folder, exist_ok=True)
+        self._tmp = tempfile.TemporaryDirectory(prefix="router-features-", dir=folder)
+        self.path = os.path.join(self._tmp.name, "features.f32")
+        self._file, self._targets, self.width, self.features = open(self.path, "wb"), [], None, None
+
+    def append(self, features: torch.Tensor, targets) -> None:
+        features = features.detach().to("cpu", torch.float32).contiguous()
+        if self.width is None:
+            self.width = features.shape[-1]
+        self._file.write(features.numpy().tobytes())
+        self._targets.extend(int(t) for t in targets)
+
+    def close(self) -> "RouterFeatureCache":
+        import numpy as np
+
+        self._file.close()
+        if not self._targets:
+            raise ValueError("The router feature pass found no labelled image in the training data.")
+        # "c": copy-on-write mapping, so torch gets a writable array without touching the file
+        self._mapped = np.memmap(self.path, dtype=np.float32, mode="c", shape=(len(self._targets), self.width))
+        self.features, self.targets = torch.from_numpy(self._mapped), torch.tensor(self._targets, dtype=torch.long)
+        return self
+
+    def __len__(self):
+        return len(self._targets)
+
+    def __getitem__(self, i):
+        return {"features": self.features[i], "labels": self.targets[i]}
+
+
+def training_device(model, training_args) -> torch.device:
+    """The one place the router phases put the model: `training_args.device` (where `Trainer` will put it too), so
+    the features computed before training and the router trained after see the same device. Batches follow with
+    `to_device`."""
+    device = training_args.device
+    model.to(device)
+    return device
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def sample_per_domain(data, per_domain: int | None, seed: int, domain_of=lambda row: row["domain"]):
+    """Up to `per_domain` rows of each domain, drawn at random with `seed` (Mixpert §4.2 samples 200K router images
+    per domain; without it the most common domain dominates the router's data). `None` keeps every row."""
+    if per_domain is None:
+        return data
+    if per_domain < 1:
+        raise ValueError(f"--router_samples_per_domain must be a positive number of rows, got {per_domain}.")
+    by_domain = defaultdict(list)
+    for i, domain in enumerate(data["domain"]):
+        by_domain[domain].append(i)
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for domain in sorted(by_domain):
+        rows = by_domain[domain]
+        if len(rows) > per_domain:
+            rows = [rows[j] for j in torch.randperm(len(rows), generator=generator)[:per_domain].tolist()]
+        logger.info("router data: %d rows of domain %r", len(rows), domain)
+        keep.extend(rows)
+    return data.select(sorted(keep))
+
+
+def train_router_on_features(router, cache: RouterFeatureCache, training_args):
+    """Fit `router` on a `RouterFeatureCache` with `Trainer` (all of `TrainingArguments` applies: epochs, learning
+    rate, schedule, resume). The router trains in fp32 (its master weights; the models keep it fp32 in every dtype).
+    Returns the trainer; save the model before `router_accuracy`."""
+    router.float()
     # The trainer holds the router alone: it must not push its checkpoints (`finish` pushes the whole model).
     args = dataclasses.replace(training_args, remove_unused_columns=False, label_names=["labels"], push_to_hub=False)
-    wrapper = RouterOnFeatures(router)
-    trainer = Trainer(model=wrapper, args=args, train_dataset=table)
+    trainer = Trainer(model=RouterOnFeatures(router), args=args, train_dataset=cache)
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
-    with torch.no_grad():
-        accuracy = float((wrapper(features)["logits"].argmax(-1) == targets).float().mean())
-    return trainer, accuracy
+    return trainer
+
+
+@torch.no_grad()
+def router_accuracy(router, cache: RouterFeatureCache, batch_size: int = 4096) -> float:
+    """The router's accuracy on the cached features, in batches on the router's own device."""
+    device = next(router.parameters()).device
+    correct = 0
+    for start in range(0, len(cache), batch_size):
+        features = cache.features[start:start + batch_size].to(device)
+        logits = router(features.to(next(router.parameters()).dtype))
+        correct += int((logits.argmax(-1).cpu() == cache.targets[start:start + batch_size]).sum())
+    return correct / len(cache)
+
+
+def finish_router(trainer, model, processor, training_args, summary: dict, router, cache) -> dict:
+    """`finish` (save, summary, push) first, so the trained router is on disk whatever happens next, then the
+    training accuracy is measured and added to `run_summary.json`. Returns the summary."""
+    summary = finish(trainer, model, processor, training_args, summary)
+    summary["results"] = {**summary.get("results", {}), "train_accuracy": router_accuracy(router, cache)}
+    if trainer.is_world_process_zero():
+        save_run_summary(training_args.output_dir, summary)
+    return summary
 
 
 def prepare_training_args(training_args, label_names=("labels", "expert_labels")):
@@ -282,15 +393,35 @@ def prepare_training_args(training_args, label_names=("labels", "expert_labels")
     return training_args
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` folder that `Trainer` finished writing. `Trainer` writes `trainer_state.json` last
+    (after the weights, optimizer, scheduler and RNG states); a run killed during a save leaves a newer folder without
+    it (or with it cut short), which `get_last_checkpoint` would pick and the resume would fail on."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir)
+             if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isdir(os.path.join(output_dir, name))]
+    for _, name in sorted(found, reverse=True):
+        state = os.path.join(output_dir, name, "trainer_state.json")
+        try:
+            with open(state) as f:
+                json.load(f)
+        except (OSError, ValueError):
+            logger.warning("%s is incomplete (no readable trainer_state.json): not resuming from it.", name)
+            continue
+        return os.path.join(output_dir, name)
+    return None
+
+
 def resume_checkpoint(training_args):
     """`--resume_from_checkpoint <path>`, or `last` / `true` for the newest checkpoint in `output_dir`."""
     value = training_args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "none"):
         return None
     if str(value).lower() in ("last", "true"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = last_complete_checkpoint(training_args.output_dir)
         if last is None:
-            raise ValueError(f"--resume_from_checkpoint {value}: no checkpoint in {training_args.output_dir}.")
+            raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint in {training_args.output_dir}.")
         return last
     if not os.path.isdir(value):
         raise ValueError(f"--resume_from_checkpoint: {value} is not a folder.")
@@ -308,8 +439,9 @@ def save_run_summary(output_dir: str, summary: dict) -> None:
         json.dump(summary, f, indent=2, default=str)
 
 
-def finish(trainer, model, processor, training_args, summary: dict) -> None:
-    """Save the final model (+ processor) in `output_dir`, record the run summary, push if asked."""
+def finish(trainer, model, processor, training_args, summary: dict) -> dict:
+    """Save the final model (+ processor) in `output_dir`, record the run summary, push if asked. Returns the summary
+    as written."""
     steps = trainer.state.global_step if trainer is not None else 0
     metrics = trainer.state.log_history if trainer is not None else []
     train_runtime = next((m["train_runtime"] for m in reversed(metrics) if "train_runtime" in m), None)
@@ -321,6 +453,7 @@ def finish(trainer, model, processor, training_args, summary: dict) -> None:
         save_run_summary(training_args.output_dir, summary)
     if training_args.push_to_hub and (trainer is None or trainer.is_world_process_zero()):
         push_output_dir(training_args, f"{summary.get('script', 'training')} finished")
+    return summary
 
 
 def push_output_dir(training_args, commit_message: str) -> str:

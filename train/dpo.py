@@ -19,7 +19,6 @@ Real run:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from train.common import (
     dtype_from_name,
     finish,
     mixpert_groups,
+    read_model_type,
     resume_checkpoint,
     set_trainable,
     tiny_model_kwargs,
@@ -52,17 +52,7 @@ class DPOScriptArguments:
                               metadata={"help": "Tiny Chimera only: domain=expert_family pairs."})
 
 
-def _read_model_type(path: str) -> str:
-    if os.path.isdir(path):
-        with open(os.path.join(path, "config.json")) as f:
-            return json.load(f).get("model_type")
-    from huggingface_hub import hf_hub_download
-
-    with open(hf_hub_download(path, "config.json")) as f:
-        return json.load(f).get("model_type")
-
-
-def load_models(model_args: ModelArguments, script_args: DPOScriptArguments):
+def load_models(model_args: ModelArguments, script_args: DPOScriptArguments, trust_remote_code: bool = False):
     """`(kind, policy, reference, processor)`; the reference is a second, frozen copy (TRL needs `ref_model` for
     models it did not load itself)."""
     from transformers import AutoProcessor
@@ -83,7 +73,7 @@ def load_models(model_args: ModelArguments, script_args: DPOScriptArguments):
             raise ValueError(f"--tiny_model must be chimera or mixpert, got {script_args.tiny_model!r}.")
         (policy, processor), (reference, _) = build(), build()
         return script_args.tiny_model, *without_gscm(policy, reference), processor
-    kind = _read_model_type(model_args.model_name_or_path)
+    kind = read_model_type(model_args.model_name_or_path)
     if kind not in ("chimera", "mixpert"):
         raise ValueError(f"{model_args.model_name_or_path} holds a {kind!r} model; train.dpo trains Chimera or Mixpert.")
     cls = ChimeraForConditionalGeneration if kind == "chimera" else MixpertForConditionalGeneration
@@ -91,7 +81,7 @@ def load_models(model_args: ModelArguments, script_args: DPOScriptArguments):
     policy = cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
     reference = cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
     processor = (ChimeraProcessor if kind == "chimera" else AutoProcessor).from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=True  # our own checkpoint: its config names our classes
+        model_args.model_name_or_path, trust_remote_code=trust_remote_code  # DPOConfig's flag, off by default
     )
     return kind, *without_gscm(policy, reference), processor
 
@@ -141,7 +131,7 @@ def main(script_args, training_args, model_args, data_args):
     training_args.remove_unused_columns = False
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = True
-    kind, policy, reference, processor = load_models(model_args, script_args)
+    kind, policy, reference, processor = load_models(model_args, script_args, training_args.trust_remote_code)
     if "router" in script_args.train_groups:
         raise ValueError("The router does not train with DPO (routing is an argmax: no gradient reaches it).")
     groups = chimera_groups(policy) if kind == "chimera" else mixpert_groups(policy)
@@ -154,10 +144,49 @@ def main(script_args, training_args, model_args, data_args):
         model=policy, ref_model=reference, args=training_args, train_dataset=train_data,
         eval_dataset=eval_data if training_args.eval_strategy != "no" else None, processing_class=processor,
     )
+    check_lengths(trainer, {"training": train_data, "evaluation": trainer.eval_dataset})
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     finish(trainer, policy, processor, training_args,
            {"script": "dpo", "model": kind, "trainable": summary, "groups": script_args.train_groups})
     return trainer
+
+
+def check_lengths(trainer, datasets: dict, batch_size: int = 8) -> int:
+    """Refuse, before training, data that TRL's `max_length` would truncate. TRL's vision collator cuts every sequence
+    at `max_length` tokens from the start; a prompt with many image tokens (InternVL: 256 per tile, up to 7 tiles)
+    would lose image tokens, or its completion, and then fail or train on nothing. The collator is run once over the
+    data without a limit and each row's length is measured (Chimera's expert tokens are inserted later by the model
+    and are not part of this length). Returns the longest length seen."""
+    import dataclasses
+
+    from tqdm.auto import tqdm
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    limit = trainer.args.max_length
+    collator = trainer.data_collator
+    if limit is None or not isinstance(collator, DataCollatorForVisionPreference):
+        return -1
+    measure = dataclasses.replace(collator, max_length=None)
+    longest, first_over = 0, None
+    for name, data in datasets.items():
+        if data is None:
+            continue
+        for start in tqdm(range(0, len(data), batch_size), desc=f"measuring {name} lengths",
+                          disable=not trainer.is_world_process_zero()):
+            rows = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+            lengths = measure(rows)["attention_mask"].sum(-1).view(2, -1).amax(0)  # chosen / rejected rows
+            longest = max(longest, int(lengths.max()))
+            over = (lengths > limit).nonzero()
+            if first_over is None and len(over):
+                first_over = (name, start + int(over[0]), int(lengths[over[0]]))
+    if first_over is not None:
+        name, row, length = first_over
+        raise ValueError(
+            f"The {name} data's row {row} is {length} tokens long (prompt with its image tokens + answer) but "
+            f"--max_length is {limit}: TRL would cut it, image tokens included. Pass --max_length {longest} (the "
+            f"longest row) or more, or --max_length None to never truncate."
+        )
+    return longest
 
 
 def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):

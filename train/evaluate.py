@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 
 import torch
 from tqdm.auto import tqdm
+
+
+logger = logging.getLogger(__name__)
 
 
 def make_parser(prog: str | None = None):
@@ -34,6 +38,9 @@ def make_parser(prog: str | None = None):
     parser.add_argument("--routing_threshold", type=float, default=None)
     parser.add_argument("--metric", action="append", default=[], metavar="DOMAIN=METRIC")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    parser.add_argument("--trust_remote_code", action="store_true",
+                        help="let code in the model folder run (a native VLM or processor with custom code); off by "
+                             "default: Chimera and Mixpert load with this project's classes")
     parser.add_argument("--oracle", action="store_true",
                         help="Chimera / Mixpert: send each image to its domain's expert instead of routing it (the "
                              "score routing would reach if it were perfect)")
@@ -43,24 +50,29 @@ def make_parser(prog: str | None = None):
 # ------------------------------------------------------------------------------------------------------- loading
 
 
-def load_model(path: str):
-    """`(kind, model, processor)` for a Chimera / Mixpert folder (installed classes) or a native VLM."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+def load_model(path: str, trust_remote_code: bool = False):
+    """`(kind, model, processor)` for a Chimera / Mixpert folder (this project's classes) or a native VLM. Code from
+    the folder runs only with `trust_remote_code`."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    kind = config.model_type if config.model_type in ("chimera", "mixpert") else "native"
+    from train.common import read_model_type
+
+    kind = read_model_type(path)
+    kind = kind if kind in ("chimera", "mixpert") else "native"
     if kind == "chimera":
         from modeling_chimera import ChimeraForConditionalGeneration
         from processing_chimera import ChimeraProcessor
 
-        return kind, ChimeraForConditionalGeneration.from_pretrained(path).eval(), ChimeraProcessor.from_pretrained(path)
+        model = ChimeraForConditionalGeneration.from_pretrained(path).eval()
+        return kind, model, ChimeraProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     if kind == "mixpert":
         from modeling_mixpert import MixpertForConditionalGeneration
 
         model = MixpertForConditionalGeneration.from_pretrained(path).eval()
-        return kind, model, AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True).eval()
-    return kind, model, AutoProcessor.from_pretrained(path)
+        return kind, model, AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True,
+                                                        trust_remote_code=trust_remote_code).eval()
+    return kind, model, AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> list[dict]:
@@ -101,10 +113,13 @@ def prompt_for(processor, question: str) -> str:
 
 @torch.no_grad()
 def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="native", progress=True,
-            expert_labels=None, **generate_kwargs):
+            expert_labels=None, predictions_path=None, **generate_kwargs):
     """Greedy answers for `rows`; for Chimera / Mixpert also the expert each image used (`expert_labels`: one per row,
-    to force experts instead of routing). Returns `(answers, expert_index or None)`."""
+    to force experts instead of routing). With `predictions_path`, each batch's answers are appended to that JSONL
+    file as soon as they exist, so a failure later loses nothing generated. Returns `(answers, expert_index or
+    None)`."""
     answers, experts = [], []
+    stream = open(predictions_path, "w") if predictions_path else None
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
@@ -118,15 +133,50 @@ def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="nati
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                  return_dict_in_generate=True, **forced, **generate_kwargs)
             new = out.sequences[:, inputs["input_ids"].shape[1]:]
-            answers += [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
+            batch_answers = [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
+            answers += batch_answers
             if kind != "native":
                 experts += out["expert_index"].tolist()
+            if stream is not None:
+                for offset, (row, answer) in enumerate(zip(batch, batch_answers)):
+                    stream.write(json.dumps({"row": start + offset, "domain": row["domain"], "question": row["question"],
+                                             "answer": row["answer"], "prediction": answer}) + "\n")
+                stream.flush()
     finally:
         tokenizer.padding_side = side
+        if stream is not None:
+            stream.close()
     return answers, (experts if kind != "native" else None)
 
 
 # ------------------------------------------------------------------------------------------------------- scoring
+
+
+def check_domains(rows, kind: str, model, metric_overrides=None, dataset_name: str = "dataset") -> None:
+    """Every data domain and every model domain must have a metric (the vocabulary `evaluation.metrics.DOMAINS`, or
+    `--metric name=...`): a misspelt or foreign name (`doc` for `document`) would otherwise be scored by the wrong
+    metric and routed to no expert, silently."""
+    from evaluation.metrics import DEFAULT_DOMAIN_METRICS
+
+    known = set(DEFAULT_DOMAIN_METRICS) | set(metric_overrides or {})
+    unknown = {}
+    for i, row in enumerate(rows):
+        if row["domain"] not in known:
+            unknown.setdefault(row["domain"], []).append(i)
+    if unknown:
+        domain, where = next(iter(unknown.items()))
+        raise ValueError(
+            f"{dataset_name}: domain {domain!r} (rows {where[:5]}{' ...' if len(where) > 5 else ''}) is not one of "
+            f"{list(DEFAULT_DOMAIN_METRICS)}: rename it in the data, or name its metric with --metric {domain}=METRIC."
+        )
+    if kind != "native":
+        foreign = [d for d in model.config.domains if d not in known]
+        if foreign:
+            raise ValueError(
+                f"The model's domains {foreign} are not in the domain vocabulary {list(DEFAULT_DOMAIN_METRICS)}, so no "
+                f"data row can be routed to them: rename them in the model's config (`config.domains`), or name "
+                f"their metric with --metric {foreign[0]}=METRIC if the data uses the same names."
+            )
 
 
 def domain_targets(kind: str, model, domains_in_data: list[str]) -> dict:
@@ -141,16 +191,22 @@ def score_rows(rows, answers, metric_overrides=None) -> dict:
     from evaluation.metrics import DEFAULT_DOMAIN_METRICS, score
 
     per_domain = {}
-    for row, answer in zip(rows, answers):
+    for index, (row, answer) in enumerate(zip(rows, answers)):
         domain = row["domain"]
-        metric = (metric_overrides or {}).get(domain) or DEFAULT_DOMAIN_METRICS.get(domain, "exact_match")
+        metric = (metric_overrides or {}).get(domain) or DEFAULT_DOMAIN_METRICS[domain]
         target = row["html"] if metric == "teds" and row.get("html") else row["answer"]
         extra = {}
         if metric == "mathvista":
             extra = {k: row.get(k) for k in ("question_type", "answer_type", "choices", "precision") if row.get(k) is not None}
             if isinstance(extra.get("choices"), str):
                 extra["choices"] = json.loads(extra["choices"]) if extra["choices"] else None
-        value = float(score(metric, answer, target, **extra))
+        try:
+            value = float(score(metric, answer, target, **extra))
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            # A malformed prediction (e.g. a generated table with `colspan="x"`) scores 0 instead of losing the report.
+            logger.warning("row %d (%s, %s): prediction %r could not be scored (%s: %s); it scores 0.", index, domain,
+                           metric, answer[:80], type(error).__name__, error)
+            value = 0.0
         entry = per_domain.setdefault(domain, {"metric": metric, "total": 0.0, "num_samples": 0})
         entry["total"] += value
         entry["num_samples"] += 1
@@ -172,15 +228,18 @@ def router_report(rows, experts, targets: dict, labels: list[str]) -> dict:
 
 
 def evaluate(model, processor, rows, kind="native", batch_size=16, max_new_tokens=16, metric_overrides=None,
-             dataset_name="dataset", split="test", progress=True, oracle=False, **generate_kwargs) -> dict:
+             dataset_name="dataset", split="test", progress=True, oracle=False, predictions_path=None,
+             **generate_kwargs) -> dict:
     """Scores per domain (+ routing for Chimera / Mixpert) as a report dict (see `write_report`). `oracle=True`
-    sends every image to the expert of its domain instead of routing it."""
+    sends every image to the expert of its domain instead of routing it; `predictions_path` streams the answers to a
+    JSONL file as they are generated."""
+    check_domains(rows, kind, model, metric_overrides, dataset_name)
     forced = None
     if oracle:
         targets = domain_targets(kind, model, sorted({r["domain"] for r in rows}))
         forced = [targets[r["domain"]] for r in rows]
     answers, experts = predict(model, processor, rows, batch_size, max_new_tokens, kind, progress,
-                               expert_labels=forced, **generate_kwargs)
+                               expert_labels=forced, predictions_path=predictions_path, **generate_kwargs)
     per_domain = score_rows(rows, answers, metric_overrides)
     report = {
         "model_kind": kind, "dataset": dataset_name, "split": split, "num_samples": len(rows),
@@ -271,7 +330,7 @@ def plot_confusion(router: dict, path: str, data_domains=None) -> str:
 
 
 def main(args):
-    kind, model, processor = load_model(args.model_name_or_path)
+    kind, model, processor = load_model(args.model_name_or_path, args.trust_remote_code)
     from evaluation.metrics import METRICS
 
     overrides = {}
@@ -285,18 +344,23 @@ def main(args):
     if args.oracle and args.routing_strategy:
         raise ValueError("--oracle replaces routing; drop --routing_strategy.")
     generate_kwargs = {}
-    if kind == "mixpert" and (args.routing_strategy or args.routing_threshold is not None):
-        model.config.routing_strategy = args.routing_strategy or model.config.routing_strategy
+    if kind == "mixpert":  # per-call routing: the model validates both (a threshold outside [0, 1] is refused)
+        if args.routing_strategy:
+            generate_kwargs["routing_strategy"] = args.routing_strategy
         if args.routing_threshold is not None:
-            model.config.routing_threshold = args.routing_threshold
-    elif args.routing_strategy:
-        raise ValueError("--routing_strategy applies to Mixpert models only.")
+            generate_kwargs["routing_threshold"] = args.routing_threshold
+    elif args.routing_strategy or args.routing_threshold is not None:
+        raise ValueError("--routing_strategy / --routing_threshold apply to Mixpert models only.")
+    if args.routing_threshold is not None and not 0.0 <= args.routing_threshold <= 1.0:
+        raise ValueError(f"--routing_threshold must be in [0, 1] (it is compared with router probabilities), got "
+                         f"{args.routing_threshold}.")
     rows = load_rows(args.dataset, args.split, args.limit)
+    output = args.output_dir or os.path.join(args.model_name_or_path, f"eval-{args.split}")
+    os.makedirs(output, exist_ok=True)
     report = evaluate(model, processor, rows, kind, args.batch_size, args.max_new_tokens, overrides,
                       dataset_name=os.path.basename(os.path.normpath(args.dataset)), split=args.split, oracle=args.oracle,
-                      **generate_kwargs)
+                      predictions_path=os.path.join(output, "predictions.jsonl"), **generate_kwargs)
     report["model"] = args.model_name_or_path
-    output = args.output_dir or os.path.join(args.model_name_or_path, f"eval-{args.split}")
     write_report(report, output, title=f"{kind} {os.path.basename(os.path.normpath(args.model_name_or_path))}")
     print(open(os.path.join(output, "report.md")).read())
     return report

@@ -33,16 +33,22 @@ from transformers import TrainingArguments
 from train.common import (
     GroupLearningRateTrainer,
     ModelArguments,
+    TRUST_REMOTE_CODE_HELP,
     SFTDataArguments,
     dtype_from_name,
     finish,
+    finish_router,
+    last_complete_checkpoint,
     mixpert_groups,
     prepare_training_args,
+    read_model_type,
     resume_checkpoint,
+    sample_per_domain,
     save_run_summary,
     set_trainable,
     tiny_model_kwargs,
     train_router_on_features,
+    training_device,
     training_files,
 )
 
@@ -51,11 +57,16 @@ from train.common import (
 class MixpertScriptArguments:
     """Phase and its settings."""
 
+    trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
+
     phase: str = field(default="experts", metadata={"help": "experts (disentangled expert tuning) or router."})
     domains: list[str] | None = field(default=None, metadata={"help": "experts phase: tune only these domains."})
     projector_learning_rate: float = field(default=1e-5, metadata={"help": "experts phase: projector learning rate "
                                                                           "(paper 1e-5); vision layers use "
                                                                           "--learning_rate (paper 2e-6)."})
+    router_samples_per_domain: int | None = field(
+        default=None, metadata={"help": "router phase: train on at most this many images per domain, drawn at random "
+                                        "with --seed (Mixpert §4.2: 200K per domain; default: every row)."})
     tiny_domains: str = field(default="chart,table,math,document,ocr,general",
                               metadata={"help": "Tiny model only: the domain experts, comma separated."})
     tiny_num_vision_layers: int = field(default=3, metadata={"help": "Tiny model only: vision tower depth."})
@@ -75,11 +86,13 @@ def load_model_and_processor(model_args: ModelArguments, script_args: MixpertScr
             num_vision_layers=script_args.tiny_num_vision_layers, num_expert_layers=script_args.tiny_num_expert_layers,
             **tiny_model_kwargs(model_args),
         )
+    read_model_type(model_args.model_name_or_path, "mixpert", "train.mixpert")
     model = MixpertForConditionalGeneration.from_pretrained(
         model_args.model_name_or_path, dtype=dtype_from_name(model_args.dtype)
     )
-    # trust_remote_code: the folder's config.json names the Mixpert classes (our own checkpoint)
-    return model, AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+    # The processor is the base's native one: nothing from the folder runs unless --trust_remote_code says so.
+    return model, AutoProcessor.from_pretrained(model_args.model_name_or_path,
+                                                trust_remote_code=script_args.trust_remote_code)
 
 
 def tune_experts(script_args, training_args, model, processor, data_args, files):
@@ -117,7 +130,7 @@ def tune_experts(script_args, training_args, model, processor, data_args, files)
             model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor,
             lr_groups=[(projector, script_args.projector_learning_rate)],
         )
-        trainer.train(resume_from_checkpoint=_last_checkpoint(folder) if resume else None)
+        trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder) if resume else None)
         if trainer.is_world_process_zero():
             model.save_pretrained(folder)
             with open(done, "w") as f:
@@ -146,25 +159,22 @@ def _load_weights(model, folder):
         raise ValueError(f"{folder} does not hold this model's weights (missing {missing[:5]}, unexpected {unexpected[:5]}).")
 
 
-def _last_checkpoint(folder):
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
-
-
 @torch.no_grad()
-def pooled_shared_features(model, processor, data, batch_size: int = 8):
+def pooled_shared_features(model, processor, data, cache_dir: str, device=None, batch_size: int = 8):
     """Router inputs (pooled shared-layer features, per image or per tile as the model routes) and domain targets,
-    computed once: the shared layers are frozen during router training."""
+    computed once into a `RouterFeatureCache` (on `device`, default: where the model is): the shared layers are frozen
+    during router training."""
+    from train.common import RouterFeatureCache, to_device
     from train.data.collators import VisionLanguageSFTCollator
 
     collator = VisionLanguageSFTCollator(processor)
     inner, family = model.model, model.model.family
+    device = device if device is not None else next(model.parameters()).device
     shared = family.used_depth(inner.backbone.config) - inner.config.num_expert_layers
-    features, targets = [], []
+    cache = RouterFeatureCache(cache_dir)
     for start in range(0, len(data), batch_size):
         rows = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-        batch = collator(rows)
+        batch = to_device(collator(rows), device)
         images = family.image_batch(
             inner.backbone.config, batch["pixel_values"], input_ids=batch["input_ids"],
             **{k: batch[k] for k in family.image_input_names if k != "pixel_values" and k in batch},
@@ -174,28 +184,32 @@ def pooled_shared_features(model, processor, data, batch_size: int = 8):
         pooled = family.pool(acts, shared)
         image_domains = [model.domains.index(r["domain"]) for r in rows for _ in r["images"]]
         if inner.config.routing_granularity == "image":
-            sums = torch.zeros(images.num_images, pooled.shape[-1], dtype=pooled.dtype)
+            sums = torch.zeros(images.num_images, pooled.shape[-1], dtype=pooled.dtype, device=pooled.device)
             counts = torch.bincount(acts.unit_image, minlength=images.num_images).clamp(min=1).unsqueeze(-1)
             pooled = sums.index_add(0, acts.unit_image, pooled) / counts
             row_domains = image_domains
         else:
             row_domains = [image_domains[i] for i in acts.unit_image.tolist()]
-        features.append(pooled.float())
-        targets.extend(row_domains)
-    return torch.cat(features), torch.tensor(targets, dtype=torch.long)
+        cache.append(pooled, row_domains)
+    return cache.close()
 
 
 def train_router(script_args, training_args, model, processor, data_args, files):
     from train.data.loading import load_vl_dataset
 
     data = load_vl_dataset(files["train"], data_args.image_root, domains=list(model.domains))
+    data = sample_per_domain(data, script_args.router_samples_per_domain, training_args.seed)
+    device = training_device(model, training_args)
     start = time.perf_counter()
-    features, targets = pooled_shared_features(model, processor, data)
+    cache = pooled_shared_features(model, processor, data, training_args.output_dir, device)
     cache_seconds = time.perf_counter() - start
     summary = set_trainable(model, mixpert_groups(model), ["router"])
-    trainer, accuracy = train_router_on_features(model.model.vision_router, features, targets, training_args)
-    return trainer, {"trainable": summary, "cached_rows": len(targets), "feature_cache_seconds": cache_seconds,
-                     "train_accuracy": accuracy}
+    trainer = train_router_on_features(model.model.vision_router, cache, training_args)
+    results = {"trainable": summary, "cached_rows": len(cache), "feature_cache_seconds": cache_seconds,
+               "device": str(device)}
+    summary = finish_router(trainer, model, processor, training_args, {"script": "mixpert", "phase": "router",
+                            "results": results}, model.model.vision_router, cache)
+    return trainer, summary["results"]
 
 
 def main(script_args, training_args, model_args, data_args):
@@ -204,10 +218,10 @@ def main(script_args, training_args, model_args, data_args):
     prepare_training_args(training_args)
     model, processor = load_model_and_processor(model_args, script_args)
     files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
-    if script_args.phase == "experts":
-        trainer, results = tune_experts(script_args, training_args, model, processor, data_args, files)
-    else:
-        trainer, results = train_router(script_args, training_args, model, processor, data_args, files)
+    if script_args.phase == "router":
+        _, results = train_router(script_args, training_args, model, processor, data_args, files)
+        return model, results
+    trainer, results = tune_experts(script_args, training_args, model, processor, data_args, files)
     finish(trainer, model, processor, training_args, {"script": "mixpert", "phase": script_args.phase, "results": results})
     return model, results
 

@@ -58,7 +58,7 @@ def main(args):
     else:
         raise ValueError(f"{args.model_dir} holds a {kind!r} model; train.push publishes Chimera or Mixpert folders.")
     model = model_class.from_pretrained(args.model_dir)
-    processor = processor_class.from_pretrained(args.model_dir, trust_remote_code=True)
+    processor = processor_class.from_pretrained(args.model_dir)  # this project's / transformers' classes: no folder code
     api = HfApi()
     repo_id = api.create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as staging:

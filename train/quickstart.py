@@ -238,12 +238,13 @@ def assemble_chimera(lab: Lab, towers):
 
     cfg = lab.cfg
     joint = AutoModelForImageTextToText.from_pretrained(lab.path("joint"))
+    joint_processor = AutoProcessor.from_pretrained(lab.path("joint"))
     torch.manual_seed(cfg.seed)
-    model = ChimeraForConditionalGeneration.from_generalist(joint, towers, router_feature=cfg.router_feature)
-    expert_processor = build_processor("internvl", AutoProcessor.from_pretrained(lab.path("joint")).tokenizer,
-                                       image_size=cfg.expert_image_size, patch_size=cfg.expert_patch_size).image_processor
-    processor = ChimeraProcessor.from_generalist(AutoProcessor.from_pretrained(lab.path("joint")),
-                                                 {d: expert_processor for d in towers})
+    model = ChimeraForConditionalGeneration.from_generalist(joint, towers, router_feature=cfg.router_feature,
+                                                            image_end_token_id=joint_processor.end_image_token_id)
+    expert_processor = build_processor("internvl", joint_processor.tokenizer, image_size=cfg.expert_image_size,
+                                       patch_size=cfg.expert_patch_size).image_processor
+    processor = ChimeraProcessor.from_generalist(joint_processor, {d: expert_processor for d in towers})
     model.save_pretrained(lab.path("chimera-assembled"))
     processor.save_pretrained(lab.path("chimera-assembled"))
 
@@ -371,7 +372,7 @@ def mixpert_router_accuracy(lab, model, rows) -> float:
     """Share of test images whose router top class is their domain (the direct rule; thresholds aside)."""
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(lab.path("mixpert"), trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(lab.path("mixpert"))
     from train.evaluate import prompt_for
 
     correct = 0

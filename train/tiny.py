@@ -415,6 +415,8 @@ def build_tiny_chimera(
         for i, (d, f) in enumerate(experts.items())
     }
     torch.manual_seed(seed + 100)
+    if family == "internvl" and chimera_kwargs.get("expert_layout") != "plain":
+        chimera_kwargs.setdefault("image_end_token_id", tokenizer.convert_tokens_to_ids("</img>"))
     model = ChimeraForConditionalGeneration.from_generalist(generalist, expert_models, **chimera_kwargs)
     processor = ChimeraProcessor.from_generalist(
         build_processor(family, tokenizer, image_size=image_size, patch_size=patch_size),

@@ -15,8 +15,8 @@ Normalised rows: `messages` (structured content: `{"type": "image"}` / `{"type":
 `images` (absolute paths, in order of appearance), `domain` (string, `""` when absent).
 
 Image paths are resolved against `image_root` (default: the data file's folder) and checked when loading: a missing
-file, an unknown domain or a row with more `<image>` markers than images raises an error naming the file and row;
-no row is dropped silently.
+file, an unknown domain, an unknown role, a row without an assistant answer or a row with more `<image>` markers than
+images raises an error naming the file and row; no row is dropped silently.
 """
 
 from __future__ import annotations
@@ -72,7 +72,12 @@ def normalize_row(row: dict, index: int, image_root: str, source: str, domains: 
             messages.append({"role": role, "content": turn.get("value", turn.get("content"))})
         images = row.get("image", row.get("images"))
     elif "messages" in row and row["messages"] is not None:
-        messages = [{"role": m["role"], "content": m.get("content")} for m in row["messages"]]
+        messages = [{"role": m.get("role"), "content": m.get("content")} for m in row["messages"]]
+        for turn, m in enumerate(messages):
+            if m["role"] not in ("system", "user", "assistant"):
+                hint = f" (LLaVA's {m['role']!r} belongs in `conversations` with `from`)" if m["role"] in _ROLE else ""
+                raise ValueError(f"{where}: message {turn} has role {m['role']!r}; `messages` roles are system, user "
+                                 f"and assistant{hint}.")
         images = row.get("images", row.get("image"))
     else:
         raise ValueError(f"{where}: a row needs `messages` (HF format) or `conversations` (LLaVA format).")
@@ -80,6 +85,9 @@ def normalize_row(row: dict, index: int, image_root: str, source: str, domains: 
         images = []
     elif isinstance(images, (str, dict)) or hasattr(images, "size"):
         images = [images]
+    if not any(m["role"] == "assistant" and m["content"] for m in messages):
+        # Without an answer the row has no label token: a batch of such rows divides the loss by zero (NaN weights).
+        raise ValueError(f"{where}: no non-empty assistant turn (the answer to train on); add one or drop the row.")
     messages = [{"role": m["role"], "content": _structured(m["content"])} for m in messages]
     markers = sum(item["type"] == "image" for m in messages for item in m["content"])
     if markers > len(images):

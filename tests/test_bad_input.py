@@ -1,0 +1,116 @@
+"""Bad input, grouped by kind: a clear error naming the argument, file or row, or correct behaviour; no code from a
+folder runs without the user's consent."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from train.tiny import build_tiny_chimera, build_tiny_mixpert
+
+EVIL = """
+from pathlib import Path
+Path({marker!r}).write_text("folder code ran")  # transformers runs a copy in its modules cache: absolute path
+from transformers import TokenizersBackend
+
+
+class EvilTokenizer(TokenizersBackend):  # a subclass: loading it marks this class, not transformers' own, as custom
+    pass
+"""
+
+
+def plant(folder: Path) -> Path:
+    """A saved model folder whose tokenizer_config.json names a .py file of the folder (`auto_map`)."""
+    (folder / "evil.py").write_text(EVIL.format(marker=str(folder / "EXECUTED")))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder / "EXECUTED"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved")
+    for name, (model, processor) in {"chimera": build_tiny_chimera("internvl"),
+                                     "mixpert": build_tiny_mixpert("qwen2_vl", ["chart", "table"])}.items():
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+    return root
+
+
+# ------------------------------------------------------------------------------------------ consent and identity
+
+
+def test_no_code_from_a_folder_runs_without_trust_remote_code(saved):
+    from processing_chimera import ChimeraProcessor
+    from train.common import ModelArguments
+    from train.evaluate import load_model
+
+    chimera, mixpert = plant(saved / "chimera"), plant(saved / "mixpert")
+    ChimeraProcessor.from_pretrained(saved / "chimera")
+    assert load_model(str(saved / "chimera"))[0] == "chimera"
+    assert load_model(str(saved / "mixpert"))[0] == "mixpert"
+    from train.chimera import ChimeraScriptArguments, load_model_and_processor as load_chimera
+    from train.mixpert import MixpertScriptArguments, load_model_and_processor as load_mixpert
+
+    load_chimera(ModelArguments(model_name_or_path=str(saved / "chimera")), ChimeraScriptArguments())
+    load_mixpert(ModelArguments(model_name_or_path=str(saved / "mixpert")), MixpertScriptArguments())
+    assert not chimera.exists() and not mixpert.exists()
+    # The flag is what lets it run (what ChimeraProcessor used to pass itself): the check above can fail.
+    ChimeraProcessor.from_pretrained(saved / "chimera", trust_remote_code=True)
+    assert chimera.exists()
+    chimera.unlink()
+
+
+def test_scripts_refuse_a_folder_of_the_wrong_model_or_without_config(saved, tmp_path):
+    from modeling_mixpert import MixpertForConditionalGeneration
+    from train.common import ModelArguments
+    from train.evaluate import load_model
+    from train.mixpert import MixpertScriptArguments, load_model_and_processor as load_mixpert
+
+    with pytest.raises(ValueError, match=r"holds a 'chimera' model; train.mixpert trains 'mixpert' models"):
+        load_mixpert(ModelArguments(model_name_or_path=str(saved / "chimera")), MixpertScriptArguments())
+    with pytest.raises(ValueError, match=r"holds a 'chimera' model, not a 'mixpert' one"):
+        MixpertForConditionalGeneration.from_pretrained(saved / "chimera")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        load_model(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        MixpertForConditionalGeneration.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------------- resume
+
+
+def test_resume_last_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
+    from types import SimpleNamespace
+
+    from train.common import last_complete_checkpoint, resume_checkpoint
+
+    for step, state in ((2, "{}"), (4, '{"global_step": 4}'), (6, '{"global_st'), (8, None)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-10").write_text("a file, not a checkpoint")
+    args = SimpleNamespace(resume_from_checkpoint="last", output_dir=str(tmp_path))
+    assert resume_checkpoint(args) == str(tmp_path / "checkpoint-4") == last_complete_checkpoint(str(tmp_path))
+    for folder in ("checkpoint-2", "checkpoint-4"):
+        (tmp_path / folder / "trainer_state.json").unlink()
+    with pytest.raises(ValueError, match="--resume_from_checkpoint last: no complete checkpoint in"):
+        resume_checkpoint(args)
+
+
+def test_expert_labels_of_the_wrong_kind_are_refused(saved):
+    import torch
+
+    from modeling_chimera import ChimeraForConditionalGeneration
+    from modeling_mixpert import MixpertForConditionalGeneration
+
+    chimera = ChimeraForConditionalGeneration.from_pretrained(saved / "chimera")
+    mixpert = MixpertForConditionalGeneration.from_pretrained(saved / "mixpert")
+    for model in (chimera, mixpert):
+        for bad in (torch.tensor([1.7]), torch.tensor([True]), [0.5]):
+            with pytest.raises(ValueError, match=r"`expert_labels` must be integers .* got torch\.(float|bool)"):
+                model.model._validate_expert_labels(bad, 1)
