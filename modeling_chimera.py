@@ -56,6 +56,7 @@ try:
         get_backbone_family,
         image_token_spans,
         repeat_images_for_generation,
+        check_finite_pixels,
         integer_labels,
         lm_and_router_loss,
     )
@@ -73,6 +74,7 @@ except ImportError:
         get_backbone_family,
         image_token_spans,
         repeat_images_for_generation,
+        check_finite_pixels,
         integer_labels,
         lm_and_router_loss,
     )
@@ -437,6 +439,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
 
     def encode_generalist(self, pixel_values, input_ids=None, **image_inputs):
         """Generalist tokens per image, router logits, the image grouping and the tower activations."""
+        check_finite_pixels(pixel_values)
         images = self._image_batch(pixel_values, input_ids=input_ids, **image_inputs)
         features, acts = self.family.encode(self.generalist, self.generalist.config, images)
         router_logits = self.router(self._route_feature(acts, images).to(self.router.weight.dtype))
@@ -463,6 +466,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
                 raise ValueError(
                     f"`expert_pixel_values[{k - 1}]` ({domain!r}) has {inputs.shape[0]} rows for {num_images} images."
                 )
+            check_finite_pixels(inputs, f"expert_pixel_values[{k - 1}]")
             encoder = self.expert_encoders[domain]
             with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
                 tokens = encoder(inputs.index_select(0, routed.to(inputs.device)).to(self.dtype))

@@ -46,6 +46,7 @@ try:
         check_image_token_count,
         get_backbone_family,
         repeat_images_for_generation,
+        check_finite_pixels,
         integer_labels,
         lm_and_router_loss,
     )
@@ -62,6 +63,7 @@ except ImportError:
         check_image_token_count,
         get_backbone_family,
         repeat_images_for_generation,
+        check_finite_pixels,
         integer_labels,
         lm_and_router_loss,
     )
@@ -330,6 +332,7 @@ class MixpertModel(MixpertPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         family, config, backbone = self.family, self.config, self.backbone
+        check_finite_pixels(pixel_values)
         images = family.image_batch(
             backbone.config, pixel_values, input_ids=input_ids, image_sizes=image_sizes,
             batch_num_images=batch_num_images, image_grid_thw=image_grid_thw, image_num_patches=image_num_patches,

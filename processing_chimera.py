@@ -20,36 +20,97 @@ _EXPERT_INPUT_KEY = {
 }
 
 
-def _to_rgb(image):
-    """RGBA / LA / P / grayscale -> RGB (PIL images and HWC / HW numpy arrays); a clear error for empty images."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is a transformers vision dependency
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
-        if image.width == 0 or image.height == 0:
-            raise ValueError(f"Got an empty image of size {image.size}: every image needs at least 1x1 pixels.")
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+"""Largest image (width x height) the processor accepts by default: 8000 x 8000. A 10 000 x 10 000 image costs ~4 GB
+in preprocessing before anything else says no; raise the limit with `max_image_pixels=` where that is intended."""
+
+
+def _check_pixels(width: int, height: int, what: str, max_pixels: int | None) -> None:
+    if width == 0 or height == 0:
+        raise ValueError(f"{what}: empty image of size {width}x{height}; every image needs at least 1x1 pixels.")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(
+            f"{what}: {width}x{height} = {width * height} pixels, more than max_image_pixels={max_pixels}. Downscale "
+            "it, or raise the limit (`ChimeraProcessor(..., max_image_pixels=N)` / `processor.max_image_pixels = N`)."
+        )
+
+
+def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    """Integer images by their bit depth (16-bit: 0..65535), float images in [0, 1] or [0, 255], to 8 bits. A plain
+    `.convert("RGB")` or `astype(uint8)` clips 16-bit values (an almost white image) and float ones (a black one)."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(f"{what}: the image holds NaN or infinite pixel values.")
+        low, high = float(array.min()), float(array.max())
+        if low >= 0.0 and high <= 1.0:
+            return np.round(array * 255.0).astype(np.uint8)
+        if low >= 0.0 and high <= 255.0:
+            return np.round(array).astype(np.uint8)
+        raise ValueError(f"{what}: float pixel values in [{low:g}, {high:g}]; expected [0, 1] or [0, 255].")
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0:
+            raise ValueError(f"{what}: negative pixel values ({low}) in an integer image.")
+        if high <= 255:
+            return array.astype(np.uint8)
+        depth = 65535 if high <= 65535 else int(np.iinfo(array.dtype).max)
+        return np.round(array.astype(np.float64) * (255.0 / depth)).astype(np.uint8)
+    raise ValueError(f"{what}: unsupported pixel type {array.dtype}.")
+
+
+def load_rgb_image(image, what: str = "image", max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
+    """Any image the processors accept -> 8-bit RGB (a PIL image, or an HWC uint8 array), or a clear error naming
+    `what`: a path that is missing or not a readable image; an empty or too large image; NaN / infinite pixels.
+    RGBA / LA / P / grayscale become RGB (transparent areas on white); 16-bit and float images are scaled by their
+    range; channels-first (CHW) arrays and tensors are moved to HWC. URLs are left to the processor."""
+    from PIL import Image
+
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        path = image.decode() if isinstance(image, bytes) else str(image)
+        if path.startswith(("http://", "https://")):
+            return path
+        try:
+            with Image.open(path) as opened:
+                _check_pixels(*opened.size, f"{what} ({path})", max_pixels)
+                opened.load()
+                image = opened.copy()
+        except ValueError:
+            raise
+        except Exception as error:  # PIL raises many kinds (OSError, SyntaxError, DecompressionBombError, ...)
+            raise ValueError(f"{what}: cannot read image file {path}: {type(error).__name__}: {error}") from error
+    if isinstance(image, Image.Image):
+        _check_pixels(image.width, image.height, what, max_pixels)
         if image.mode == "RGB":
             return image
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            return Image.fromarray(_to_uint8(np.asarray(image), what)).convert("RGB")
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             background = Image.new("RGB", image.size, (255, 255, 255))
             background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
             return background
         return image.convert("RGB")
     if isinstance(image, (np.ndarray, torch.Tensor)):
-        array = image.numpy() if isinstance(image, torch.Tensor) else image
-        if array.size == 0 or min(array.shape[:2] if array.ndim >= 2 else (0,)) == 0:
-            raise ValueError(f"Got an empty image array of shape {tuple(array.shape)}.")
+        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if array.ndim not in (2, 3) or array.size == 0:
+            raise ValueError(f"{what}: an image array must be HW, HWC or CHW, got shape {tuple(array.shape)}.")
         channels_first = array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4)
         if channels_first:
             array = np.moveaxis(array, 0, -1)
+        _check_pixels(array.shape[1], array.shape[0], what, max_pixels)
+        array = _to_uint8(array, what)
         if array.ndim == 2:
             array = np.stack([array] * 3, axis=-1)
         elif array.shape[-1] in (1, 2):
             array = np.concatenate([array[..., :1]] * 3, axis=-1)
         elif array.shape[-1] == 4:
             array = array[..., :3]
-        return array
+        elif array.shape[-1] != 3:
+            raise ValueError(f"{what}: {array.shape[-1]} channels; expected 1 to 4 (HWC) or a CHW array.")
+        return np.ascontiguousarray(array)
     return image
 
 
@@ -83,8 +144,10 @@ class ChimeraProcessor(ProcessorMixin):
     returned as `expert_pixel_values` (one tensor per expert in config order, one row per image). The model uses
     only the rows of the expert each image is routed to.
 
-    RGBA / palette / grayscale images are converted to RGB (transparent areas on white) before either processor sees
-    them; an empty image raises.
+    Every image goes through `load_rgb_image` before either processor sees it: RGBA / palette / grayscale images
+    become RGB (transparent areas on white), 16-bit and float images are scaled by their range, CHW arrays are moved
+    to HWC; a missing or unreadable file, an empty image, NaN / infinite pixels or more than `max_image_pixels`
+    pixels raise an error naming the image.
 
     Args:
         image_processor, tokenizer, video_processor: the generalist processor's parts.
@@ -93,6 +156,8 @@ class ChimeraProcessor(ProcessorMixin):
         generalist_kwargs (`dict`): the generalist processor's other init arguments (e.g. `image_seq_length`).
         expert_preprocessing (`list[dict]`): per expert, in the model's expert order, `{"domain": ..., "config":
             image processor config dict}` (a list: JSON object keys would lose the order).
+        max_image_pixels (`int`, *optional*, defaults to 64 000 000): the largest image accepted (width x height);
+            `None` for no limit.
     """
 
     def __init__(
@@ -104,6 +169,7 @@ class ChimeraProcessor(ProcessorMixin):
         generalist_processor_class: str | None = None,
         generalist_kwargs: dict | None = None,
         expert_preprocessing: list | None = None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         **kwargs,
     ):
         if generalist_processor_class is None:
@@ -119,6 +185,7 @@ class ChimeraProcessor(ProcessorMixin):
             image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
             chat_template=chat_template, **self.generalist_kwargs,
         )
+        self.max_image_pixels = max_image_pixels
         self.expert_preprocessing = [dict(entry) for entry in (expert_preprocessing or [])]
         domains = [entry["domain"] for entry in self.expert_preprocessing]
         if len(set(domains)) != len(domains):
@@ -174,7 +241,8 @@ class ChimeraProcessor(ProcessorMixin):
             experts (`list[str]`, *optional*): only preprocess for these domains (the others get `None` entries),
                 e.g. when the domain of every image is known. Default: all experts.
         """
-        flat = [_to_rgb(image) for image in _flatten_images(images)]
+        flat = [load_rgb_image(image, f"image {i}", self.max_image_pixels)
+                for i, image in enumerate(_flatten_images(images))]
         if images is not None:
             images = _renest(images, flat)
         outputs = self.generalist(images=images, text=text, videos=videos, **kwargs)

@@ -719,6 +719,15 @@ def repeat_images_for_generation(image_rows: torch.LongTensor, expand_size: int)
 # ------------------------------------------------------------------------------------------ shared model plumbing
 
 
+def check_finite_pixels(pixel_values, name: str = "pixel_values") -> None:
+    """NaN / infinite pixels give NaN features, yet the router would still pick an expert and `generate` still emit
+    tokens: refuse them."""
+    values = [pixel_values] if isinstance(pixel_values, torch.Tensor) else [v for v in pixel_values if v is not None]
+    for value in values:
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"`{name}` hold NaN or infinite values: check the images and their preprocessing.")
+
+
 def integer_labels(expert_labels) -> torch.LongTensor:
     """`expert_labels` as a flat LongTensor; float or bool labels are refused (`.long()` would turn 1.7 into 1)."""
     labels = torch.as_tensor(expert_labels)

@@ -29,7 +29,8 @@ import torch
 def make_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000, help="cache rows N for the new cache")
-    parser.add_argument("--old_rows", type=int, default=20_000, help="cache rows for the old way (it needs ~100 B/value)")
+    parser.add_argument("--old_rows", type=int, default=20_000,
+                        help="cache rows for the old way (it needs ~100 B per value)")
     parser.add_argument("--width", type=int, default=1152, help="feature width D (SigLIP-400M: 1152)")
     parser.add_argument("--steps", type=int, default=400, help="schedule length of the precision check")
     parser.add_argument("--seed", type=int, default=0)
@@ -119,7 +120,8 @@ def main(args):
     print(f"2. router updates kept at mid-schedule (fraction of fc1 weights changed by one step, lr 2e-4 cosine, "
           f"{args.steps} steps)")
     for dtype in (torch.bfloat16, torch.float32):
-        print(f"   router in {str(dtype).split('.')[-1]:8s}: {updates_kept(dtype, args.width, args.steps, args.seed):.3f}")
+        kept = updates_kept(dtype, args.width, args.steps, args.seed)
+        print(f"   router in {str(dtype).split('.')[-1]:8s}: {kept:.3f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train.tiny import build_tiny_chimera, build_tiny_mixpert
+from train.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt
 
 EVIL = """
 from pathlib import Path
@@ -114,3 +114,77 @@ def test_expert_labels_of_the_wrong_kind_are_refused(saved):
         for bad in (torch.tensor([1.7]), torch.tensor([True]), [0.5]):
             with pytest.raises(ValueError, match=r"`expert_labels` must be integers .* got torch\.(float|bool)"):
                 model.model._validate_expert_labels(bad, 1)
+
+
+# ------------------------------------------------------------------------------------------------------- images
+
+
+def test_images_of_every_depth_and_layout_become_the_same_8_bit_rgb(saved):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from processing_chimera import ChimeraProcessor
+
+    processor = ChimeraProcessor.from_pretrained(saved / "chimera")
+    rng = np.random.default_rng(0)
+    rgb8 = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    gray8 = rgb8[..., 0]
+
+    def pixels(image):
+        out = processor(images=[[image]], text=[chat_prompt(processor)], return_tensors="pt")
+        return out["pixel_values"], out["expert_pixel_values"]
+
+    reference = pixels(Image.fromarray(rgb8))
+    for same in (rgb8.astype(np.float32) / 255, rgb8.astype(np.float64), torch.from_numpy(rgb8).permute(2, 0, 1),
+                 torch.from_numpy(rgb8.astype(np.float32) / 255).permute(2, 0, 1)):
+        got = pixels(same)
+        assert torch.equal(got[0], reference[0]) and all(torch.equal(a, b) for a, b in zip(got[1], reference[1]))
+    # 16-bit grayscale PNG data (values 0..65535) reads as its 8-bit equivalent, not as an almost white image
+    gray16 = Image.fromarray(gray8.astype(np.uint16) * 257)
+    assert gray16.mode.startswith("I;16")
+    assert torch.equal(pixels(gray16)[0], pixels(Image.fromarray(gray8))[0])
+
+
+def test_bad_images_raise_errors_that_name_the_image(saved, tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from modeling_chimera import ChimeraForConditionalGeneration
+    from processing_chimera import ChimeraProcessor
+    from train.data.collators import VisionLanguageSFTCollator
+
+    processor = ChimeraProcessor.from_pretrained(saved / "chimera")
+    good = Image.new("RGB", (16, 16))
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    cases = [
+        ([good, np.full((16, 16, 3), np.nan, np.float32)], r"image 1: the image holds NaN or infinite pixel values"),
+        ([np.full((16, 16, 3), 300.0)], r"image 0: float pixel values in \[300, 300\]; expected \[0, 1\] or \[0, 255\]"),
+        ([str(corrupt)], rf"image 0: cannot read image file {corrupt}"),
+        ([str(tmp_path / "absent.png")], r"image 0: cannot read image file .*absent.png"),
+        ([np.zeros((2, 2, 2, 3), np.uint8)], r"must be HW, HWC or CHW, got shape \(2, 2, 2, 3\)"),
+    ]
+    for images, message in cases:
+        with pytest.raises(ValueError, match=message):
+            processor(images=[[image] for image in images], text=[chat_prompt(processor)] * len(images))
+    processor.max_image_pixels = 100
+    with pytest.raises(ValueError, match=r"image 0: 16x16 = 256 pixels, more than max_image_pixels=100"):
+        processor(images=[[good]], text=[chat_prompt(processor)])
+    processor.max_image_pixels = None
+    assert processor(images=[[good]], text=[chat_prompt(processor)], return_tensors="pt")["pixel_values"].shape[0] >= 1
+
+    # Inside a training batch, the unreadable file names itself.
+    row = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "a"}]}],
+           "images": [str(corrupt)], "domain": "table"}
+    with pytest.raises(ValueError, match=rf"training image {corrupt}: cannot read image file"):
+        VisionLanguageSFTCollator(processor)([row])
+
+    # NaN pixels handed straight to the model: refused, not routed.
+    model = ChimeraForConditionalGeneration.from_pretrained(saved / "chimera")
+    inputs = processor(images=[[good]], text=[chat_prompt(processor)], return_tensors="pt")
+    inputs["pixel_values"][0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="`pixel_values` hold NaN or infinite values"):
+        model(**inputs)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from processing_chimera import DEFAULT_MAX_IMAGE_PIXELS, load_rgb_image
+
 
 def make_domain_labels(model_domains, none_domains=("general", "none")) -> dict[str, int]:
     """Domain name -> expert label: `k` for the `k`-th model domain (1-based), 0 for `none_domains` that are not model
@@ -72,7 +74,12 @@ class VisionLanguageSFTCollator:
             content = []
             for item in message["content"]:
                 if item["type"] == "image":
-                    content.append({"type": "image", "path": next(paths)})
+                    # Decoded here, not by the processor: an unreadable file then names itself (torchvision's
+                    # decoder says only "Internal error"), and 16-bit / float images are scaled, not clipped.
+                    path = next(paths)
+                    content.append({"type": "image", "image": load_rgb_image(
+                        path, f"training image {path}", getattr(self.processor, "max_image_pixels",
+                                                                 DEFAULT_MAX_IMAGE_PIXELS))})
                 else:
                     content.append({"type": "text", "text": item["text"]})
             messages.append({"role": message["role"], "content": content})
