@@ -835,6 +835,16 @@ class HubCheckpointMixin:
         if os.path.isdir(str(path)) and not os.path.isfile(os.path.join(folder, "config.json")):
             raise FileNotFoundError(f"{path} has no config.json: it is not a saved model folder (save one with "
                                     f"`save_pretrained`).")
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):  # shard names are file names in this folder, never paths out of it
+            import json
+
+            with open(index) as f:
+                shards = set(json.load(f).get("weight_map", {}).values())
+            bad = sorted(n for n in shards if os.path.basename(n) != n or n in ("", ".", ".."))
+            if bad:
+                raise ValueError(f"{index} names shards outside its folder: {bad[:5]}. Shard names must be plain file "
+                                 "names; re-save the model with `save_pretrained`.")
         found = cls.config_class.get_config_dict(path, **hub)[0].get("model_type")
         expected = cls.config_class.model_type
         if found != expected:

@@ -188,3 +188,43 @@ def test_bad_images_raise_errors_that_name_the_image(saved, tmp_path):
     inputs["pixel_values"][0, 0, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="`pixel_values` hold NaN or infinite values"):
         model(**inputs)
+
+
+# -------------------------------------------------------------------------------------------------------- paths
+
+
+def test_data_and_shard_paths_stay_inside_their_root(saved, tmp_path):
+    from PIL import Image
+
+    from modeling_chimera import ChimeraForConditionalGeneration
+    from train.data.loading import load_vl_dataset
+    from train.dpo import load_preference_data
+
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "inside.png")
+    row = {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "a"}]}
+    for name, image in (("up.jsonl", "../outside.png"), ("abs.jsonl", str(tmp_path / "outside.png"))):
+        (tmp_path / "data" / name).write_text(json.dumps({**row, "images": ["inside.png", image]}) + "\n")
+        with pytest.raises(ValueError, match=rf"{name}, row 0: image path .* leaves the image root .*"
+                                             r"--allow_images_outside_root true"):
+            load_vl_dataset(str(tmp_path / "data" / name))
+        loaded = load_vl_dataset(str(tmp_path / "data" / name), allow_outside_root=True)
+        assert loaded[0]["images"][1] == str(tmp_path / "outside.png")
+    pairs = {"prompt": [{"role": "user", "content": "?"}], "chosen": [{"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "assistant", "content": "b"}], "images": ["../outside.png"]}
+    (tmp_path / "data" / "pref.jsonl").write_text(json.dumps(pairs) + "\n")
+    with pytest.raises(ValueError, match="leaves the image root"):
+        load_preference_data([str(tmp_path / "data" / "pref.jsonl")])
+
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved / "chimera", folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").unlink()
+    (tmp_path / "elsewhere.safetensors").write_bytes(weights)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "../elsewhere.safetensors"}}))
+    with pytest.raises(ValueError, match=r"names shards outside its folder: \['../elsewhere.safetensors'\]"):
+        ChimeraForConditionalGeneration.from_pretrained(folder)

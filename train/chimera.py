@@ -175,7 +175,8 @@ def train_router(script_args, training_args, model, processor, model_args, data_
 
     domains = list(model.config.domains)
     files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
-    data = load_vl_dataset(files["train"], data_args.image_root, domains=domains + list(script_args.no_expert_domains))
+    data = load_vl_dataset(files["train"], data_args.image_root, domains=domains + list(script_args.no_expert_domains),
+                           allow_outside_root=data_args.allow_images_outside_root)
     data = sample_per_domain(data, script_args.router_samples_per_domain, training_args.seed)
     device = training_device(model, training_args)
     start = time.perf_counter()
@@ -213,8 +214,10 @@ def main(script_args, training_args, model_args, data_args):
     domains = list(model.config.domains) if not script_args.use_lora else list(model.base_model.model.config.domains)
     files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
     known = domains + list(script_args.no_expert_domains)
-    train_data = load_vl_dataset(files["train"], data_args.image_root, domains=known)
-    eval_data = load_vl_dataset(files["eval"], data_args.image_root, domains=known) if files["eval"] else None
+    outside = data_args.allow_images_outside_root
+    train_data = load_vl_dataset(files["train"], data_args.image_root, domains=known, allow_outside_root=outside)
+    eval_data = load_vl_dataset(files["eval"], data_args.image_root, domains=known,
+                                allow_outside_root=outside) if files["eval"] else None
     labels = make_domain_labels(domains, none_domains=script_args.no_expert_domains)
     collator = VisionLanguageSFTCollator(processor, labels, max_length=data_args.max_length)
 

@@ -46,6 +46,9 @@ class DataArguments:
     )
     eval_file: list[str] | None = field(default=None, metadata={"help": "Evaluation files, same formats."})
     image_root: str | None = field(default=None, metadata={"help": "Folder relative image paths start from."})
+    allow_images_outside_root: bool = field(
+        default=False, metadata={"help": "Accept image paths in the data that leave the image root (`../`, absolute "
+                                         "paths). Off by default: a data file cannot make training read any file."})
     tiny_train_per_domain: int = field(default=8, metadata={"help": "Synthetic data: training rows per domain."})
     tiny_eval_per_domain: int = field(default=2, metadata={"help": "Synthetic data: evaluation rows per domain."})
     tiny_data_seed: int = field(default=0, metadata={"help": "Synthetic data: seed."})

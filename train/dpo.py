@@ -97,9 +97,12 @@ def without_gscm(policy, reference):
     return policy, reference
 
 
-def load_preference_data(files, image_root=None):
-    """Preference rows with `images` decoded to PIL (TRL's vision collator reads PIL images)."""
+def load_preference_data(files, image_root=None, allow_outside_root=False):
+    """Preference rows with `images` decoded to PIL (TRL's vision collator reads PIL images). Image paths must stay
+    inside `image_root` (default: the data file's folder) unless `allow_outside_root`."""
     import datasets
+
+    from train.data.loading import resolve_image_path
 
     files = [files] if isinstance(files, str) else list(files)
     for f in files:
@@ -113,13 +116,8 @@ def load_preference_data(files, image_root=None):
     root = image_root or os.path.dirname(os.path.abspath(files[0]))
 
     def resolve(row, index):
-        paths = []
-        for image in row["images"]:
-            path = image if os.path.isabs(image) else os.path.join(root, image)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{files[0]}, row {index}: image file not found: {path}")
-            paths.append(path)
-        return {"images": paths}
+        return {"images": [resolve_image_path(image, root, f"{files[0]}, row {index}", allow_outside_root)
+                           for image in row["images"]]}
 
     data = data.map(resolve, with_indices=True)
     return data.cast_column("images", datasets.Sequence(datasets.Image()))
@@ -138,8 +136,9 @@ def main(script_args, training_args, model_args, data_args):
     summary = set_trainable(policy, groups, script_args.train_groups)
     reference.requires_grad_(False).eval()
     files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size, preference=True)
-    train_data = load_preference_data(files["train"], data_args.image_root)
-    eval_data = load_preference_data(files["eval"], data_args.image_root) if files["eval"] else None
+    outside = data_args.allow_images_outside_root
+    train_data = load_preference_data(files["train"], data_args.image_root, outside)
+    eval_data = load_preference_data(files["eval"], data_args.image_root, outside) if files["eval"] else None
     trainer = DPOTrainer(
         model=policy, ref_model=reference, args=training_args, train_dataset=train_data,
         eval_dataset=eval_data if training_args.eval_strategy != "no" else None, processing_class=processor,

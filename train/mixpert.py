@@ -105,7 +105,8 @@ def tune_experts(script_args, training_args, model, processor, data_args, files)
     unknown = sorted(set(domains) - set(model.domains))
     if unknown:
         raise ValueError(f"--domains {unknown} are not experts of this model ({model.domains}).")
-    data = load_vl_dataset(files["train"], data_args.image_root, domains=list(model.domains) + ["versatile"])
+    data = load_vl_dataset(files["train"], data_args.image_root, domains=list(model.domains) + ["versatile"],
+                           allow_outside_root=data_args.allow_images_outside_root)
     resume = _wants_resume(training_args)
     groups, results, trainer = mixpert_groups(model), {}, None
     for domain in domains:
@@ -197,7 +198,8 @@ def pooled_shared_features(model, processor, data, cache_dir: str, device=None, 
 def train_router(script_args, training_args, model, processor, data_args, files):
     from train.data.loading import load_vl_dataset
 
-    data = load_vl_dataset(files["train"], data_args.image_root, domains=list(model.domains))
+    data = load_vl_dataset(files["train"], data_args.image_root, domains=list(model.domains),
+                           allow_outside_root=data_args.allow_images_outside_root)
     data = sample_per_domain(data, script_args.router_samples_per_domain, training_args.seed)
     device = training_device(model, training_args)
     start = time.perf_counter()

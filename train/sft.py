@@ -74,7 +74,7 @@ def main(script_args, training_args, model_args, data_args, model=None, processo
         model, processor = load_model_and_processor(model_args)
     summary = set_trainable(model, native_groups(model), script_args.train_groups)
     files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
-    data = load_vl_dataset(files["train"], data_args.image_root)
+    data = load_vl_dataset(files["train"], data_args.image_root, allow_outside_root=data_args.allow_images_outside_root)
     if script_args.domains:
         data = data.filter(lambda row: row["domain"] in script_args.domains)
         if len(data) == 0:

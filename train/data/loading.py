@@ -60,7 +60,21 @@ def _structured(content) -> list[dict]:
     return items
 
 
-def normalize_row(row: dict, index: int, image_root: str, source: str, domains: set | None = None) -> dict:
+def resolve_image_path(image: str, image_root: str, where: str, allow_outside_root: bool = False) -> str:
+    """`image` (relative to `image_root`, or absolute) as an absolute path that must exist and, unless
+    `allow_outside_root`, lie inside `image_root`: a data file must not make training read any file (`../../etc`)."""
+    path = os.path.realpath(image if os.path.isabs(image) else os.path.join(image_root, image))
+    root = os.path.realpath(image_root)
+    if not allow_outside_root and os.path.commonpath([path, root]) != root:
+        raise ValueError(f"{where}: image path {image!r} leaves the image root {root}; move the image under it, set "
+                         "--image_root, or pass --allow_images_outside_root true.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: image file not found: {path}")
+    return path
+
+
+def normalize_row(row: dict, index: int, image_root: str, source: str, domains: set | None = None,
+                  allow_outside_root: bool = False) -> dict:
     """One raw row (either format) -> `{"messages", "images", "domain"}`; raises with `source` and `index` on errors."""
     where = f"{source}, row {index}"
     if "conversations" in row and row["conversations"] is not None:
@@ -103,15 +117,9 @@ def normalize_row(row: dict, index: int, image_root: str, source: str, domains: 
     resolved = []
     for image in images:
         if isinstance(image, str):
-            path = image if os.path.isabs(image) else os.path.join(image_root, image)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{where}: image file not found: {path}")
-            resolved.append(os.path.abspath(path))
+            resolved.append(resolve_image_path(image, image_root, where, allow_outside_root))
         elif isinstance(image, dict) and image.get("path"):
-            path = image["path"] if os.path.isabs(image["path"]) else os.path.join(image_root, image["path"])
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{where}: image file not found: {path}")
-            resolved.append(os.path.abspath(path))
+            resolved.append(resolve_image_path(image["path"], image_root, where, allow_outside_root))
         else:
             raise ValueError(f"{where}: images must be file paths, got {type(image).__name__}.")
     domain = row.get("domain") or ""
@@ -125,6 +133,7 @@ def load_vl_dataset(
     image_root: str | None = None,
     domains: list[str] | None = None,
     split: str = "train",
+    allow_outside_root: bool = False,
 ) -> datasets.Dataset:
     """Load and normalise local vision-language data (see the module docstring).
 
@@ -133,6 +142,7 @@ def load_vl_dataset(
         image_root: folder relative image paths start from (default: the first data file's folder).
         domains: allowed domain names (e.g. a model's domains plus "general"); `None` accepts any.
         split: the `datasets` split name to return.
+        allow_outside_root: accept image paths that leave `image_root` (`../`, absolute paths elsewhere).
     """
     files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
     if not files:
@@ -149,7 +159,7 @@ def load_vl_dataset(
     root = image_root or str(Path(files[0]).resolve().parent)
     allowed = set(domains) | {""} if domains is not None else None
     source = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more)"
-    rows = [normalize_row(row, i, root, source, allowed) for i, row in enumerate(raw)]
+    rows = [normalize_row(row, i, root, source, allowed, allow_outside_root) for i, row in enumerate(raw)]
     features = datasets.Features({
         "messages": [{"role": datasets.Value("string"),
                       "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
