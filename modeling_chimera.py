@@ -57,6 +57,7 @@ try:
         image_token_spans,
         repeat_images_for_generation,
         check_finite_pixels,
+        check_text_inputs,
         integer_labels,
         lm_and_router_loss,
     )
@@ -75,6 +76,7 @@ except ImportError:
         image_token_spans,
         repeat_images_for_generation,
         check_finite_pixels,
+        check_text_inputs,
         integer_labels,
         lm_and_router_loss,
     )
@@ -469,7 +471,16 @@ class ChimeraModel(ChimeraPreTrainedModel):
             check_finite_pixels(inputs, f"expert_pixel_values[{k - 1}]")
             encoder = self.expert_encoders[domain]
             with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
-                tokens = encoder(inputs.index_select(0, routed.to(inputs.device)).to(self.dtype))
+                try:
+                    tokens = encoder(inputs.index_select(0, routed.to(inputs.device)).to(self.dtype))
+                except torch.OutOfMemoryError:
+                    raise
+                except RuntimeError as error:  # e.g. another expert's inputs: a shape error deep in the encoder
+                    raise ValueError(
+                        f"Expert {k} ({domain!r}, {encoder.family}) cannot encode `expert_pixel_values[{k - 1}]` of "
+                        f"shape {tuple(inputs.shape)}: pass the list `ChimeraProcessor` returns, in the model's expert "
+                        f"order {self.domains}. ({error})"
+                    ) from error
             tokens = self.expert_projectors[domain](tokens.to(self.expert_projectors[domain].linear_1.weight.dtype))
             for row, image in enumerate(routed.tolist()):
                 features[image] = tokens[row]
@@ -866,6 +877,7 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         Loss: `lm_loss + router_loss_weight * router_loss`, rescaled under `Trainer`'s `num_items_in_batch` (see
         `vlm_backbones.lm_and_router_loss`); `lm_loss` and `router_loss` are also returned unscaled.
         """
+        check_text_inputs(input_ids, inputs_embeds, labels)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(

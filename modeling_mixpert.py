@@ -47,6 +47,7 @@ try:
         get_backbone_family,
         repeat_images_for_generation,
         check_finite_pixels,
+        check_text_inputs,
         integer_labels,
         lm_and_router_loss,
     )
@@ -64,6 +65,7 @@ except ImportError:
         get_backbone_family,
         repeat_images_for_generation,
         check_finite_pixels,
+        check_text_inputs,
         integer_labels,
         lm_and_router_loss,
     )
@@ -523,6 +525,7 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
             This call's routing rule instead of the config's (`generate` takes them too): `"direct"`,
             `"score_threshold"` or `"score_difference"`, and λ / τ in [0, 1] (Mixpert §3.3).
         """
+        check_text_inputs(input_ids, inputs_embeds, labels)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(

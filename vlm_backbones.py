@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -728,9 +729,27 @@ def check_finite_pixels(pixel_values, name: str = "pixel_values") -> None:
             raise ValueError(f"`{name}` hold NaN or infinite values: check the images and their preprocessing.")
 
 
+def check_text_inputs(input_ids, inputs_embeds, labels=None) -> None:
+    """An empty batch and labels of the wrong kind fail deep inside the LLM otherwise (a reshape of 0 elements,
+    "string indices must be integers")."""
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    if tokens is not None and (tokens.shape[0] == 0 or tokens.shape[1] == 0):
+        name = "input_ids" if input_ids is not None else "inputs_embeds"
+        raise ValueError(f"`{name}` is empty (shape {tuple(tokens.shape)}): pass at least one sample of one token.")
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.is_floating_point()
+                               or labels.dtype == torch.bool):
+        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"`labels` must be a LongTensor of token ids shaped like `input_ids` (-100 = not a target), "
+                         f"got {kind}.")
+
+
 def integer_labels(expert_labels) -> torch.LongTensor:
     """`expert_labels` as a flat LongTensor; float or bool labels are refused (`.long()` would turn 1.7 into 1)."""
-    labels = torch.as_tensor(expert_labels)
+    try:
+        labels = torch.as_tensor(expert_labels)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"`expert_labels` must be integers (one expert index per image, -100 for none), got "
+                         f"{expert_labels!r}: pass a LongTensor such as `torch.tensor([1, 0, 2])`.") from error
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(
             f"`expert_labels` must be integers (one expert index per image, -100 for none), got {labels.dtype}: "
@@ -805,6 +824,11 @@ class HubCheckpointMixin:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
             )
+        except SafetensorError as err:
+            raise ValueError(
+                f"The weights at {pretrained_model_name_or_path!r} cannot be read ({err}): a safetensors file is "
+                "truncated or corrupt (an interrupted download or save). Download or save the model again."
+            ) from err
         except RuntimeError as err:
             if "ignore_mismatched_sizes" not in str(err):
                 raise

@@ -228,3 +228,48 @@ def test_data_and_shard_paths_stay_inside_their_root(saved, tmp_path):
         {"metadata": {}, "weight_map": {"lm_head.weight": "../elsewhere.safetensors"}}))
     with pytest.raises(ValueError, match=r"names shards outside its folder: \['../elsewhere.safetensors'\]"):
         ChimeraForConditionalGeneration.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------ inputs of the wrong kind
+
+
+@pytest.mark.parametrize("kind", ["chimera", "mixpert"])
+def test_inputs_of_the_wrong_kind_name_the_argument(saved, tmp_path, kind):
+    import shutil
+
+    import torch
+    from transformers import AutoProcessor
+
+    from modeling_chimera import ChimeraForConditionalGeneration
+    from modeling_mixpert import MixpertForConditionalGeneration
+    from processing_chimera import ChimeraProcessor
+    from train.tiny import random_images
+
+    model_class = ChimeraForConditionalGeneration if kind == "chimera" else MixpertForConditionalGeneration
+    model = model_class.from_pretrained(saved / kind)
+    processor = (ChimeraProcessor if kind == "chimera" else AutoProcessor).from_pretrained(saved / kind)
+    images = random_images(2)
+    inputs = processor(images=[[images[0]], [images[1]]], text=[chat_prompt(processor)] * 2, return_tensors="pt",
+                       padding=True)
+    cases = [
+        (dict(labels="abc"), r"`labels` must be a LongTensor of token ids .* got str"),
+        (dict(labels=inputs["input_ids"].float()), r"`labels` must be a LongTensor .* got torch.float32"),
+        (dict(expert_labels=["a", "b"]), r"`expert_labels` must be integers .* got \['a', 'b'\]"),
+        (dict(input_ids=inputs["input_ids"][:0], attention_mask=inputs["attention_mask"][:0], pixel_values=None),
+         r"`input_ids` is empty \(shape \(0, \d+\)\)"),
+        (dict(pixel_values=inputs["pixel_values"][0]), r"`pixel_values` holds \d+ (tiles|patches)"),
+    ]
+    if kind == "chimera":
+        swapped = list(reversed(inputs["expert_pixel_values"]))
+        cases.append((dict(expert_pixel_values=swapped, expert_labels=torch.tensor([1, 2])),
+                      r"Expert 1 \('table', pix2struct_vision_model\) cannot encode `expert_pixel_values\[0\]` of "
+                      r"shape \(2, 3, 16, 16\): pass the list `ChimeraProcessor` returns, in the model's expert order"))
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            model(**{k: v for k, v in {**inputs, **change}.items() if v is not None})
+    folder = tmp_path / "truncated"
+    shutil.copytree(saved / kind, folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=r"cannot be read .* a safetensors file is truncated or corrupt"):
+        model_class.from_pretrained(folder)
