@@ -95,8 +95,10 @@ def load_rgb_image(image, what: str = "image", max_pixels: int | None = DEFAULT_
         return image.convert("RGB")
     if isinstance(image, (np.ndarray, torch.Tensor)):
         array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-        if array.ndim not in (2, 3) or array.size == 0:
+        if array.ndim not in (2, 3):
             raise ValueError(f"{what}: an image array must be HW, HWC or CHW, got shape {tuple(array.shape)}.")
+        if array.size == 0:
+            raise ValueError(f"{what}: empty image array of shape {tuple(array.shape)}.")
         channels_first = array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4)
         if channels_first:
             array = np.moveaxis(array, 0, -1)

@@ -273,3 +273,26 @@ def test_inputs_of_the_wrong_kind_name_the_argument(saved, tmp_path, kind):
     (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     with pytest.raises(ValueError, match=r"cannot be read .* a safetensors file is truncated or corrupt"):
         model_class.from_pretrained(folder)
+
+
+def test_a_save_killed_halfway_leaves_the_previous_model_whole(saved, tmp_path, monkeypatch):
+    import os
+
+    from modeling_mixpert import MixpertForConditionalGeneration
+    from train.common import save_atomically
+
+    model = MixpertForConditionalGeneration.from_pretrained(saved / "mixpert")
+    save_atomically(str(tmp_path), model)
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def killed_while_writing(folder, *args, **kwargs):  # half the weights written, then the process dies
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(before[: len(before) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "save_pretrained", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomically(str(tmp_path), model)
+    assert (tmp_path / "model.safetensors").read_bytes() == before  # the previous save, whole
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".saving-")]  # no staging folder left behind
+    MixpertForConditionalGeneration.from_pretrained(tmp_path)

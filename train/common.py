@@ -442,6 +442,28 @@ def save_run_summary(output_dir: str, summary: dict) -> None:
         json.dump(summary, f, indent=2, default=str)
 
 
+def save_atomically(output_dir: str, *objects) -> None:
+    """`save_pretrained` of each object into a temporary folder inside `output_dir`, then each file moved into place
+    with `os.replace` (atomic per file), weights first and `config.json` last: a run killed while saving leaves the
+    previous files whole instead of a half-written `model.safetensors` under a new `config.json`."""
+    import shutil
+    import tempfile
+
+    os.makedirs(output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
+    try:
+        for obj in objects:
+            obj.save_pretrained(staging)
+        names = sorted(os.listdir(staging), key=lambda n: (n == "config.json", not n.endswith(".safetensors"), n))
+        for name in names:
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target) and os.path.isdir(os.path.join(staging, name)):
+                shutil.rmtree(target)  # a folder (e.g. extra chat templates) replaces the old one whole
+            os.replace(os.path.join(staging, name), target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def finish(trainer, model, processor, training_args, summary: dict) -> dict:
     """Save the final model (+ processor) in `output_dir`, record the run summary, push if asked. Returns the summary
     as written."""
@@ -451,8 +473,7 @@ def finish(trainer, model, processor, training_args, summary: dict) -> dict:
     summary = {**summary, "global_step": steps, "world_size": world_size(),
                "seconds_per_step": (train_runtime / steps) if train_runtime and steps else None}
     if trainer is None or trainer.is_world_process_zero():
-        model.save_pretrained(training_args.output_dir)
-        processor.save_pretrained(training_args.output_dir)
+        save_atomically(training_args.output_dir, model, processor)
         save_run_summary(training_args.output_dir, summary)
     if training_args.push_to_hub and (trainer is None or trainer.is_world_process_zero()):
         push_output_dir(training_args, f"{summary.get('script', 'training')} finished")

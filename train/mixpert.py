@@ -44,6 +44,7 @@ from train.common import (
     read_model_type,
     resume_checkpoint,
     sample_per_domain,
+    save_atomically,
     save_run_summary,
     set_trainable,
     tiny_model_kwargs,
@@ -133,7 +134,7 @@ def tune_experts(script_args, training_args, model, processor, data_args, files)
         )
         trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder) if resume else None)
         if trainer.is_world_process_zero():
-            model.save_pretrained(folder)
+            save_atomically(folder, model)
             with open(done, "w") as f:
                 f.write("{}")
         runtime = next((m["train_runtime"] for m in reversed(trainer.state.log_history) if "train_runtime" in m), None)
