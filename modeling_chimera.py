@@ -473,9 +473,11 @@ class ChimeraModel(ChimeraPreTrainedModel):
             with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
                 try:
                     tokens = encoder(inputs.index_select(0, routed.to(inputs.device)).to(self.dtype))
-                except torch.OutOfMemoryError:
-                    raise
                 except RuntimeError as error:  # e.g. another expert's inputs: a shape error deep in the encoder
+                    if isinstance(error, torch.OutOfMemoryError) or not any(
+                        word in str(error) for word in ("size", "shape", "dimension")
+                    ):
+                        raise
                     raise ValueError(
                         f"Expert {k} ({domain!r}, {encoder.family}) cannot encode `expert_pixel_values[{k - 1}]` of "
                         f"shape {tuple(inputs.shape)}: pass the list `ChimeraProcessor` returns, in the model's expert "
@@ -877,7 +879,7 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         Loss: `lm_loss + router_loss_weight * router_loss`, rescaled under `Trainer`'s `num_items_in_batch` (see
         `vlm_backbones.lm_and_router_loss`); `lm_loss` and `router_loss` are also returned unscaled.
         """
-        check_text_inputs(input_ids, inputs_embeds, labels)
+        labels = check_text_inputs(input_ids, inputs_embeds, labels)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(
@@ -938,7 +940,9 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         With images: encode them once (generalist, router, chosen experts), insert each routed image's expert
         tokens into the prompt, decode on that expanded prompt, and return the caller's prompt + the new tokens
         (the inserted tokens are removed again, so `out[:, input_ids.shape[1]:]` is the continuation). A prompt that
-        already holds expert blocks (e.g. a previous call's `expanded_input_ids`) keeps the experts it names. A prompt given
+        already holds expert blocks (e.g. a previous call's `expanded_input_ids`) keeps the experts it names; it is
+        taken as fully laid out, so an image with no block after it uses no expert (do not mix compact and expanded
+        rows, or add a new image to an expanded prompt). A prompt given
         as `inputs_embeds` (placeholders embedded with the image token's embedding) is expanded the same way; then, as
         for any model, only the new tokens are returned. Pass `expert_labels` to force experts (0 = none);
         `return_dict_in_generate=True` also gives `expert_index` and `router_logits`.

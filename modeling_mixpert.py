@@ -525,7 +525,7 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
             This call's routing rule instead of the config's (`generate` takes them too): `"direct"`,
             `"score_threshold"` or `"score_difference"`, and λ / τ in [0, 1] (Mixpert §3.3).
         """
-        check_text_inputs(input_ids, inputs_embeds, labels)
+        labels = check_text_inputs(input_ids, inputs_embeds, labels)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(

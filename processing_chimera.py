@@ -35,7 +35,7 @@ def _check_pixels(width: int, height: int, what: str, max_pixels: int | None) ->
         )
 
 
-def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+def _to_uint8(array: np.ndarray, what: str, sixteen_bit: bool = False) -> np.ndarray:
     """Integer images by their bit depth (16-bit: 0..65535), float images in [0, 1] or [0, 255], to 8 bits. A plain
     `.convert("RGB")` or `astype(uint8)` clips 16-bit values (an almost white image) and float ones (a black one)."""
     if array.dtype == np.uint8:
@@ -55,9 +55,12 @@ def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
         low, high = int(array.min()), int(array.max())
         if low < 0:
             raise ValueError(f"{what}: negative pixel values ({low}) in an integer image.")
-        if high <= 255:
+        if array.dtype == np.uint16 or sixteen_bit:  # by the bit depth, not the values: a dark 16-bit image stays dark
+            depth = 65535
+        elif high <= 255:
             return array.astype(np.uint8)
-        depth = 65535 if high <= 65535 else int(np.iinfo(array.dtype).max)
+        else:  # wider integers (e.g. PIL's "I" mode) with values above 255: 16-bit data, or scaled by their maximum
+            depth = 65535 if high <= 65535 else int(np.iinfo(array.dtype).max)
         return np.round(array.astype(np.float64) * (255.0 / depth)).astype(np.uint8)
     raise ValueError(f"{what}: unsupported pixel type {array.dtype}.")
 
@@ -87,14 +90,19 @@ def load_rgb_image(image, what: str = "image", max_pixels: int | None = DEFAULT_
         if image.mode == "RGB":
             return image
         if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            return Image.fromarray(_to_uint8(np.asarray(image), what)).convert("RGB")
+            # PIL opens 16-bit PNGs as "I;16" or "I" (int32): both hold 16-bit data
+            array = _to_uint8(np.asarray(image), what, sixteen_bit=image.mode.startswith("I;16"))
+            return Image.fromarray(array).convert("RGB")
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             background = Image.new("RGB", image.size, (255, 255, 255))
             background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
             return background
         return image.convert("RGB")
     if isinstance(image, (np.ndarray, torch.Tensor)):
-        array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu()
+            image = image.float() if image.dtype in (torch.bfloat16, torch.float16) else image  # numpy has no bf16
+        array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
         if array.ndim not in (2, 3):
             raise ValueError(f"{what}: an image array must be HW, HWC or CHW, got shape {tuple(array.shape)}.")
         if array.size == 0:

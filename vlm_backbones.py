@@ -729,9 +729,10 @@ def check_finite_pixels(pixel_values, name: str = "pixel_values") -> None:
             raise ValueError(f"`{name}` hold NaN or infinite values: check the images and their preprocessing.")
 
 
-def check_text_inputs(input_ids, inputs_embeds, labels=None) -> None:
+def check_text_inputs(input_ids, inputs_embeds, labels=None):
     """An empty batch and labels of the wrong kind fail deep inside the LLM otherwise (a reshape of 0 elements,
-    "string indices must be integers")."""
+    "string indices must be integers"). Returns `labels` as int64 (int32 labels are fine, cross-entropy wants
+    int64)."""
     tokens = input_ids if input_ids is not None else inputs_embeds
     if tokens is not None and (tokens.shape[0] == 0 or tokens.shape[1] == 0):
         name = "input_ids" if input_ids is not None else "inputs_embeds"
@@ -741,6 +742,7 @@ def check_text_inputs(input_ids, inputs_embeds, labels=None) -> None:
         kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"`labels` must be a LongTensor of token ids shaped like `input_ids` (-100 = not a target), "
                          f"got {kind}.")
+    return labels.long() if labels is not None else None
 
 
 def integer_labels(expert_labels) -> torch.LongTensor:

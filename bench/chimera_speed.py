@@ -68,7 +68,8 @@ def bench_family(family: str, size: dict, batch: int, repeats: int) -> dict:
     expert_kwargs = dict(image_size=image_size, patch_size=patch, hidden_size=size["vision_hidden_size"],
                          num_layers=size["num_vision_layers"])
     experts = {"math": build_expert("clip_vision_model", seed=1, **expert_kwargs)}
-    model = ChimeraForConditionalGeneration.from_generalist(generalist, experts).eval()
+    layout = {"image_end_token_id": tokenizer.convert_tokens_to_ids("</img>")} if family == "internvl" else {}
+    model = ChimeraForConditionalGeneration.from_generalist(generalist, experts, **layout).eval()
     processor = ChimeraProcessor.from_generalist(
         build_processor(family, tokenizer, image_size=image_size, patch_size=patch),
         {"math": build_expert_image_processor("clip_vision_model", image_size=image_size, patch_size=patch)},

@@ -296,3 +296,49 @@ def test_a_save_killed_halfway_leaves_the_previous_model_whole(saved, tmp_path, 
     assert (tmp_path / "model.safetensors").read_bytes() == before  # the previous save, whole
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".saving-")]  # no staging folder left behind
     MixpertForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_review_edge_cases_dark_16_bit_bf16_tensors_int32_labels_symlinks_stale_shards(saved, tmp_path):
+    import os
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from modeling_mixpert import MixpertForConditionalGeneration
+    from processing_chimera import load_rgb_image
+    from train.common import save_atomically
+    from train.data.loading import load_vl_dataset
+    from train.evaluate import load_rows
+
+    dark = np.full((4, 4), 200, np.uint16)  # a dark 16-bit image: 200 / 65535 of full scale, not 200 / 255
+    assert np.asarray(load_rgb_image(dark)).max() == 1
+    half = torch.full((3, 8, 8), 0.5, dtype=torch.bfloat16)
+    assert np.asarray(load_rgb_image(half)).tolist() == np.full((8, 8, 3), 128).tolist()
+
+    model = MixpertForConditionalGeneration.from_pretrained(saved / "mixpert")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(model(input_ids=ids, labels=ids.int()).loss)  # int32 labels work like int64 ones
+
+    # A symlinked image folder inside the data root is the user's own: accepted.
+    (tmp_path / "storage").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "storage" / "a.png")
+    (tmp_path / "data").mkdir()
+    os.symlink(tmp_path / "storage", tmp_path / "data" / "images")
+    row = {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "a"}],
+           "images": ["images/a.png"], "domain": "chart", "question": "?", "answer": "a"}
+    (tmp_path / "data" / "d.jsonl").write_text(json.dumps(row) + "\n")
+    assert len(load_vl_dataset(str(tmp_path / "data" / "d.jsonl"))) == 1
+    # Evaluation decodes images like training does (a 16-bit PNG is scaled, not clipped to white).
+    Image.fromarray(np.full((8, 8), 32896, np.uint16)).save(tmp_path / "storage" / "a.png")
+    image = load_rows(str(tmp_path / "data" / "d.jsonl"))[0]["image"]
+    assert np.asarray(image).max() == 128
+
+    # A sharded previous save does not linger next to a new single-file save.
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json"):
+        (out / name).write_text("stale")
+    save_atomically(str(out), model)
+    assert sorted(n for n in os.listdir(out) if "safetensors" in n) == ["model.safetensors"]
+    MixpertForConditionalGeneration.from_pretrained(out)

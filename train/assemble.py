@@ -7,7 +7,7 @@
 
     # Mixpert: upcycle a native VLM (K = 2 expert layers per domain, paper defaults)
     python -m train.assemble mixpert --base llava-hf/llava-onevision-qwen2-7b-si-hf \\
-        --domains chart doc math ocr general --output_dir runs/mixpert-upcycled
+        --domains chart document math ocr general --output_dir runs/mixpert-upcycled
 
 The output folder loads with `AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)` and is
 what `train.chimera` / `train.mixpert` take as `--model_name_or_path`.

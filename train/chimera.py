@@ -74,8 +74,8 @@ class ChimeraScriptArguments:
         default=None, metadata={"help": "Learning rate of the router (new, small, starts from scratch); default: "
                                         "--learning_rate."})
     router_samples_per_domain: int | None = field(
-        default=None, metadata={"help": "--stage router: train on at most this many images per domain, drawn at "
-                                        "random with --seed (default: every row)."})
+        default=None, metadata={"help": "--stage router: train on at most this many data rows per domain, drawn "
+                                        "at random with --seed (default: every row)."})
     use_lora: bool = field(default=False, metadata={"help": "Stage 2: train LoRA adapters on the LLM (merged at the "
                                                            "end) instead of the full LLM."})
     lora_r: int = 16

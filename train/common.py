@@ -333,7 +333,8 @@ def to_device(batch: dict, device) -> dict:
 
 def sample_per_domain(data, per_domain: int | None, seed: int, domain_of=lambda row: row["domain"]):
     """Up to `per_domain` rows of each domain, drawn at random with `seed` (Mixpert §4.2 samples 200K router images
-    per domain; without it the most common domain dominates the router's data). `None` keeps every row."""
+    per domain; without it the most common domain dominates the router's data). Rows, not images: a row with several
+    images, or routed per tile, gives several router samples. `None` keeps every row."""
     if per_domain is None:
         return data
     if per_domain < 1:
@@ -377,12 +378,14 @@ def router_accuracy(router, cache: RouterFeatureCache, batch_size: int = 4096) -
 
 
 def finish_router(trainer, model, processor, training_args, summary: dict, router, cache) -> dict:
-    """`finish` (save, summary, push) first, so the trained router is on disk whatever happens next, then the
-    training accuracy is measured and added to `run_summary.json`. Returns the summary."""
-    summary = finish(trainer, model, processor, training_args, summary)
+    """`finish` (save, summary) first, so the trained router is on disk whatever happens next, then the training
+    accuracy is measured and added to `run_summary.json`, then the folder is pushed if asked. Returns the summary."""
+    summary = finish(trainer, model, processor, training_args, summary, push=False)
     summary["results"] = {**summary.get("results", {}), "train_accuracy": router_accuracy(router, cache)}
     if trainer.is_world_process_zero():
         save_run_summary(training_args.output_dir, summary)
+        if training_args.push_to_hub:
+            push_output_dir(training_args, f"{summary.get('script', 'training')} finished")
     return summary
 
 
@@ -444,8 +447,10 @@ def save_run_summary(output_dir: str, summary: dict) -> None:
 
 def save_atomically(output_dir: str, *objects) -> None:
     """`save_pretrained` of each object into a temporary folder inside `output_dir`, then each file moved into place
-    with `os.replace` (atomic per file), weights first and `config.json` last: a run killed while saving leaves the
-    previous files whole instead of a half-written `model.safetensors` under a new `config.json`."""
+    with `os.replace` (atomic per file), weights first and `config.json` last: a run killed while saving leaves every
+    file whole (never a half-written `model.safetensors`), though a kill between two moves can leave new weights next
+    to the previous config. Weight files of a previous save that this one lacks (a single file replaced by shards,
+    or the reverse) are removed before `config.json` moves in."""
     import shutil
     import tempfile
 
@@ -455,7 +460,12 @@ def save_atomically(output_dir: str, *objects) -> None:
         for obj in objects:
             obj.save_pretrained(staging)
         names = sorted(os.listdir(staging), key=lambda n: (n == "config.json", not n.endswith(".safetensors"), n))
+        weights = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+        stale = [n for n in os.listdir(output_dir) if weights.fullmatch(n) and n not in names]
         for name in names:
+            if name == "config.json":  # a previous save's weight files the new one does not have go first
+                for old in stale:
+                    os.remove(os.path.join(output_dir, old))
             target = os.path.join(output_dir, name)
             if os.path.isdir(target) and os.path.isdir(os.path.join(staging, name)):
                 shutil.rmtree(target)  # a folder (e.g. extra chat templates) replaces the old one whole
@@ -464,9 +474,9 @@ def save_atomically(output_dir: str, *objects) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def finish(trainer, model, processor, training_args, summary: dict) -> dict:
-    """Save the final model (+ processor) in `output_dir`, record the run summary, push if asked. Returns the summary
-    as written."""
+def finish(trainer, model, processor, training_args, summary: dict, push: bool = True) -> dict:
+    """Save the final model (+ processor) in `output_dir`, record the run summary, push if asked (and `push`). Returns
+    the summary as written."""
     steps = trainer.state.global_step if trainer is not None else 0
     metrics = trainer.state.log_history if trainer is not None else []
     train_runtime = next((m["train_runtime"] for m in reversed(metrics) if "train_runtime" in m), None)
@@ -475,7 +485,7 @@ def finish(trainer, model, processor, training_args, summary: dict) -> dict:
     if trainer is None or trainer.is_world_process_zero():
         save_atomically(training_args.output_dir, model, processor)
         save_run_summary(training_args.output_dir, summary)
-    if training_args.push_to_hub and (trainer is None or trainer.is_world_process_zero()):
+    if push and training_args.push_to_hub and (trainer is None or trainer.is_world_process_zero()):
         push_output_dir(training_args, f"{summary.get('script', 'training')} finished")
     return summary
 
@@ -496,5 +506,6 @@ def push_output_dir(training_args, commit_message: str) -> str:
     if not os.path.isfile(card):
         render_model_card(folder, None, repo_id).save(card)
     api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message,
-                      ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "tiny_data/**", "training_args.bin"])
+                      ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "tiny_data/**", "training_args.bin",
+                                       "router-features-*/**", ".saving-*/**"])  # feature caches, save staging
     return repo_id

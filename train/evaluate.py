@@ -77,7 +77,9 @@ def load_model(path: str, trust_remote_code: bool = False):
 
 def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> list[dict]:
     import datasets
-    from PIL import Image
+
+    from processing_chimera import load_rgb_image
+    from train.data.loading import resolve_image_path
 
     if os.path.isdir(dataset):
         data = datasets.load_from_disk(dataset)
@@ -93,9 +95,11 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
         if limit is not None and i >= limit:
             break
         row = dict(row)
-        if row.get("image") is None and row.get("images"):
-            path = row["images"][0]
-            row["image"] = Image.open(path if os.path.isabs(path) else os.path.join(root, path)).convert("RGB")
+        if row.get("image") is None and row.get("images"):  # as in training: inside the root, decoded the same way
+            path = resolve_image_path(row["images"][0], root, f"{dataset}, row {i}")
+            row["image"] = load_rgb_image(path, f"{dataset}, row {i}")
+        elif row.get("image") is not None:
+            row["image"] = load_rgb_image(row["image"], f"{dataset}, row {i}")
         missing = [k for k in ("image", "question", "answer", "domain") if row.get(k) is None]
         if missing:
             raise ValueError(f"{dataset}, row {i}: missing {missing} (an image, question, answer and domain are needed).")

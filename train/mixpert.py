@@ -66,8 +66,8 @@ class MixpertScriptArguments:
                                                                           "(paper 1e-5); vision layers use "
                                                                           "--learning_rate (paper 2e-6)."})
     router_samples_per_domain: int | None = field(
-        default=None, metadata={"help": "router phase: train on at most this many images per domain, drawn at random "
-                                        "with --seed (Mixpert §4.2: 200K per domain; default: every row)."})
+        default=None, metadata={"help": "router phase: train on at most this many data rows per domain, drawn at "
+                                        "random with --seed (Mixpert §4.2: 200K per domain; default: every row)."})
     tiny_domains: str = field(default="chart,table,math,document,ocr,general",
                               metadata={"help": "Tiny model only: the domain experts, comma separated."})
     tiny_num_vision_layers: int = field(default=3, metadata={"help": "Tiny model only: vision tower depth."})

@@ -63,8 +63,9 @@ def _structured(content) -> list[dict]:
 def resolve_image_path(image: str, image_root: str, where: str, allow_outside_root: bool = False) -> str:
     """`image` (relative to `image_root`, or absolute) as an absolute path that must exist and, unless
     `allow_outside_root`, lie inside `image_root`: a data file must not make training read any file (`../../etc`)."""
-    path = os.path.realpath(image if os.path.isabs(image) else os.path.join(image_root, image))
-    root = os.path.realpath(image_root)
+    # Lexical check (`../`, absolute paths): symlinks the user made inside the root (shared storage) are allowed.
+    path = os.path.abspath(image if os.path.isabs(image) else os.path.join(image_root, image))
+    root = os.path.abspath(image_root)
     if not allow_outside_root and os.path.commonpath([path, root]) != root:
         raise ValueError(f"{where}: image path {image!r} leaves the image root {root}; move the image under it, set "
                          "--image_root, or pass --allow_images_outside_root true.")
