@@ -1,0 +1,75 @@
+"""The real-shape tier: published widths, image sizes and token counts, random weights, one layer per tower, bf16
+(`train.real_shapes`). Slow: `python -m pytest -m slow tests/test_real_shapes.py`."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train.tiny import chat_prompt
+
+pytestmark = pytest.mark.slow
+
+
+def image(height, width, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def round_trip(model, inputs, tmp_path, **forward_kwargs):
+    """Save, load in bf16, same logits; returns the first logits."""
+    with torch.no_grad():
+        before = model(**inputs, **forward_kwargs).logits
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    router = "vision_router" if hasattr(loaded.model, "vision_router") else "router"
+    assert all(p.dtype == torch.float32 for p in getattr(loaded.model, router).parameters())  # kept fp32
+    with torch.no_grad():
+        after = loaded(**inputs, **forward_kwargs).logits
+    assert before.dtype == torch.bfloat16 and torch.isfinite(before.float()).all()
+    assert torch.equal(before, after)
+    return before
+
+
+def test_chimera_on_an_internvl2_1b_generalist_with_got_and_pix2struct_experts(tmp_path):
+    from train.real_shapes import build_real_chimera
+
+    model, processor = build_real_chimera("internvl2-1b", experts=("got_ocr2", "pix2struct"))
+    inputs = processor(images=[[image(896, 1344)]], text=[chat_prompt(processor)], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (7, 3, 448, 448)  # 6 tiles + the thumbnail
+    assert [tuple(x.shape) for x in inputs["expert_pixel_values"]] == [(1, 3, 1024, 1024), (1, 2048, 770)]
+    with torch.no_grad():
+        for label, count in ((1, 256), (2, 2048)):  # GOT-OCR2: 256 tokens; Pix2Struct: 2048 patches
+            out = model.model(**inputs, expert_labels=torch.tensor([label]))
+            assert int((out.expanded_input_ids == model.config.expert_token_ids[label - 1]).sum()) == count
+            assert out.expanded_input_ids.shape[1] == inputs["input_ids"].shape[1] + count + 2  # + <domain> </domain>
+        generated = model.generate(**inputs, expert_labels=torch.tensor([2]), max_new_tokens=2, do_sample=False)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 2)
+    round_trip(model, inputs, tmp_path, expert_labels=torch.tensor([1]))
+
+
+def test_chimera_on_a_qwen2_vl_2b_generalist_with_a_clip_l_336_expert(tmp_path):
+    from train.real_shapes import build_real_chimera
+
+    model, processor = build_real_chimera("qwen2-vl-2b", experts=("clip-l-336",))
+    inputs = processor(images=[[image(448, 448)]], text=[chat_prompt(processor)], return_tensors="pt")
+    with torch.no_grad():
+        out = model.model(**inputs, expert_labels=torch.tensor([1]))
+        assert int((out.expanded_input_ids == model.config.expert_token_ids[0]).sum()) == 576  # CLS dropped
+        generated = model.generate(**inputs, expert_labels=torch.tensor([1]), max_new_tokens=2, do_sample=False)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 2)
+    round_trip(model, inputs, tmp_path, expert_labels=torch.tensor([1]))
+
+
+def test_mixpert_on_a_llava_onevision_0_5b_base_with_anyres_tiles(tmp_path):
+    from train.real_shapes import build_real_mixpert
+
+    model, processor = build_real_mixpert("llava-ov-0.5b")
+    inputs = processor(images=[[image(384, 768)], [image(384, 384, seed=1)]], text=[chat_prompt(processor)] * 2,
+                       return_tensors="pt", padding=True)
+    assert inputs["pixel_values"].shape[-2:] == (384, 384)
+    with torch.no_grad():
+        routed = model(**inputs, expert_labels=torch.tensor([1, 3]))
+        assert routed.expert_index.tolist() == [1, 3]
+        generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert generated.shape == (2, inputs["input_ids"].shape[1] + 2)
+    round_trip(model, inputs, tmp_path, expert_labels=torch.tensor([1, 3]))
