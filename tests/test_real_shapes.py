@@ -1,6 +1,8 @@
 """The real-shape tier: published widths, image sizes and token counts, random weights, one layer per tower, bf16
 (`train.real_shapes`). Slow: `python -m pytest -m slow tests/test_real_shapes.py`."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from PIL import Image
 from train.tiny import chat_prompt
 
 pytestmark = pytest.mark.slow
+CONFIGS = Path(__file__).resolve().parent.parent / "train" / "configs"
 
 
 def image(height, width, seed=0):
@@ -73,3 +76,29 @@ def test_mixpert_on_a_llava_onevision_0_5b_base_with_anyres_tiles(tmp_path):
         generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert generated.shape == (2, inputs["input_ids"].shape[1] + 2)
     round_trip(model, inputs, tmp_path, expert_labels=torch.tensor([1, 3]))
+
+
+def test_the_real_dpo_config_max_length_fits_real_internvl_prompts_and_trls_default_does_not():
+    from types import SimpleNamespace
+
+    import yaml
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    from train.dpo import check_lengths
+    from train.real_shapes import build_real_chimera
+
+    real = yaml.safe_load((CONFIGS / "real" / "chimera_internvl_8b_dpo.yaml").read_text())
+    _, processor = build_real_chimera("internvl2-1b", experts=("got_ocr2",))
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read the table."}]}],
+             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "a b c"}]}],
+             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "d"}]}],
+             "images": [image(896, 1344, seed=i)]} for i in range(2)]
+
+    def trainer(max_length):
+        return SimpleNamespace(args=SimpleNamespace(max_length=max_length), is_world_process_zero=lambda: True,
+                               data_collator=DataCollatorForVisionPreference(processor=processor, max_length=max_length))
+
+    longest = check_lengths(trainer(real["max_length"]), {"training": [dict(r) for r in rows]})
+    assert 1792 < longest <= real["max_length"]  # 7 tiles x 256 image tokens + text fit in the real config's 4096
+    with pytest.raises(ValueError, match=rf"is {longest} tokens long .* --max_length is 1024: TRL would cut it"):
+        check_lengths(trainer(1024), {"training": [dict(r) for r in rows]})  # TRL's default would cut image tokens
