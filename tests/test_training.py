@@ -498,3 +498,12 @@ def test_dpo_policy_and_reference_see_the_same_inputs_after_a_gscm_stage(tmp_pat
     with torch.no_grad():
         assert torch.equal(policy(**inputs, expert_labels=torch.tensor([1])).logits,
                            reference(**inputs, expert_labels=torch.tensor([1])).logits)
+
+
+def test_router_phases_ignore_gradient_checkpointing_from_a_stage_config(data_dir, tmp_path):
+    # The real stage configs turn gradient checkpointing on; the router phase reuses them and trains a bare MLP.
+    run_script("chimera", "chimera_stage1.yaml", "--stage", "router", "--output_dir", tmp_path / "c", "--max_steps", 2,
+               "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no", "--gradient_checkpointing", "true")
+    _, results = run_script("mixpert", "mixpert_router.yaml", "--output_dir", tmp_path / "m", "--max_steps", 2,
+                            "--train_file", data_dir / "sft.jsonl", "--gradient_checkpointing", "true")
+    assert results["cached_rows"] == 12

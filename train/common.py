@@ -358,8 +358,13 @@ def train_router_on_features(router, cache: RouterFeatureCache, training_args):
     rate, schedule, resume). The router trains in fp32 (its master weights; the models keep it fp32 in every dtype).
     Returns the trainer; save the model before `router_accuracy`."""
     router.float()
-    # The trainer holds the router alone: it must not push its checkpoints (`finish` pushes the whole model).
-    args = dataclasses.replace(training_args, remove_unused_columns=False, label_names=["labels"], push_to_hub=False)
+    # The trainer holds the router alone: it must not push its checkpoints (`finish` pushes the whole model), and a
+    # small MLP has no activations worth checkpointing (a stage config's `gradient_checkpointing: true` would make
+    # `Trainer` call `gradient_checkpointing_enable` on it).
+    no_checkpointing = {name: False for name in ("gradient_checkpointing", "activation_checkpointing")
+                        if hasattr(training_args, name)}  # the new name and its deprecated alias
+    args = dataclasses.replace(training_args, remove_unused_columns=False, label_names=["labels"], push_to_hub=False,
+                               **no_checkpointing)
     trainer = Trainer(model=RouterOnFeatures(router), args=args, train_dataset=cache)
     trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     return trainer
