@@ -49,8 +49,7 @@ def test_every_chimera_stage_with_the_real_configs_at_real_shape(tmp_path):
     for stage, start, out in (("1", "start", "s1"), ("router", "s1", "router"), ("2", "router", "s2")):
         config = "chimera_internvl_8b_stage2.yaml" if stage == "2" else "chimera_internvl_8b_stage1.yaml"
         run_real("chimera", config, "--stage", stage, "--model_name_or_path", tmp_path / start, "--train_file", sft,
-                 "--output_dir", tmp_path / out, *(["--num_train_epochs", 2, "--max_steps", -1] if stage == "router"
-                                                    else []))
+                 "--output_dir", tmp_path / out)
         assert summary(tmp_path / out)["global_step"] == 2, stage
     run_real("dpo", "chimera_internvl_8b_dpo.yaml", "--model_name_or_path", tmp_path / "s2", "--train_file", pairs,
              "--output_dir", tmp_path / "dpo")
@@ -77,7 +76,7 @@ def test_every_mixpert_phase_with_the_real_configs_at_real_shape(tmp_path):
     run_real("mixpert", "mixpert_llava_ov_7b_experts.yaml", "--model_name_or_path", tmp_path / "start",
              "--train_file", sft, "--output_dir", tmp_path / "experts")
     run_real("mixpert", "mixpert_llava_ov_7b_router.yaml", "--model_name_or_path", tmp_path / "experts",
-             "--train_file", sft, "--output_dir", tmp_path / "router", "--max_steps", -1, "--num_train_epochs", 2)
+             "--train_file", sft, "--output_dir", tmp_path / "router")
     experts, router = summary(tmp_path / "experts"), summary(tmp_path / "router")
     assert [experts["results"][d]["steps"] for d in ("chart", "ocr")] == [2, 2]
     assert router["results"]["cached_rows"] == 4
