@@ -169,6 +169,9 @@ class GotOcr2ExpertBackbone(nn.Module):
     not part of the expert (Chimera's own expert projector follows).
     """
 
+    # transformers' GotOcr2PreTrainedModel declares no `_no_split_modules`; its encoder layer must not be split either.
+    _no_split_modules = ["GotOcr2VisionLayer"]
+
     def __init__(self, config):
         super().__init__()
         from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2VisionEncoder
@@ -366,6 +369,11 @@ class ChimeraModel(ChimeraPreTrainedModel):
             }
         )
         self.expert_encoders.requires_grad_(False)  # experts are frozen at every stage (Chimera §3.4)
+        # `post_init` gathers `_no_split_modules` from direct children only; the expert encoders sit two levels down
+        # (a ModuleDict of wrappers), so their layer classes are added here: `device_map="auto"` and FSDP's wrapping
+        # by class then never split an expert layer.
+        self._no_split_modules = {name for e in self.expert_encoders.values()
+                                  for name in (getattr(e.encoder, "_no_split_modules", None) or [])}
         self.post_init()
 
     # -- plumbing
