@@ -102,3 +102,36 @@ def test_the_real_dpo_config_max_length_fits_real_internvl_prompts_and_trls_defa
     assert 1792 < longest <= real["max_length"]  # 7 tiles x 256 image tokens + text fit in the real config's 4096
     with pytest.raises(ValueError, match=rf"is {longest} tokens long .* --max_length is 1024: TRL would cut it"):
         check_lengths(trainer(1024), {"training": [dict(r) for r in rows]})  # TRL's default would cut image tokens
+
+
+def test_chimera_on_a_llava_onevision_0_5b_generalist_with_a_clip_l_336_expert(tmp_path):
+    from train.real_shapes import build_real_chimera
+
+    model, processor = build_real_chimera("llava-ov-0.5b", experts=("clip-l-336",))
+    inputs = processor(images=[[image(384, 768)]], text=[chat_prompt(processor)], return_tensors="pt")
+    assert inputs["pixel_values"].shape[-3:] == (3, 384, 384)  # anyres crops of 384 px + the base image
+    with torch.no_grad():
+        out = model.model(**inputs, expert_labels=torch.tensor([1]))
+        assert int((out.expanded_input_ids == model.config.expert_token_ids[0]).sum()) == 576
+        general = model.model(**inputs, expert_labels=torch.tensor([0]))  # "no expert": the generalist's tokens only
+        assert general.expanded_input_ids.shape[1] == inputs["input_ids"].shape[1]
+        generated = model.generate(**inputs, expert_labels=torch.tensor([1]), max_new_tokens=2, do_sample=False)
+    assert generated.shape == (1, inputs["input_ids"].shape[1] + 2)
+    round_trip(model, inputs, tmp_path, expert_labels=torch.tensor([1]))
+
+
+def test_mixpert_on_a_qwen2_vl_2b_base(tmp_path):
+    from train.real_shapes import build_real_mixpert
+
+    model, processor = build_real_mixpert("qwen2-vl-2b")
+    assert len(model.model.vision_experts) == 5
+    inputs = processor(images=[[image(448, 672)], [image(448, 448, seed=1)]], text=[chat_prompt(processor)] * 2,
+                       return_tensors="pt", padding=True)
+    grid = inputs["image_grid_thw"].tolist()
+    assert grid == [[1, 32, 48], [1, 32, 32]]  # 14 px patches; 2x2 merge -> 384 and 256 tokens
+    with torch.no_grad():
+        routed = model(**inputs, expert_labels=torch.tensor([2, 5]))
+        assert routed.expert_index.tolist() == [2, 5]
+        generated = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert generated.shape == (2, inputs["input_ids"].shape[1] + 2)
+    round_trip(model, inputs, tmp_path, expert_labels=torch.tensor([2, 5]))
