@@ -384,8 +384,8 @@ class MixpertModel(MixpertPreTrainedModel):
             group = acts if len(used) == 1 else family.select_units(acts, units)  # no copy when one expert takes all
             group = family.run_layers(layers, group, keep=keep)
             rows = family.unit_rows(acts, units)
-            for i, states in expert_states.items():
-                states[rows] = group.hidden if i == depth else group.taps[i]
+            for i, states in expert_states.items():  # `.to`: an expert trained in fp32 inside a bf16 model
+                states[rows] = (group.hidden if i == depth else group.taps[i]).to(states.dtype)
             for unit, features in zip(units.tolist(), family.project(backbone, group, backbone.config, norm, projector)):
                 unit_features[unit] = features
         hidden_states = None

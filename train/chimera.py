@@ -45,6 +45,7 @@ from train.common import (
     read_model_type,
     resume_checkpoint,
     sample_per_domain,
+    fp32_master_weights,
     set_trainable,
     tiny_model_kwargs,
     train_router_on_features,
@@ -228,7 +229,8 @@ def main(script_args, training_args, model_args, data_args):
         eval_dataset=eval_data if training_args.eval_strategy != "no" else None,
         data_collator=collator, processing_class=processor, lr_groups=lr_groups,
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    with fp32_master_weights(model, training_args):
+        trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     if script_args.use_lora:
         model = trainer.model.merge_and_unload()
     finish(trainer, model, processor, training_args, {

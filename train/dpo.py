@@ -32,6 +32,7 @@ from train.common import (
     mixpert_groups,
     read_model_type,
     resume_checkpoint,
+    fp32_master_weights,
     set_trainable,
     tiny_model_kwargs,
     training_files,
@@ -144,7 +145,8 @@ def main(script_args, training_args, model_args, data_args):
         eval_dataset=eval_data if training_args.eval_strategy != "no" else None, processing_class=processor,
     )
     check_lengths(trainer, {"training": train_data, "evaluation": trainer.eval_dataset})
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    with fp32_master_weights(policy, training_args):
+        trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     finish(trainer, policy, processor, training_args,
            {"script": "dpo", "model": kind, "trainable": summary, "groups": script_args.train_groups})
     return trainer

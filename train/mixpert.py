@@ -46,6 +46,7 @@ from train.common import (
     sample_per_domain,
     save_atomically,
     save_run_summary,
+    fp32_master_weights,
     set_trainable,
     tiny_model_kwargs,
     train_router_on_features,
@@ -132,7 +133,8 @@ def tune_experts(script_args, training_args, model, processor, data_args, files)
             model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor,
             lr_groups=[(projector, script_args.projector_learning_rate)],
         )
-        trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder) if resume else None)
+        with fp32_master_weights(model, args):
+            trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder) if resume else None)
         if trainer.is_world_process_zero():
             save_atomically(folder, model)
             with open(done, "w") as f:

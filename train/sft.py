@@ -24,6 +24,7 @@ from train.common import (
     finish,
     prepare_training_args,
     resume_checkpoint,
+    fp32_master_weights,
     set_trainable,
     training_files,
 )
@@ -81,7 +82,8 @@ def main(script_args, training_args, model_args, data_args, model=None, processo
             raise ValueError(f"No training rows with domains {script_args.domains}.")
     trainer = Trainer(model=model, args=training_args, train_dataset=data, processing_class=processor,
                       data_collator=VisionLanguageSFTCollator(processor, max_length=data_args.max_length))
-    trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    with fp32_master_weights(model, training_args):
+        trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     finish(trainer, model, processor, training_args,
            {"script": "sft", "groups": script_args.train_groups, "trainable": summary})
     return trainer
