@@ -33,19 +33,19 @@ import torch
 from transformers import TrainingArguments
 
 from train.common import (
-    ModelArguments,
     GroupLearningRateTrainer,
-    TRUST_REMOTE_CODE_HELP,
+    ModelArguments,
     SFTDataArguments,
+    TRUST_REMOTE_CODE_HELP,
     chimera_groups,
     dtype_from_name,
     finish,
     finish_router,
+    fp32_master_weights,
     prepare_training_args,
     read_model_type,
     resume_checkpoint,
     sample_per_domain,
-    fp32_master_weights,
     set_trainable,
     tiny_model_kwargs,
     train_router_on_features,

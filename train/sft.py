@@ -22,9 +22,9 @@ from train.common import (
     SFTDataArguments,
     dtype_from_name,
     finish,
+    fp32_master_weights,
     prepare_training_args,
     resume_checkpoint,
-    fp32_master_weights,
     set_trainable,
     training_files,
 )
