@@ -221,7 +221,8 @@ def main(args) -> dict:
         for name, value in r["ratios"].items():
             print(f"  Mixpert / base, {name:<30}{value:.3f}", flush=True)
         g = r["gflops_per_image"]
-        print(f"  GFLOPs per image: base {g['base']:.1f}, Mixpert {g['mixpert']:.1f} (ratio {r['flops_ratio']:.5f})")
+        print(f"  GFLOPs per image: base {g['base']:.1f}, Mixpert {g['mixpert']:.1f} (+{(g['mixpert'] - g['base']) * 1e3:.2f}"
+              f" MFLOPs, ratio {r['flops_ratio']:.6f})")
     if "dispatch" in args.parts:
         r = results["dispatch_fp32"] = dispatch("fp32", max(2, args.repeats - 1), args.num_layers,
                                                 args.dispatch_images)

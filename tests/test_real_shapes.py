@@ -3,19 +3,16 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from train.real_shapes import random_image as image
 from train.tiny import chat_prompt
 
 pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).resolve().parent.parent / "train" / "configs"
 
 
-def image(height, width, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def round_trip(model, inputs, tmp_path, **forward_kwargs):

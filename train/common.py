@@ -525,7 +525,8 @@ def finish(trainer, model, processor, training_args, summary: dict, push: bool =
     metrics = trainer.state.log_history if trainer is not None else []
     train_runtime = next((m["train_runtime"] for m in reversed(metrics) if "train_runtime" in m), None)
     summary = {**summary, "global_step": steps, "world_size": world_size(),
-               "seconds_per_step": (train_runtime / steps) if train_runtime and steps else None}
+               "seconds_per_step": (train_runtime / steps) if train_runtime and steps else None,
+               "device": str(next(model.parameters()).device)}  # where the model trained (and still is)
     if trainer is None or trainer.is_world_process_zero():
         save_atomically(training_args.output_dir, model, processor)
         save_run_summary(training_args.output_dir, summary)

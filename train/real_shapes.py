@@ -54,6 +54,14 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # InternVL's ImageNet 
 HALF = [0.5, 0.5, 0.5]  # SigLIP / Qwen2-VL-like normalisation (the values do not matter for random weights)
 
 
+def random_image(height: int, width: int, seed: int = 0):
+    """A random RGB PIL image of `height` x `width` pixels (real sizes make the real tile / crop / patch counts)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
 def _text(tokenizer, spec: dict, num_layers: int, **extra) -> dict:
     config = dict(model_type="qwen2", max_position_embeddings=32_768, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **spec)
