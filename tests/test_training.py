@@ -547,35 +547,3 @@ def test_fp32_master_weights_keep_the_small_updates_bf16_rounds_away(tmp_path, c
     with caplog.at_level("WARNING"), fp32_master_weights(model, no_autocast) as upcast:
         assert upcast == [] and model[1].weight.dtype == torch.bfloat16
     assert "no mixed precision is on" in caplog.text and "--bf16 true" in caplog.text
-
-
-def test_every_stage_of_a_bf16_model_trains_in_mixed_precision_and_saves_bf16(data_dir, tmp_path):
-    """`--dtype bfloat16 --bf16 true`, as the real configs: stage 1, stage 2, DPO and Mixpert's expert phase run with
-    fp32 trainable weights next to bf16 frozen ones, and save a bf16 model (the router stays fp32)."""
-    from modeling_chimera import ChimeraForConditionalGeneration
-    from modeling_mixpert import MixpertForConditionalGeneration
-
-    from train.tiny import build_tiny_chimera, build_tiny_mixpert
-
-    experts = {"table": "pix2struct_vision_model", "chart": "siglip_vision_model", "math": "clip_vision_model"}
-    for name, (model, processor) in (
-        ("chimera", build_tiny_chimera("internvl", experts, image_size=32, patch_size=8)),
-        ("mixpert", build_tiny_mixpert("internvl", DOMAINS, image_size=32, patch_size=8)),
-    ):
-        model.to(torch.bfloat16).save_pretrained(tmp_path / name)
-        processor.save_pretrained(tmp_path / name)
-    common = ["--dtype", "bfloat16", "--bf16", "true", "--max_steps", 2, "--save_strategy", "no"]
-    run_script("chimera", "chimera_stage1.yaml", "--model_name_or_path", tmp_path / "chimera", "--output_dir",
-               tmp_path / "s1", *common)
-    run_script("chimera", "chimera_stage2.yaml", "--model_name_or_path", tmp_path / "s1", "--output_dir",
-               tmp_path / "s2", *common)
-    run_script("dpo", "chimera_dpo.yaml", "--model_name_or_path", tmp_path / "s2", "--output_dir", tmp_path / "dpo",
-               *common)
-    run_script("mixpert", "mixpert_experts.yaml", "--model_name_or_path", tmp_path / "mixpert", "--output_dir",
-               tmp_path / "mx", "--domains", "math", "--train_file", data_dir / "sft.jsonl", *common)
-    for cls, folder, router in ((ChimeraForConditionalGeneration, "dpo", "model.router."),
-                                (MixpertForConditionalGeneration, "mx", "model.vision_router.")):
-        model = cls.from_pretrained(tmp_path / folder)  # the dtypes as saved
-        dtypes = {n: p.dtype for n, p in model.named_parameters()}
-        assert {d for n, d in dtypes.items() if not n.startswith(router)} == {torch.bfloat16}, folder
-        assert {d for n, d in dtypes.items() if n.startswith(router)} == {torch.float32}, folder
