@@ -56,6 +56,7 @@ try:
         get_backbone_family,
         image_token_spans,
         repeat_images_for_generation,
+        check_config_kwargs,
         check_finite_pixels,
         check_text_inputs,
         integer_labels,
@@ -75,6 +76,7 @@ except ImportError:
         get_backbone_family,
         image_token_spans,
         repeat_images_for_generation,
+        check_config_kwargs,
         check_finite_pixels,
         check_text_inputs,
         integer_labels,
@@ -1068,6 +1070,7 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         """
         from transformers.initialization import no_init_weights
 
+        check_config_kwargs(ChimeraConfig, config_kwargs, "ChimeraForConditionalGeneration.from_generalist")
         if not isinstance(experts, dict) or not experts:
             raise ValueError("`experts` must be a non-empty dict {domain: expert vision model or path}.")
         generalist_path = generalist if isinstance(generalist, str) else None

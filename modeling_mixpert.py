@@ -46,6 +46,7 @@ try:
         check_image_token_count,
         get_backbone_family,
         repeat_images_for_generation,
+        check_config_kwargs,
         check_finite_pixels,
         check_text_inputs,
         integer_labels,
@@ -64,6 +65,7 @@ except ImportError:
         check_image_token_count,
         get_backbone_family,
         repeat_images_for_generation,
+        check_config_kwargs,
         check_finite_pixels,
         check_text_inputs,
         integer_labels,
@@ -641,6 +643,7 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         """
         from transformers.initialization import no_init_weights
 
+        check_config_kwargs(MixpertConfig, config_kwargs, "MixpertForConditionalGeneration.from_base")
         if isinstance(base, str):
             base = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, use_safetensors=True)
         if not hasattr(base, "lm_head") or not hasattr(base, "model"):

@@ -720,6 +720,25 @@ def repeat_images_for_generation(image_rows: torch.LongTensor, expand_size: int)
 # ------------------------------------------------------------------------------------------ shared model plumbing
 
 
+def check_config_kwargs(config_class, config_kwargs: dict, method: str) -> None:
+    """`from_base` / `from_generalist` hand their other keywords to the config, and a config keeps any keyword as an
+    attribute: a typo, or an option that does not exist, would be accepted and do nothing. Refuse those, as Python
+    refuses an unexpected keyword (`TypeError`), naming the closest known one."""
+    import difflib
+
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(config_kwargs) - known)
+    if not unknown:
+        return
+    own = sorted(name for name in getattr(config_class, "__annotations__", {}) if name in known)
+    named = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        named.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    raise TypeError(f"{method}() got unknown keyword argument(s) {', '.join(named)}. Besides its own arguments it "
+                    f"takes the fields of {config_class.__name__}: {', '.join(own)}.")
+
+
 def check_finite_pixels(pixel_values, name: str = "pixel_values") -> None:
     """NaN / infinite pixels give NaN features, yet the router would still pick an expert and `generate` still emit
     tokens: refuse them."""

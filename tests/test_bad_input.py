@@ -342,3 +342,19 @@ def test_review_edge_cases_dark_16_bit_bf16_tensors_int32_labels_symlinks_stale_
     save_atomically(str(out), model)
     assert sorted(n for n in os.listdir(out) if "safetensors" in n) == ["model.safetensors"]
     MixpertForConditionalGeneration.from_pretrained(out)
+
+
+def test_assembly_refuses_keywords_it_does_not_know():
+    """A config keeps any keyword as an attribute, so a typo or a non-existent option used to be accepted and do
+    nothing (`from_base(..., expert_adapter="lora")`)."""
+    from train.tiny import build_tiny_chimera, build_tiny_mixpert
+
+    with pytest.raises(TypeError, match=r"from_base\(\) got unknown keyword argument\(s\) 'expert_adapter'\. .*"
+                                        r"MixpertConfig: .*routing_strategy"):
+        build_tiny_mixpert("internvl", expert_adapter="lora")
+    with pytest.raises(TypeError, match=r"'routing_stratgy' \(did you mean 'routing_strategy'\?\)"):
+        build_tiny_mixpert("internvl", routing_stratgy="direct")
+    with pytest.raises(TypeError, match=r"from_generalist\(\) .*'gscm_ration' \(did you mean 'gscm_ratio'\?\)"):
+        build_tiny_chimera("internvl", gscm_ration=0.1)
+    model, _ = build_tiny_mixpert("internvl", routing_strategy="direct", routing_granularity="sub_image")
+    assert (model.config.routing_strategy, model.config.routing_granularity) == ("direct", "sub_image")
