@@ -57,6 +57,7 @@ try:
         image_token_spans,
         repeat_images_for_generation,
         check_config_kwargs,
+        no_split_layer_classes,
         check_finite_pixels,
         check_text_inputs,
         integer_labels,
@@ -77,6 +78,7 @@ except ImportError:
         image_token_spans,
         repeat_images_for_generation,
         check_config_kwargs,
+        no_split_layer_classes,
         check_finite_pixels,
         check_text_inputs,
         integer_labels,
@@ -170,9 +172,6 @@ class GotOcr2ExpertBackbone(nn.Module):
     convolutions live in `GotOcr2MultiModalProjector` (`conv_upsampler1/2`); the final linear of that projector is
     not part of the expert (Chimera's own expert projector follows).
     """
-
-    # transformers' GotOcr2PreTrainedModel declares no `_no_split_modules`; its encoder layer must not be split either.
-    _no_split_modules = ["GotOcr2VisionLayer"]
 
     def __init__(self, config):
         super().__init__()
@@ -371,12 +370,9 @@ class ChimeraModel(ChimeraPreTrainedModel):
             }
         )
         self.expert_encoders.requires_grad_(False)  # experts are frozen at every stage (Chimera §3.4)
-        # `post_init` gathers `_no_split_modules` from direct children only; the expert encoders sit two levels down
-        # (a ModuleDict of wrappers), so their layer classes are added here: `device_map="auto"` and FSDP's wrapping
-        # by class then never split an expert layer.
-        self._no_split_modules = {name for e in self.expert_encoders.values()
-                                  for name in (getattr(e.encoder, "_no_split_modules", None) or [])}
         self.post_init()
+        # The expert encoders' layers too, so `device_map="auto"` and FSDP's wrapping by class never split one.
+        self._no_split_modules = no_split_layer_classes(self, self._no_split_modules)
 
     # -- plumbing
 

@@ -47,6 +47,7 @@ try:
         get_backbone_family,
         repeat_images_for_generation,
         check_config_kwargs,
+        no_split_layer_classes,
         check_finite_pixels,
         check_text_inputs,
         integer_labels,
@@ -66,6 +67,7 @@ except ImportError:
         get_backbone_family,
         repeat_images_for_generation,
         check_config_kwargs,
+        no_split_layer_classes,
         check_finite_pixels,
         check_text_inputs,
         integer_labels,
@@ -255,6 +257,7 @@ class MixpertModel(MixpertPreTrainedModel):
             self.family.tower_hidden_size(config.base_config), config.router_hidden_size, config.num_domains
         )
         self.post_init()
+        self._no_split_modules = no_split_layer_classes(self, self._no_split_modules)  # classes it has
 
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()

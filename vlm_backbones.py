@@ -720,6 +720,19 @@ def repeat_images_for_generation(image_rows: torch.LongTensor, expand_size: int)
 # ------------------------------------------------------------------------------------------ shared model plumbing
 
 
+def no_split_layer_classes(model: nn.Module, declared) -> set[str]:
+    """`_no_split_modules` for a model that nests other models: the names its children declared (`post_init` gathers
+    them from direct children only) plus every gradient-checkpointing layer class inside it (the expert encoders sit
+    below a `ModuleDict`, and transformers' GOT-OCR2 declares none), keeping only classes the model really has:
+    accelerate's FSDP wrapping raises on a listed class it cannot find (CLIP and SigLIP vision towers declare their
+    text embeddings too), and `device_map="auto"` needs none of those."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    present = {type(module).__name__ for module in model.modules()}
+    layers = {type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)}
+    return (set(declared or ()) | layers) & present
+
+
 def check_config_kwargs(config_class, config_kwargs: dict, method: str) -> None:
     """`from_base` / `from_generalist` hand their other keywords to the config, and a config keeps any keyword as an
     attribute: a typo, or an option that does not exist, would be accepted and do nothing. Refuse those, as Python

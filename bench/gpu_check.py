@@ -13,15 +13,16 @@ bf16 checkpoint, with `--bf16 true`, 2 optimizer steps of batch 1, chained as a 
     mixpert expert phase -> mixpert router phase
 
 and checks what only a real device shows: the model trained on the device (`device` in `run_summary.json`), the
-saved model is bf16 with an fp32 router, the frozen expert encoders did not move and the trained groups did (in bf16
-the real learning rates would round away without fp32 master weights), and for the router phases that the features
-were computed on the device and the accuracy measured after the save. Prints peak CUDA memory per stage. Exit status
+trainable bf16 weights trained as fp32 master weights (under DeepSpeed: none, it keeps its own copy), the saved model
+is bf16 with an fp32 router, the frozen expert encoders did not move and the trained groups did, and for the router
+phases that the features were computed on the device and the accuracy measured after the save. Prints peak CUDA memory per stage. Exit status
 1 if any stage fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "train" / "configs"
 CONFIG = {  # stage -> (tiny config, real config)
     "chimera_1": ("chimera_stage1.yaml", "chimera_internvl_8b_stage1.yaml"),
+    "chimera_router": ("chimera_stage1.yaml", "chimera_internvl_8b_stage1.yaml"),  # the router stage's own settings
     "chimera_2": ("chimera_stage2.yaml", "chimera_internvl_8b_stage2.yaml"),
     "chimera_dpo": ("chimera_dpo.yaml", "chimera_internvl_8b_dpo.yaml"),
     "mixpert_experts": ("mixpert_experts.yaml", "mixpert_llava_ov_7b_experts.yaml"),
@@ -110,6 +112,15 @@ def check_saved(run: Run, start: str, out: str, router: str, trained: str, froze
     return f"{moved:.1%} of {trained[:-1]} changed in 2 steps{kept}"
 
 
+def check_master_weights(summary: dict, managed: bool = False) -> None:
+    """The trainable bf16 weights trained as fp32 master weights (`train.common.fp32_master_weights`), unless DeepSpeed
+    kept its own copy."""
+    counts = [summary.get("fp32_master_parameters")] + [r.get("fp32_master_parameters") for r in
+                                                         summary.get("results", {}).values() if isinstance(r, dict)]
+    upcast = sum(c for c in counts if c)
+    assert (upcast == 0) if managed else (upcast > 0), f"{upcast} parameters trained as fp32 master weights"
+
+
 def check_device(summary: dict, device: str) -> None:
     where = summary.get("device") or summary.get("results", {}).get("device", "")
     assert where.startswith(device), f"trained on {where or 'an unrecorded device'}, not {device}"
@@ -161,7 +172,9 @@ def prepare(run: Run) -> None:
 
 
 def chimera_stage_1(run: Run) -> str:
-    check_device(run.script("chimera", "chimera_1", "chimera", "c1", "--stage", 1), run.device)
+    summary = run.script("chimera", "chimera_1", "chimera", "c1", "--stage", 1)
+    check_device(summary, run.device)
+    check_master_weights(summary)
     # The generalist's projector trains in stage 1 on every row (2 rows of batch 1 may route to no expert, leaving
     # the expert projectors without a gradient).
     return check_saved(run, "chimera", "c1", "model.router.", "model.generalist.multi_modal_projector.",
@@ -171,7 +184,7 @@ def chimera_stage_1(run: Run) -> str:
 def chimera_router_stage(run: Run) -> str:
     from modeling_chimera import ChimeraForConditionalGeneration
 
-    summary = run.script("chimera", "chimera_1", "c1", "router", "--stage", "router", "--max_steps", -1,
+    summary = run.script("chimera", "chimera_router", "c1", "router", "--stage", "router", "--max_steps", -1,
                          "--num_train_epochs", 2)
     return check_router(run, summary, "router", ChimeraForConditionalGeneration, "model.router")
 
@@ -179,6 +192,7 @@ def chimera_router_stage(run: Run) -> str:
 def chimera_stage_2(run: Run) -> str:
     summary = run.script("chimera", "chimera_2", "router", "c2", "--stage", 2)
     check_device(summary, run.device)
+    check_master_weights(summary)
     assert summary["gscm_ratio"] > 0, "GSCM off in stage 2"
     return check_saved(run, "router", "c2", "model.router.", "model.generalist.language_model.",
                        "model.expert_encoders.") + f", GSCM ratio {summary['gscm_ratio']}"
@@ -192,6 +206,7 @@ def chimera_dpo(run: Run) -> str:
 
     summary = run.script("dpo", "chimera_dpo", "c2", "dpo")
     check_device(summary, run.device)
+    check_master_weights(summary)
     detail = check_saved(run, "c2", "dpo", "model.router.", "model.generalist.language_model.", "model.router.")
     model = ChimeraForConditionalGeneration.from_pretrained(run.work / "dpo", dtype=torch.bfloat16).to(run.device)
     processor = run.processors["chimera"]
@@ -217,6 +232,7 @@ def chimera_stage_2_zero2(run: Run) -> str:
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run.work / "zero2" / "run_summary.json").read_text())
     check_device(summary, run.device)
+    check_master_weights(summary, managed=True)  # DeepSpeed keeps the fp32 copy itself
     return check_saved(run, "router", "zero2", "model.router.", "model.generalist.language_model.",
                        "model.expert_encoders.")
 
@@ -225,6 +241,7 @@ def mixpert_expert_phase(run: Run) -> str:
     domain = "ocr" if run.shape == "real" else "math"
     summary = run.script("mixpert", "mixpert_experts", "mixpert", "mx", "--domains", domain)
     check_device(summary, run.device)
+    check_master_weights(summary)
     return check_saved(run, "mixpert", "mx", "model.vision_router.", f"model.vision_experts.{domain}.",
                        "model.backbone.language_model.")
 
@@ -269,7 +286,9 @@ def main(args) -> int:
         run = Run(work, args.shape, args.device, args.num_layers)
         prepare(run)
         for name, stage in STAGES.items():
+            gc.collect()  # the previous stage's models
             if args.device == "cuda":
+                torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             try:
@@ -281,7 +300,9 @@ def main(args) -> int:
                 traceback.print_exc()
                 detail, status = f"{type(error).__name__}: {error}", "FAIL"
                 failed += 1
-            memory = f", peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if args.device == "cuda" else ""
+            memory = ""
+            if args.device == "cuda" and "deepspeed" not in name:  # that stage runs in its own process
+                memory = f", peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
             print(f"{status} {name} on {args.device} ({args.shape} shape): {detail} "
                   f"({time.perf_counter() - start:.1f} s{memory})", flush=True)
     finally:

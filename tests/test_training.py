@@ -547,3 +547,30 @@ def test_fp32_master_weights_keep_the_small_updates_bf16_rounds_away(tmp_path, c
     with caplog.at_level("WARNING"), fp32_master_weights(model, no_autocast) as upcast:
         assert upcast == [] and model[1].weight.dtype == torch.bfloat16
     assert "no mixed precision is on" in caplog.text and "--bf16 true" in caplog.text
+
+
+def test_under_deepspeed_or_fsdp_the_gathered_state_is_saved_with_the_router_in_fp32(tmp_path):
+    """DeepSpeed casts the whole module to bf16 and ZeRO-3 / FSDP hold shards: `finish` saves what
+    `accelerator.get_state_dict` gathers, as `Trainer.save_model` does, with the router back in fp32."""
+    from types import SimpleNamespace
+
+    from modeling_chimera import ChimeraForConditionalGeneration
+    from train.common import gathered_state_dict, save_atomically
+    from train.tiny import build_tiny_chimera
+
+    model, _ = build_tiny_chimera("internvl")
+    gathered = {n: t.to(torch.bfloat16) + 1 for n, t in model.state_dict().items()}  # what DeepSpeed would hold
+    seen = []
+    accelerator = SimpleNamespace(get_state_dict=lambda wrapped: seen.append(wrapped) or gathered)
+    plain = SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=False)
+    assert gathered_state_dict(plain, model) is None and gathered_state_dict(None, model) is None
+    trainer = SimpleNamespace(is_deepspeed_enabled=True, is_fsdp_enabled=False, deepspeed="engine",
+                              accelerator=accelerator, model=model)
+    state = gathered_state_dict(trainer, model)
+    assert seen == ["engine"]  # the engine, as Trainer.save_model passes it
+    assert {t.dtype for n, t in state.items() if n.startswith("model.router.")} == {torch.float32}
+    assert {t.dtype for n, t in state.items() if not n.startswith("model.router.")} == {torch.bfloat16}
+    save_atomically(str(tmp_path), model, state_dict=state)
+    loaded = ChimeraForConditionalGeneration.from_pretrained(tmp_path)
+    name = "model.generalist.language_model.embed_tokens.weight"
+    assert torch.equal(loaded.state_dict()[name], gathered[name])  # the gathered weights, not the module's

@@ -229,7 +229,7 @@ def main(script_args, training_args, model_args, data_args):
         eval_dataset=eval_data if training_args.eval_strategy != "no" else None,
         data_collator=collator, processing_class=processor, lr_groups=lr_groups,
     )
-    with fp32_master_weights(model, training_args):
+    with fp32_master_weights(model, training_args) as upcast:
         trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     if script_args.use_lora:
         model = trainer.model.merge_and_unload()
@@ -237,6 +237,7 @@ def main(script_args, training_args, model_args, data_args):
         "script": "chimera", "stage": script_args.stage, "gscm_ratio": model.config.gscm_ratio,
         "trainable": summary, "use_lora": script_args.use_lora,
         "groups": stage_groups(script_args) + (["llm (LoRA)"] if script_args.use_lora else []),
+        "fp32_master_parameters": sum(p.numel() for p in upcast),
     })
     return trainer
 

@@ -194,18 +194,23 @@ def fp32_master_weights(model, training_args):
     """Train the trainable parameters in fp32 while the frozen ones keep the model's bf16 / fp16, then cast them back.
 
     Mixed-precision training needs fp32 master weights: an AdamW step moves a weight by about the learning rate, and in
-    bf16 a change smaller than 2^-8 of the weight rounds away. At the real configs' rates (Mixpert's experts 2e-6,
-    Chimera's DPO 5e-7) nearly every update is lost: measured on the expert phase, 2 steps at 2e-6 on a bf16 model
-    changed 5.6% of the expert's weights; in fp32 master weights all of them move. DeepSpeed keeps its own fp32 copy and
-    accelerate's FSDP2 upcasts the model under mixed precision, so nothing is done there; plain `Trainer` (one device,
-    DDP) updates parameters in their own dtype, so this does what PEFT does for adapters (`autocast_adapter_dtype`).
+    bf16 a change smaller than 2^-8 of the weight rounds away, so at the real configs' rates (Mixpert's experts 2e-6,
+    Chimera's DPO 5e-7) nearly every update is lost. Measured on a tiny bf16 Mixpert, 40 steps of the expert phase at
+    2e-6: 5.6% of the expert's weights changed with bf16 weights, 43.6% with fp32 master weights. DeepSpeed keeps its
+    own fp32 copy, and FSDP under accelerate or `--fsdp` upcasts the model under mixed precision, so nothing is done
+    there; plain `Trainer` (one device, DDP) updates parameters in their own dtype, so this does what PEFT does for
+    adapters (`autocast_adapter_dtype`). Cost: a trained parameter, its gradient and its AdamW states take 16 bytes
+    instead of 8.
     With `--bf16` / `--fp16` autocast computes in half precision as before. Without autocast the weights cannot be
-    mixed (a bf16 input meets an fp32 weight): a warning says the updates will round away and how to fix it. Yields the
-    upcast parameters; on exit they take their dtype back (the accumulated change survives the final rounding)."""
+    mixed (a bf16 input meets an fp32 weight): a warning says the updates will round away and how to fix it.
+
+    Yields the upcast parameters. On exit, normal or not, they take their dtype back (the accumulated change survives
+    the final rounding); checkpoints written meanwhile hold them in fp32, and resuming inside this context loads them
+    as they were saved."""
     half = (torch.bfloat16, torch.float16)
     params = [p for p in model.parameters() if p.requires_grad and p.dtype in half]
-    managed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or training_args.deepspeed
-    managed = managed or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    managed = bool(training_args.deepspeed or training_args.fsdp) or any(
+        os.environ.get(name, "false").lower() == "true" for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"))
     if not params or managed:
         yield []
         return
@@ -217,10 +222,10 @@ def fp32_master_weights(model, training_args):
         yield []
         return
     dtypes = [p.dtype for p in params]
-    for p in params:
-        p.data = p.data.float()
-    logger.info("Training %d parameters in fp32 (master weights); the frozen ones stay %s.", len(params), dtypes[0])
     try:
+        for p in params:
+            p.data = p.data.float()
+        logger.info("Training %d parameters in fp32 (master weights); the frozen ones stay %s.", len(params), dtypes[0])
         yield params
     finally:
         for p, dtype in zip(params, dtypes):
@@ -489,20 +494,21 @@ def save_run_summary(output_dir: str, summary: dict) -> None:
         json.dump(summary, f, indent=2, default=str)
 
 
-def save_atomically(output_dir: str, *objects) -> None:
+def save_atomically(output_dir: str, *objects, state_dict: dict | None = None) -> None:
     """`save_pretrained` of each object into a temporary folder inside `output_dir`, then each file moved into place
     with `os.replace` (atomic per file), weights first and `config.json` last: a run killed while saving leaves every
     file whole (never a half-written `model.safetensors`), though a kill between two moves can leave new weights next
     to the previous config. Weight files of a previous save that this one lacks (a single file replaced by shards,
-    or the reverse) are removed before `config.json` moves in."""
+    or the reverse) are removed before `config.json` moves in. `state_dict`, if given, is what the first object (the
+    model) saves."""
     import shutil
     import tempfile
 
     os.makedirs(output_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
     try:
-        for obj in objects:
-            obj.save_pretrained(staging)
+        for i, obj in enumerate(objects):
+            obj.save_pretrained(staging, **({"state_dict": state_dict} if i == 0 and state_dict is not None else {}))
         names = sorted(os.listdir(staging), key=lambda n: (n == "config.json", not n.endswith(".safetensors"), n))
         weights = re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
         stale = [n for n in os.listdir(output_dir) if weights.fullmatch(n) and n not in names]
@@ -518,6 +524,22 @@ def save_atomically(output_dir: str, *objects) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def gathered_state_dict(trainer, model) -> dict | None:
+    """The model's full state dict where its own parameters are not it, else `None` (`save_pretrained` reads the model).
+
+    Under DeepSpeed ZeRO-3 and FSDP the parameters are shards, and DeepSpeed casts the whole module to bf16, router
+    included: gathered as `Trainer.save_model` gathers them (`accelerator.get_state_dict`), then the modules the model
+    keeps in fp32 (`_keep_in_fp32_modules_strict`, the router) are saved in fp32 again, so the folder has the same
+    dtypes however it was trained. Not run here: DeepSpeed and accelerate's FSDP need GPUs (`bench/gpu_check.py`
+    checks the ZeRO-2 folder on a GPU)."""
+    if trainer is None or not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+        return None
+    state = trainer.accelerator.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model)
+    fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return {name: tensor.float() if fp32 & set(name.split(".")) and tensor.is_floating_point() else tensor
+            for name, tensor in state.items()}
+
+
 def finish(trainer, model, processor, training_args, summary: dict, push: bool = True) -> dict:
     """Save the final model (+ processor) in `output_dir`, record the run summary, push if asked (and `push`). Returns
     the summary as written."""
@@ -527,8 +549,9 @@ def finish(trainer, model, processor, training_args, summary: dict, push: bool =
     summary = {**summary, "global_step": steps, "world_size": world_size(),
                "seconds_per_step": (train_runtime / steps) if train_runtime and steps else None,
                "device": str(next(model.parameters()).device)}  # where the model trained (and still is)
+    state_dict = gathered_state_dict(trainer, model)  # every process takes part (a collective under ZeRO-3 / FSDP)
     if trainer is None or trainer.is_world_process_zero():
-        save_atomically(training_args.output_dir, model, processor)
+        save_atomically(training_args.output_dir, model, processor, state_dict=state_dict)
         save_run_summary(training_args.output_dir, summary)
     if push and training_args.push_to_hub and (trainer is None or trainer.is_world_process_zero()):
         push_output_dir(training_args, f"{summary.get('script', 'training')} finished")

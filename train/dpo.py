@@ -145,10 +145,11 @@ def main(script_args, training_args, model_args, data_args):
         eval_dataset=eval_data if training_args.eval_strategy != "no" else None, processing_class=processor,
     )
     check_lengths(trainer, {"training": train_data, "evaluation": trainer.eval_dataset})
-    with fp32_master_weights(policy, training_args):
+    with fp32_master_weights(policy, training_args) as upcast:
         trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     finish(trainer, policy, processor, training_args,
-           {"script": "dpo", "model": kind, "trainable": summary, "groups": script_args.train_groups})
+           {"script": "dpo", "model": kind, "trainable": summary, "groups": script_args.train_groups,
+            "fp32_master_parameters": sum(p.numel() for p in upcast)})
     return trainer
 
 

@@ -39,6 +39,7 @@ from train.common import (
     finish,
     finish_router,
     fp32_master_weights,
+    gathered_state_dict,
     last_complete_checkpoint,
     mixpert_groups,
     prepare_training_args,
@@ -133,14 +134,16 @@ def tune_experts(script_args, training_args, model, processor, data_args, files)
             model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor,
             lr_groups=[(projector, script_args.projector_learning_rate)],
         )
-        with fp32_master_weights(model, args):
+        with fp32_master_weights(model, args) as upcast:
             trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder) if resume else None)
+        state_dict = gathered_state_dict(trainer, model)  # every process: a collective under ZeRO-3 / FSDP
         if trainer.is_world_process_zero():
-            save_atomically(folder, model)
+            save_atomically(folder, model, state_dict=state_dict)
             with open(done, "w") as f:
                 f.write("{}")
         runtime = next((m["train_runtime"] for m in reversed(trainer.state.log_history) if "train_runtime" in m), None)
         results[domain] = {"trainable": summary, "rows": len(rows), "steps": trainer.state.global_step,
+                           "fp32_master_parameters": sum(p.numel() for p in upcast),
                            "seconds_per_step": runtime / trainer.state.global_step if runtime else None}
     return trainer, results
 

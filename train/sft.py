@@ -82,10 +82,11 @@ def main(script_args, training_args, model_args, data_args, model=None, processo
             raise ValueError(f"No training rows with domains {script_args.domains}.")
     trainer = Trainer(model=model, args=training_args, train_dataset=data, processing_class=processor,
                       data_collator=VisionLanguageSFTCollator(processor, max_length=data_args.max_length))
-    with fp32_master_weights(model, training_args):
+    with fp32_master_weights(model, training_args) as upcast:
         trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     finish(trainer, model, processor, training_args,
-           {"script": "sft", "groups": script_args.train_groups, "trainable": summary})
+           {"script": "sft", "groups": script_args.train_groups, "trainable": summary,
+            "fp32_master_parameters": sum(p.numel() for p in upcast)})
     return trainer
 
 
