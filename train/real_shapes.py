@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.models.pix2struct.configuration_pix2struct import Pix2StructVisionConfig
 
-from train.tiny import build_tokenizer
+from train.tiny import build_tokenizer, random_images
 
 # Qwen2-0.5B (the LLM of InternVL2-1B and LLaVA-OneVision-0.5B): Qwen/Qwen2-0.5B config.json.
 QWEN2_0_5B = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
@@ -56,10 +56,7 @@ HALF = [0.5, 0.5, 0.5]  # SigLIP / Qwen2-VL-like normalisation (the values do no
 
 def random_image(height: int, width: int, seed: int = 0):
     """A random RGB PIL image of `height` x `width` pixels (real sizes make the real tile / crop / patch counts)."""
-    import numpy as np
-    from PIL import Image
-
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return random_images(1, seed=seed, sizes=((height, width),))[0]
 
 
 def _text(tokenizer, spec: dict, num_layers: int, **extra) -> dict:
