@@ -34,6 +34,8 @@ def _save(kind, folder):
     }))
 
 
+# Slow tier (about 23 s); `test_hub_server` keeps a push / pull in the main suite.
+@pytest.mark.slow
 def test_push_then_pull_by_repo_id(hub, tmp_path):
     for kind in ("chimera", "mixpert"):
         _save(kind, tmp_path / kind)

@@ -377,6 +377,8 @@ def _train_subprocess(code: str, cwd, timeout=300):
     return result
 
 
+# Slow tier (about 23 s: it trains, is killed, and trains again); CI runs it in its slow stage.
+@pytest.mark.slow
 def test_kill_and_resume_reaches_the_same_weights(data_dir, tmp_path):
     """Stage 2 (GSCM's random masks included) for 4 steps, checkpoints every 2: a run killed right after its step-2
     checkpoint and resumed with `--resume_from_checkpoint last` ends with the same weights as an uninterrupted run."""
