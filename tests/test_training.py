@@ -489,7 +489,7 @@ def test_dpo_policy_and_reference_see_the_same_inputs_after_a_gscm_stage(tmp_pat
     model, processor = build_tiny_chimera("internvl", gscm_ratio=0.5)
     model.save_pretrained(tmp_path / "stage2")
     processor.save_pretrained(tmp_path / "stage2")
-    script_args, _, model_args, _ = make_parser().parse_args_into_dataclasses(
+    script_args, _, model_args, _, _ = make_parser().parse_args_into_dataclasses(
         ["--model_name_or_path", str(tmp_path / "stage2"), "--output_dir", str(tmp_path / "dpo"), "--use_cpu", "true"]
     )
     _, policy, reference, processor = load_models(model_args, script_args)

@@ -25,18 +25,23 @@ Resume: `--resume_from_checkpoint last` (or a checkpoint folder). Push: `--push_
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 
 import torch
+from peft import get_peft_model
 from transformers import TrainingArguments
+from trl import ModelConfig, TrlParser, get_peft_config
 
+from modeling_chimera import ChimeraForConditionalGeneration
+from processing_chimera import ChimeraProcessor
 from train.common import (
     GroupLearningRateTrainer,
     ModelArguments,
     SFTDataArguments,
     TRUST_REMOTE_CODE_HELP,
+    TinyArguments,
+    build_tiny_model,
     chimera_groups,
     dtype_from_name,
     finish,
@@ -47,11 +52,13 @@ from train.common import (
     resume_checkpoint,
     sample_per_domain,
     set_trainable,
-    tiny_model_kwargs,
     train_router_on_features,
+    trainable_summary,
     training_device,
     training_files,
 )
+from train.data.collators import VisionLanguageSFTCollator, make_domain_labels
+from train.data.loading import load_vl_dataset
 
 
 @dataclass
@@ -82,24 +89,15 @@ class ChimeraScriptArguments:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    tiny_experts: str = field(
-        default="table=pix2struct_vision_model,chart=siglip_vision_model,math=clip_vision_model",
-        metadata={"help": "Tiny model only: domain=expert_family pairs."},
-    )
 
 
 LLM_LORA_TARGETS = r".*generalist\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def load_model_and_processor(model_args: ModelArguments, script_args: ChimeraScriptArguments):
-    from modeling_chimera import ChimeraForConditionalGeneration
-    from processing_chimera import ChimeraProcessor
-
+def load_model_and_processor(model_args: ModelArguments, script_args: ChimeraScriptArguments,
+                             tiny_args: TinyArguments | None = None):
     if model_args.model_name_or_path is None:
-        from train.tiny import build_tiny_chimera
-
-        experts = dict(pair.split("=") for pair in script_args.tiny_experts.split(","))
-        return build_tiny_chimera(model_args.tiny_family, experts, **tiny_model_kwargs(model_args))
+        return build_tiny_model("chimera", tiny_args or TinyArguments())
     read_model_type(model_args.model_name_or_path, "chimera", "train.chimera")
     model = ChimeraForConditionalGeneration.from_pretrained(
         model_args.model_name_or_path, dtype=dtype_from_name(model_args.dtype)
@@ -126,17 +124,19 @@ def stage_groups(script_args: ChimeraScriptArguments) -> list[str]:
 
 def apply_lora(model, script_args: ChimeraScriptArguments):
     """LoRA on the LLM's linear layers; the router, the expert projectors and (unless frozen) the generalist's
-    projector stay fully trainable (`modules_to_save`)."""
-    from peft import LoraConfig, get_peft_model
-
+    projector stay fully trainable (`modules_to_save`). The config is TRL's (`get_peft_config`); the flags stay this
+    script's, since the targets and the fully trained modules are fixed by the stage, not chosen by the user."""
     full = ["router"] + [f"expert_projectors.{d}" for d in model.domains]
     if script_args.train_generalist_projector:
         projector = model.model.family.projector(model.model.generalist)
         full.append(next(name for name, module in model.named_modules() if module is projector))
-    config = LoraConfig(
-        r=script_args.lora_r, lora_alpha=script_args.lora_alpha, lora_dropout=script_args.lora_dropout,
-        target_modules=LLM_LORA_TARGETS, modules_to_save=full,
-    )
+    config = get_peft_config(ModelConfig(
+        use_peft=True, lora_r=script_args.lora_r, lora_alpha=script_args.lora_alpha,
+        lora_dropout=script_args.lora_dropout, lora_target_modules=LLM_LORA_TARGETS, lora_modules_to_save=full,
+        # No task type: a causal-LM one would wrap Chimera in `PeftModelForCausalLM`, whose forward is written for
+        # text-only LLMs; the plain `PeftModel` passes every input (pixel values, expert labels) through unchanged.
+        lora_task_type=None,
+    ))
     return get_peft_model(model, config)
 
 
@@ -167,15 +167,12 @@ def routing_features(model, processor, data, labels: dict, cache_dir: str, devic
     return cache.close()
 
 
-def train_router(script_args, training_args, model, processor, model_args, data_args, summary):
+def train_router(script_args, training_args, model, processor, data_args, tiny_args, summary):
     """The router alone on cached features. In stages 1 and 2 the router's only gradient is its cross-entropy on the
     frozen generalist tower's output, so this is the same objective, for many epochs at the cost of one pass of the
     vision tower (as Mixpert trains its router, Mixpert §3.3)."""
-    from train.data.collators import make_domain_labels
-    from train.data.loading import load_vl_dataset
-
     domains = list(model.config.domains)
-    files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
+    files = training_files(data_args, training_args.output_dir, tiny_args)
     data = load_vl_dataset(files["train"], data_args.image_root, domains=domains + list(script_args.no_expert_domains),
                            allow_outside_root=data_args.allow_images_outside_root)
     data = sample_per_domain(data, script_args.router_samples_per_domain, training_args.seed)
@@ -192,28 +189,24 @@ def train_router(script_args, training_args, model, processor, model_args, data_
     return trainer
 
 
-def main(script_args, training_args, model_args, data_args):
-    from train.data.collators import VisionLanguageSFTCollator, make_domain_labels
-    from train.data.loading import load_vl_dataset
-
+def main(script_args, training_args, model_args, data_args, tiny_args: TinyArguments | None = None):
+    tiny_args = tiny_args or TinyArguments()
     prepare_training_args(training_args)
-    model, processor = load_model_and_processor(model_args, script_args)
+    model, processor = load_model_and_processor(model_args, script_args, tiny_args)
     groups = stage_groups(script_args)
     if script_args.stage != "router":  # the router phase leaves the config as it is
         model.config.gscm_ratio = script_args.gscm_ratio if script_args.stage == "2" else 0.0
     summary = set_trainable(model, chimera_groups(model), groups)
     if script_args.stage == "router":
-        return train_router(script_args, training_args, model, processor, model_args, data_args, summary)
+        return train_router(script_args, training_args, model, processor, data_args, tiny_args, summary)
     if script_args.use_lora:
         if script_args.stage != "2":
             raise ValueError("--use_lora applies to stage 2 (stage 1 does not train the LLM).")
         model = apply_lora(model, script_args)
-        from train.common import trainable_summary
-
         summary = trainable_summary(model)
 
     domains = list(model.config.domains) if not script_args.use_lora else list(model.base_model.model.config.domains)
-    files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
+    files = training_files(data_args, training_args.output_dir, tiny_args)
     known = domains + list(script_args.no_expert_domains)
     outside = data_args.allow_images_outside_root
     train_data = load_vl_dataset(files["train"], data_args.image_root, domains=known, allow_outside_root=outside)
@@ -242,13 +235,9 @@ def main(script_args, training_args, model_args, data_args):
     return trainer
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
-    from trl import TrlParser
-
-    types = (ChimeraScriptArguments, TrainingArguments, ModelArguments, SFTDataArguments)
-    if subparsers is not None:
-        return subparsers.add_parser("chimera", help="Chimera stage 1 / 2 / router", dataclass_types=types)
-    return TrlParser(types, prog=prog)
+def make_parser(prog: str | None = None):
+    return TrlParser((ChimeraScriptArguments, TrainingArguments, ModelArguments, SFTDataArguments, TinyArguments),
+                     prog=prog)
 
 
 if __name__ == "__main__":

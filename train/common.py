@@ -25,22 +25,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelArguments:
-    """Which model to start from. Without `model_name_or_path` a tiny model is built offline from configs."""
+    """Which model to start from. Without `model_name_or_path` a tiny model is built offline from configs
+    (`TinyArguments`)."""
 
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Saved Chimera / Mixpert (path or Hub repo id). Default: build a tiny model."}
     )
     dtype: str | None = field(default=None, metadata={"help": "float32, bfloat16 or float16 (default: as saved)."})
-    tiny_family: str = field(default="internvl", metadata={"help": "Tiny model: llava_onevision, qwen2_vl, internvl."})
-    tiny_image_size: int = field(default=32, metadata={"help": "Tiny model: image side in pixels."})
-    tiny_patch_size: int = field(default=8, metadata={"help": "Tiny model: ViT patch side in pixels."})
-    tiny_hidden_size: int = field(default=32, metadata={"help": "Tiny model: LLM width."})
-    tiny_seed: int = field(default=0, metadata={"help": "Tiny model: initialisation seed."})
 
 
 @dataclass
 class DataArguments:
-    """Where the training data is. Without `train_file` a small synthetic six-domain set is written and used."""
+    """Where the training data is. Without `train_file` a small synthetic six-domain set is written and used
+    (`TinyArguments`)."""
 
     train_file: list[str] | None = field(
         default=None, metadata={"help": "JSONL / JSON / parquet files (messages+images or LLaVA conversations)."}
@@ -50,9 +47,6 @@ class DataArguments:
     allow_images_outside_root: bool = field(
         default=False, metadata={"help": "Accept image paths in the data that leave the image root (`../`, absolute "
                                          "paths). Off by default: a data file cannot make training read any file."})
-    tiny_train_per_domain: int = field(default=8, metadata={"help": "Synthetic data: training rows per domain."})
-    tiny_eval_per_domain: int = field(default=2, metadata={"help": "Synthetic data: evaluation rows per domain."})
-    tiny_data_seed: int = field(default=0, metadata={"help": "Synthetic data: seed."})
 
 
 @dataclass
@@ -60,6 +54,30 @@ class SFTDataArguments(DataArguments):
     """`DataArguments` plus the supervised collator's length limit (DPO has its own `max_length`)."""
 
     max_length: int | None = field(default=None, metadata={"help": "Raise on longer samples (never truncate)."})
+
+
+@dataclass
+class TinyArguments:
+    """The offline stand-ins: the tiny model built without `--model_name_or_path` and the synthetic data written
+    without `--train_file`. A run on a real model and real data reads none of these."""
+
+    tiny_family: str = field(default="internvl", metadata={"help": "Tiny model: llava_onevision, qwen2_vl, internvl."})
+    tiny_image_size: int = field(default=32, metadata={"help": "Tiny model and synthetic data: image side in pixels."})
+    tiny_patch_size: int = field(default=8, metadata={"help": "Tiny model: ViT patch side in pixels."})
+    tiny_hidden_size: int = field(default=32, metadata={"help": "Tiny model: LLM width."})
+    tiny_seed: int = field(default=0, metadata={"help": "Tiny model: initialisation seed."})
+    tiny_model: str = field(default="chimera", metadata={"help": "train.dpo's tiny model: chimera or mixpert."})
+    tiny_experts: str = field(
+        default="table=pix2struct_vision_model,chart=siglip_vision_model,math=clip_vision_model",
+        metadata={"help": "Tiny Chimera: domain=expert_family pairs."},
+    )
+    tiny_domains: str = field(default="chart,table,math,document,ocr,general",
+                              metadata={"help": "Tiny Mixpert: the domain experts, comma separated."})
+    tiny_num_vision_layers: int = field(default=3, metadata={"help": "Tiny Mixpert: vision tower depth."})
+    tiny_num_expert_layers: int = field(default=2, metadata={"help": "Tiny Mixpert: K."})
+    tiny_train_per_domain: int = field(default=8, metadata={"help": "Synthetic data: training rows per domain."})
+    tiny_eval_per_domain: int = field(default=2, metadata={"help": "Synthetic data: evaluation rows per domain."})
+    tiny_data_seed: int = field(default=0, metadata={"help": "Synthetic data: seed."})
 
 
 TRUST_REMOTE_CODE_HELP = ("Let code in the model folder run (a tokenizer or processor with custom code). Off by "
@@ -89,19 +107,47 @@ def dtype_from_name(name: str | None):
     return getattr(torch, name)
 
 
-def tiny_model_kwargs(model_args: ModelArguments) -> dict:
-    return dict(
-        image_size=model_args.tiny_image_size,
-        patch_size=model_args.tiny_patch_size,
-        seed=model_args.tiny_seed,
-        generalist_kwargs={"hidden_size": model_args.tiny_hidden_size},
-    )
+def build_tiny_model(kind: str, tiny: TinyArguments):
+    """`(model, processor)`: the tiny offline Chimera, Mixpert or native VLM (`kind`: chimera, mixpert, native)
+    a script trains when no `--model_name_or_path` is given."""
+    from train.tiny import build_generalist, build_processor, build_tiny_chimera, build_tiny_mixpert, build_tokenizer
+
+    family, sizes = tiny.tiny_family, {"image_size": tiny.tiny_image_size, "patch_size": tiny.tiny_patch_size}
+    if kind == "native":
+        tokenizer = build_tokenizer(family)
+        model = build_generalist(family, tokenizer, seed=tiny.tiny_seed, hidden_size=tiny.tiny_hidden_size, **sizes)
+        return model, build_processor(family, tokenizer, **sizes)
+    routed = {"seed": tiny.tiny_seed, "generalist_kwargs": {"hidden_size": tiny.tiny_hidden_size}, **sizes}
+    if kind == "chimera":
+        experts = dict(pair.split("=") for pair in tiny.tiny_experts.split(","))
+        return build_tiny_chimera(family, experts, **routed)
+    if kind == "mixpert":
+        return build_tiny_mixpert(family, domains=tiny.tiny_domains.split(","),
+                                  num_vision_layers=tiny.tiny_num_vision_layers,
+                                  num_expert_layers=tiny.tiny_num_expert_layers, **routed)
+    raise ValueError(f"--tiny_model must be chimera or mixpert, got {kind!r}.")
+
+
+def pretrained_classes(kind: str) -> tuple:
+    """`(model class, processor class)` a saved model of `kind` (`read_model_type`'s answer) loads with: Chimera and
+    Mixpert with this project's classes (no code from the folder runs), anything else with the Auto classes."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from modeling_chimera import ChimeraForConditionalGeneration
+    from modeling_mixpert import MixpertForConditionalGeneration
+    from processing_chimera import ChimeraProcessor
+
+    if kind == "chimera":
+        return ChimeraForConditionalGeneration, ChimeraProcessor
+    if kind == "mixpert":  # the base's native processor
+        return MixpertForConditionalGeneration, AutoProcessor
+    return AutoModelForImageTextToText, AutoProcessor
 
 
 # ----------------------------------------------------------------------------------------------------------- data
 
 
-def write_tiny_data(folder: str, data_args: DataArguments, image_size: int, preference: bool = False) -> dict:
+def write_tiny_data(folder: str, tiny: TinyArguments, preference: bool = False) -> dict:
     """Write the synthetic six-domain set as local files (the same path real data takes) and return their paths:
     `{"train": [...], "eval": [...]}`. Existing files (same seed and sizes) are reused."""
     from train.data.export import export_preference_jsonl, export_sft_jsonl
@@ -109,8 +155,9 @@ def write_tiny_data(folder: str, data_args: DataArguments, image_size: int, pref
 
     kind = "preference" if preference else "sft"
     marker = os.path.join(folder, f"{kind}.json")
-    spec = {"seed": data_args.tiny_data_seed, "train": data_args.tiny_train_per_domain,
-            "eval": data_args.tiny_eval_per_domain, "image_size": image_size}
+    image_size = tiny.tiny_image_size
+    spec = {"seed": tiny.tiny_data_seed, "train": tiny.tiny_train_per_domain,
+            "eval": tiny.tiny_eval_per_domain, "image_size": image_size}
     paths = {"train": [os.path.join(folder, f"{kind}-train.jsonl")], "eval": [os.path.join(folder, f"{kind}-eval.jsonl")]}
     if os.path.isfile(marker) and json.load(open(marker)) == spec:
         return paths
@@ -143,11 +190,12 @@ def _text(messages) -> str:
     return content if isinstance(content, str) else "".join(i.get("text") or "" for i in content)
 
 
-def training_files(data_args: DataArguments, output_dir: str, image_size: int, preference: bool = False) -> dict:
-    """The files to train / evaluate on: the given ones, or the synthetic set written under `output_dir/tiny_data`."""
+def training_files(data_args: DataArguments, output_dir: str, tiny: TinyArguments, preference: bool = False) -> dict:
+    """The files to train / evaluate on: the given ones, or the synthetic set (`tiny`) written under
+    `output_dir/tiny_data`."""
     if data_args.train_file:
         return {"train": data_args.train_file, "eval": data_args.eval_file}
-    return write_tiny_data(os.path.join(output_dir, "tiny_data"), data_args, image_size, preference=preference)
+    return write_tiny_data(os.path.join(output_dir, "tiny_data"), tiny, preference=preference)
 
 
 # ------------------------------------------------------------------------------------------------- trainability
@@ -439,10 +487,11 @@ def finish_router(trainer, model, processor, training_args, summary: dict, route
 
 
 def prepare_training_args(training_args, label_names=("labels", "expert_labels")):
-    """Settings every script needs: keep raw columns for the collator, know the label names, tolerate experts that a
-    batch does not use under DDP."""
+    """Settings every script needs: keep raw columns for the collator, know the label names (`None`: leave them to
+    the trainer), tolerate experts that a batch does not use under DDP."""
     training_args.remove_unused_columns = False
-    training_args.label_names = list(label_names)
+    if label_names is not None:
+        training_args.label_names = list(label_names)
     if training_args.ddp_find_unused_parameters is None:
         training_args.ddp_find_unused_parameters = True
     return training_args

@@ -18,25 +18,34 @@ Real run:
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
 
+import datasets
+from tqdm.auto import tqdm
+from trl import DPOConfig, DPOTrainer, TrlParser
+from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
 from train.common import (
     DataArguments,
     ModelArguments,
+    TinyArguments,
+    build_tiny_model,
     chimera_groups,
     dtype_from_name,
     finish,
     fp32_master_weights,
     mixpert_groups,
+    prepare_training_args,
+    pretrained_classes,
     read_model_type,
     resume_checkpoint,
     set_trainable,
-    tiny_model_kwargs,
     training_files,
 )
+from train.data.loading import resolve_image_path
 
 
 logger = logging.getLogger(__name__)
@@ -48,40 +57,25 @@ class DPOScriptArguments:
 
     train_groups: list[str] = field(default_factory=lambda: ["llm"],
                                     metadata={"help": "Parameter groups that train (the router never does)."})
-    tiny_model: str = field(default="chimera", metadata={"help": "Tiny model only: chimera or mixpert."})
-    tiny_experts: str = field(default="table=pix2struct_vision_model,chart=siglip_vision_model,math=clip_vision_model",
-                              metadata={"help": "Tiny Chimera only: domain=expert_family pairs."})
 
 
-def load_models(model_args: ModelArguments, script_args: DPOScriptArguments, trust_remote_code: bool = False):
+def load_models(model_args: ModelArguments, script_args: DPOScriptArguments, trust_remote_code: bool = False,
+                tiny_args: TinyArguments | None = None):
     """`(kind, policy, reference, processor)`; the reference is a second, frozen copy (TRL needs `ref_model` for
     models it did not load itself)."""
-    from transformers import AutoProcessor
-
-    from modeling_chimera import ChimeraForConditionalGeneration
-    from modeling_mixpert import MixpertForConditionalGeneration
-    from processing_chimera import ChimeraProcessor
-
     if model_args.model_name_or_path is None:
-        from train.tiny import build_tiny_chimera, build_tiny_mixpert
-
-        if script_args.tiny_model == "chimera":
-            experts = dict(pair.split("=") for pair in script_args.tiny_experts.split(","))
-            build = lambda: build_tiny_chimera(model_args.tiny_family, experts, **tiny_model_kwargs(model_args))  # noqa: E731
-        elif script_args.tiny_model == "mixpert":
-            build = lambda: build_tiny_mixpert(model_args.tiny_family, **tiny_model_kwargs(model_args))  # noqa: E731
-        else:
-            raise ValueError(f"--tiny_model must be chimera or mixpert, got {script_args.tiny_model!r}.")
-        (policy, processor), (reference, _) = build(), build()
-        return script_args.tiny_model, *without_gscm(policy, reference), processor
+        tiny_args = tiny_args or TinyArguments()
+        kind = tiny_args.tiny_model
+        (policy, processor), (reference, _) = build_tiny_model(kind, tiny_args), build_tiny_model(kind, tiny_args)
+        return kind, *without_gscm(policy, reference), processor
     kind = read_model_type(model_args.model_name_or_path)
     if kind not in ("chimera", "mixpert"):
         raise ValueError(f"{model_args.model_name_or_path} holds a {kind!r} model; train.dpo trains Chimera or Mixpert.")
-    cls = ChimeraForConditionalGeneration if kind == "chimera" else MixpertForConditionalGeneration
+    model_class, processor_class = pretrained_classes(kind)
     dtype = dtype_from_name(model_args.dtype)
-    policy = cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
-    reference = cls.from_pretrained(model_args.model_name_or_path, dtype=dtype)
-    processor = (ChimeraProcessor if kind == "chimera" else AutoProcessor).from_pretrained(
+    policy = model_class.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+    reference = model_class.from_pretrained(model_args.model_name_or_path, dtype=dtype)
+    processor = processor_class.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=trust_remote_code  # DPOConfig's flag, off by default
     )
     return kind, *without_gscm(policy, reference), processor
@@ -101,10 +95,6 @@ def without_gscm(policy, reference):
 def load_preference_data(files, image_root=None, allow_outside_root=False):
     """Preference rows with `images` decoded to PIL (TRL's vision collator reads PIL images). Image paths must stay
     inside `image_root` (default: the data file's folder) unless `allow_outside_root`."""
-    import datasets
-
-    from train.data.loading import resolve_image_path
-
     files = [files] if isinstance(files, str) else list(files)
     for f in files:
         if not os.path.isfile(f):
@@ -124,19 +114,17 @@ def load_preference_data(files, image_root=None, allow_outside_root=False):
     return data.cast_column("images", datasets.Sequence(datasets.Image()))
 
 
-def main(script_args, training_args, model_args, data_args):
-    from trl import DPOTrainer
-
-    training_args.remove_unused_columns = False
-    if training_args.ddp_find_unused_parameters is None:
-        training_args.ddp_find_unused_parameters = True
-    kind, policy, reference, processor = load_models(model_args, script_args, training_args.trust_remote_code)
+def main(script_args, training_args, model_args, data_args, tiny_args: TinyArguments | None = None):
+    tiny_args = tiny_args or TinyArguments()
+    prepare_training_args(training_args, label_names=None)  # label names left as DPOTrainer has them
+    kind, policy, reference, processor = load_models(model_args, script_args, training_args.trust_remote_code,
+                                                     tiny_args)
     if "router" in script_args.train_groups:
         raise ValueError("The router does not train with DPO (routing is an argmax: no gradient reaches it).")
     groups = chimera_groups(policy) if kind == "chimera" else mixpert_groups(policy)
     summary = set_trainable(policy, groups, script_args.train_groups)
     reference.requires_grad_(False).eval()
-    files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size, preference=True)
+    files = training_files(data_args, training_args.output_dir, tiny_args, preference=True)
     outside = data_args.allow_images_outside_root
     train_data = load_preference_data(files["train"], data_args.image_root, outside)
     eval_data = load_preference_data(files["eval"], data_args.image_root, outside) if files["eval"] else None
@@ -159,11 +147,6 @@ def check_lengths(trainer, datasets: dict, batch_size: int = 8) -> int:
     would lose image tokens, or its completion, and then fail or train on nothing. The collator is run once over the
     data without a limit and each row's length is measured (Chimera's expert tokens are inserted later by the model
     and are not part of this length). Returns the longest length seen."""
-    import dataclasses
-
-    from tqdm.auto import tqdm
-    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
-
     limit = trainer.args.max_length
     collator = trainer.data_collator
     if limit is None or not isinstance(collator, DataCollatorForVisionPreference):
@@ -191,13 +174,8 @@ def check_lengths(trainer, datasets: dict, batch_size: int = 8) -> int:
     return longest
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
-    from trl import DPOConfig, TrlParser
-
-    types = (DPOScriptArguments, DPOConfig, ModelArguments, DataArguments)
-    if subparsers is not None:
-        return subparsers.add_parser("dpo", help="DPO for Chimera / Mixpert", dataclass_types=types)
-    return TrlParser(types, prog=prog)
+def make_parser(prog: str | None = None):
+    return TrlParser((DPOScriptArguments, DPOConfig, ModelArguments, DataArguments, TinyArguments), prog=prog)
 
 
 if __name__ == "__main__":

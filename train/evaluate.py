@@ -18,8 +18,20 @@ import json
 import logging
 import os
 
+import datasets
 import torch
 from tqdm.auto import tqdm
+
+from evaluation.metrics import (
+    DEFAULT_DOMAIN_METRICS,
+    METRICS,
+    confusion_matrix,
+    router_accuracy,
+    score,
+)
+from processing_chimera import load_rgb_image
+from train.common import pretrained_classes, read_model_type
+from train.data.loading import resolve_image_path
 
 
 logger = logging.getLogger(__name__)
@@ -53,34 +65,15 @@ def make_parser(prog: str | None = None):
 def load_model(path: str, trust_remote_code: bool = False):
     """`(kind, model, processor)` for a Chimera / Mixpert folder (this project's classes) or a native VLM. Code from
     the folder runs only with `trust_remote_code`."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from train.common import read_model_type
-
     kind = read_model_type(path)
     kind = kind if kind in ("chimera", "mixpert") else "native"
-    if kind == "chimera":
-        from modeling_chimera import ChimeraForConditionalGeneration
-        from processing_chimera import ChimeraProcessor
-
-        model = ChimeraForConditionalGeneration.from_pretrained(path).eval()
-        return kind, model, ChimeraProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if kind == "mixpert":
-        from modeling_mixpert import MixpertForConditionalGeneration
-
-        model = MixpertForConditionalGeneration.from_pretrained(path).eval()
-        return kind, model, AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(path, use_safetensors=True,
-                                                        trust_remote_code=trust_remote_code).eval()
-    return kind, model, AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model_class, processor_class = pretrained_classes(kind)
+    native = {"use_safetensors": True, "trust_remote_code": trust_remote_code} if kind == "native" else {}
+    model = model_class.from_pretrained(path, **native).eval()
+    return kind, model, processor_class.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> list[dict]:
-    import datasets
-
-    from processing_chimera import load_rgb_image
-    from train.data.loading import resolve_image_path
-
     if os.path.isdir(dataset):
         data = datasets.load_from_disk(dataset)
         data = data[split] if isinstance(data, datasets.DatasetDict) else data
@@ -160,8 +153,6 @@ def check_domains(rows, kind: str, model, metric_overrides=None, dataset_name: s
     """Every data domain and every model domain must have a metric (the vocabulary `evaluation.metrics.DOMAINS`, or
     `--metric name=...`): a misspelt or foreign name (`doc` for `document`) would otherwise be scored by the wrong
     metric and routed to no expert, silently."""
-    from evaluation.metrics import DEFAULT_DOMAIN_METRICS
-
     known = set(DEFAULT_DOMAIN_METRICS) | set(metric_overrides or {})
     unknown = {}
     for i, row in enumerate(rows):
@@ -192,8 +183,6 @@ def domain_targets(kind: str, model, domains_in_data: list[str]) -> dict:
 
 
 def score_rows(rows, answers, metric_overrides=None) -> dict:
-    from evaluation.metrics import DEFAULT_DOMAIN_METRICS, score
-
     per_domain = {}
     for index, (row, answer) in enumerate(zip(rows, answers)):
         domain = row["domain"]
@@ -220,8 +209,6 @@ def score_rows(rows, answers, metric_overrides=None) -> dict:
 
 
 def router_report(rows, experts, targets: dict, labels: list[str]) -> dict:
-    from evaluation.metrics import confusion_matrix, router_accuracy
-
     truth = [targets[r["domain"]] for r in rows]
     return {
         "accuracy": router_accuracy(experts, truth),
@@ -335,8 +322,6 @@ def plot_confusion(router: dict, path: str, data_domains=None) -> str:
 
 def main(args):
     kind, model, processor = load_model(args.model_name_or_path, args.trust_remote_code)
-    from evaluation.metrics import METRICS
-
     overrides = {}
     for pair in args.metric:
         domain, sep, metric = pair.partition("=")

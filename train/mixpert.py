@@ -22,19 +22,23 @@ Real run (paper hyper-parameters, 8 GPUs; see train/configs/real/):
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainingArguments
+from safetensors.torch import load_file
+from transformers import AutoProcessor, TrainingArguments
+from trl import TrlParser
 
+from modeling_mixpert import MixpertForConditionalGeneration
 from train.common import (
     GroupLearningRateTrainer,
     ModelArguments,
     SFTDataArguments,
     TRUST_REMOTE_CODE_HELP,
+    TinyArguments,
+    build_tiny_model,
     dtype_from_name,
     finish,
     finish_router,
@@ -44,16 +48,15 @@ from train.common import (
     mixpert_groups,
     prepare_training_args,
     read_model_type,
-    resume_checkpoint,
     sample_per_domain,
     save_atomically,
-    save_run_summary,
     set_trainable,
-    tiny_model_kwargs,
     train_router_on_features,
     training_device,
     training_files,
 )
+from train.data.collators import VisionLanguageSFTCollator
+from train.data.loading import load_vl_dataset
 
 
 @dataclass
@@ -70,25 +73,12 @@ class MixpertScriptArguments:
     router_samples_per_domain: int | None = field(
         default=None, metadata={"help": "router phase: train on at most this many data rows per domain, drawn at "
                                         "random with --seed (Mixpert §4.2: 200K per domain; default: every row)."})
-    tiny_domains: str = field(default="chart,table,math,document,ocr,general",
-                              metadata={"help": "Tiny model only: the domain experts, comma separated."})
-    tiny_num_vision_layers: int = field(default=3, metadata={"help": "Tiny model only: vision tower depth."})
-    tiny_num_expert_layers: int = field(default=2, metadata={"help": "Tiny model only: K."})
 
 
-def load_model_and_processor(model_args: ModelArguments, script_args: MixpertScriptArguments):
-    from transformers import AutoProcessor
-
-    from modeling_mixpert import MixpertForConditionalGeneration
-
+def load_model_and_processor(model_args: ModelArguments, script_args: MixpertScriptArguments,
+                             tiny_args: TinyArguments | None = None):
     if model_args.model_name_or_path is None:
-        from train.tiny import build_tiny_mixpert
-
-        return build_tiny_mixpert(
-            model_args.tiny_family, domains=script_args.tiny_domains.split(","),
-            num_vision_layers=script_args.tiny_num_vision_layers, num_expert_layers=script_args.tiny_num_expert_layers,
-            **tiny_model_kwargs(model_args),
-        )
+        return build_tiny_model("mixpert", tiny_args or TinyArguments())
     read_model_type(model_args.model_name_or_path, "mixpert", "train.mixpert")
     model = MixpertForConditionalGeneration.from_pretrained(
         model_args.model_name_or_path, dtype=dtype_from_name(model_args.dtype)
@@ -101,9 +91,6 @@ def load_model_and_processor(model_args: ModelArguments, script_args: MixpertScr
 def tune_experts(script_args, training_args, model, processor, data_args, files):
     """One `Trainer` run per domain, each in `output_dir/experts/<domain>`. With `--resume_from_checkpoint`, domains
     finished earlier are reloaded and the interrupted one continues from its last checkpoint."""
-    from train.data.collators import VisionLanguageSFTCollator
-    from train.data.loading import load_vl_dataset
-
     domains = script_args.domains or list(model.domains)
     unknown = sorted(set(domains) - set(model.domains))
     if unknown:
@@ -154,8 +141,6 @@ def _wants_resume(training_args) -> bool:
 
 
 def _load_weights(model, folder):
-    from safetensors.torch import load_file
-
     state = {}
     for name in sorted(os.listdir(folder)):
         if name.endswith(".safetensors"):
@@ -202,8 +187,6 @@ def pooled_shared_features(model, processor, data, cache_dir: str, device=None, 
 
 
 def train_router(script_args, training_args, model, processor, data_args, files):
-    from train.data.loading import load_vl_dataset
-
     data = load_vl_dataset(files["train"], data_args.image_root, domains=list(model.domains),
                            allow_outside_root=data_args.allow_images_outside_root)
     data = sample_per_domain(data, script_args.router_samples_per_domain, training_args.seed)
@@ -220,12 +203,13 @@ def train_router(script_args, training_args, model, processor, data_args, files)
     return trainer, summary["results"]
 
 
-def main(script_args, training_args, model_args, data_args):
+def main(script_args, training_args, model_args, data_args, tiny_args: TinyArguments | None = None):
     if script_args.phase not in ("experts", "router"):
         raise ValueError(f"--phase must be 'experts' or 'router', got {script_args.phase!r}.")
+    tiny_args = tiny_args or TinyArguments()
     prepare_training_args(training_args)
-    model, processor = load_model_and_processor(model_args, script_args)
-    files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
+    model, processor = load_model_and_processor(model_args, script_args, tiny_args)
+    files = training_files(data_args, training_args.output_dir, tiny_args)
     if script_args.phase == "router":
         _, results = train_router(script_args, training_args, model, processor, data_args, files)
         return model, results
@@ -234,13 +218,9 @@ def main(script_args, training_args, model_args, data_args):
     return model, results
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
-    from trl import TrlParser
-
-    types = (MixpertScriptArguments, TrainingArguments, ModelArguments, SFTDataArguments)
-    if subparsers is not None:
-        return subparsers.add_parser("mixpert", help="Mixpert expert / router tuning", dataclass_types=types)
-    parser = TrlParser(types, prog=prog)
+def make_parser(prog: str | None = None):
+    parser = TrlParser((MixpertScriptArguments, TrainingArguments, ModelArguments, SFTDataArguments, TinyArguments),
+                       prog=prog)
     # Paper defaults (Mixpert §4.2) for real runs; tiny configs override them.
     parser.set_defaults_with_config(learning_rate=2e-6, num_train_epochs=1, lr_scheduler_type="cosine", warmup_ratio=0.03,
                         adam_beta1=0.9, adam_beta2=0.98, weight_decay=0.01)

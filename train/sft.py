@@ -12,14 +12,16 @@ assistant tokens only in the loss.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+from trl import TrlParser
 
 from train.common import (
     ModelArguments,
     SFTDataArguments,
+    TinyArguments,
+    build_tiny_model,
     dtype_from_name,
     finish,
     fp32_master_weights,
@@ -28,6 +30,9 @@ from train.common import (
     set_trainable,
     training_files,
 )
+from train.data.collators import VisionLanguageSFTCollator
+from train.data.loading import load_vl_dataset
+from vlm_backbones import get_backbone_family
 
 
 @dataclass
@@ -38,8 +43,6 @@ class SFTScriptArguments:
 
 
 def native_groups(model) -> dict:
-    from vlm_backbones import get_backbone_family
-
     family = get_backbone_family(model.config.model_type)
     backbone = model.model
     return {
@@ -49,32 +52,24 @@ def native_groups(model) -> dict:
     }
 
 
-def load_model_and_processor(model_args: ModelArguments):
+def load_model_and_processor(model_args: ModelArguments, tiny_args: TinyArguments | None = None):
     if model_args.model_name_or_path is None:
-        from train.tiny import build_generalist, build_processor, build_tokenizer
-
-        tokenizer = build_tokenizer(model_args.tiny_family)
-        model = build_generalist(model_args.tiny_family, tokenizer, seed=model_args.tiny_seed,
-                                 image_size=model_args.tiny_image_size, patch_size=model_args.tiny_patch_size,
-                                 hidden_size=model_args.tiny_hidden_size)
-        return model, build_processor(model_args.tiny_family, tokenizer, image_size=model_args.tiny_image_size,
-                                      patch_size=model_args.tiny_patch_size)
+        return build_tiny_model("native", tiny_args or TinyArguments())
     model = AutoModelForImageTextToText.from_pretrained(
         model_args.model_name_or_path, dtype=dtype_from_name(model_args.dtype), use_safetensors=True
     )
     return model, AutoProcessor.from_pretrained(model_args.model_name_or_path)
 
 
-def main(script_args, training_args, model_args, data_args, model=None, processor=None):
+def main(script_args, training_args, model_args, data_args, tiny_args: TinyArguments | None = None, model=None,
+         processor=None):
     """Train; `model` / `processor` may be passed in directly (the mini-lab does) instead of being loaded."""
-    from train.data.collators import VisionLanguageSFTCollator
-    from train.data.loading import load_vl_dataset
-
+    tiny_args = tiny_args or TinyArguments()
     prepare_training_args(training_args, label_names=("labels",))
     if model is None:
-        model, processor = load_model_and_processor(model_args)
+        model, processor = load_model_and_processor(model_args, tiny_args)
     summary = set_trainable(model, native_groups(model), script_args.train_groups)
-    files = training_files(data_args, training_args.output_dir, model_args.tiny_image_size)
+    files = training_files(data_args, training_args.output_dir, tiny_args)
     data = load_vl_dataset(files["train"], data_args.image_root, allow_outside_root=data_args.allow_images_outside_root)
     if script_args.domains:
         data = data.filter(lambda row: row["domain"] in script_args.domains)
@@ -90,13 +85,9 @@ def main(script_args, training_args, model_args, data_args, model=None, processo
     return trainer
 
 
-def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str | None = None):
-    from trl import TrlParser
-
-    types = (SFTScriptArguments, TrainingArguments, ModelArguments, SFTDataArguments)
-    if subparsers is not None:
-        return subparsers.add_parser("sft", help="SFT of a native VLM", dataclass_types=types)
-    return TrlParser(types, prog=prog)
+def make_parser(prog: str | None = None):
+    return TrlParser((SFTScriptArguments, TrainingArguments, ModelArguments, SFTDataArguments, TinyArguments),
+                     prog=prog)
 
 
 if __name__ == "__main__":
