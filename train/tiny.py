@@ -169,16 +169,17 @@ def build_generalist_config(
 ):
     """A tiny native config of `family` whose special-token ids match `tokenizer`."""
     text_config = _text_config(tokenizer, hidden_size=hidden_size, num_layers=num_text_layers)
+    # SigLIP (LLaVA-OneVision) and InternViT take the same ViT fields
+    vit = dict(
+        hidden_size=vision_hidden_size,
+        intermediate_size=vision_hidden_size * 2,
+        num_hidden_layers=num_vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+    )
     if family == "llava_onevision":
-        vision = SiglipVisionConfig(
-            hidden_size=vision_hidden_size,
-            intermediate_size=vision_hidden_size * 2,
-            num_hidden_layers=num_vision_layers,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch_size,
-            vision_use_head=False,
-        )
+        vision = SiglipVisionConfig(**vit, vision_use_head=False)
         return LlavaOnevisionConfig(
             vision_config=vision,
             text_config=text_config,
@@ -212,15 +213,7 @@ def build_generalist_config(
             tie_word_embeddings=False,
         )
     if family == "internvl":
-        vision = dict(
-            hidden_size=vision_hidden_size,
-            intermediate_size=vision_hidden_size * 2,
-            num_hidden_layers=num_vision_layers,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=patch_size,
-            use_mean_pooling=False,
-        )
+        vision = dict(**vit, use_mean_pooling=False)
         return InternVLConfig(
             vision_config=vision,
             text_config=text_config,
