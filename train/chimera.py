@@ -33,22 +33,18 @@ from peft import get_peft_model
 from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from modeling_chimera import ChimeraForConditionalGeneration
-from processing_chimera import ChimeraProcessor
 from train.common import (
     GroupLearningRateTrainer,
     ModelArguments,
     SFTDataArguments,
     TRUST_REMOTE_CODE_HELP,
     TinyArguments,
-    build_tiny_model,
     chimera_groups,
-    dtype_from_name,
     finish,
     finish_router,
     fp32_master_weights,
+    load_model_to_train,
     prepare_training_args,
-    read_model_type,
     resume_checkpoint,
     sample_per_domain,
     set_trainable,
@@ -96,14 +92,7 @@ LLM_LORA_TARGETS = r".*generalist\.language_model\..*\.(q_proj|k_proj|v_proj|o_p
 
 def load_model_and_processor(model_args: ModelArguments, script_args: ChimeraScriptArguments,
                              tiny_args: TinyArguments | None = None):
-    if model_args.model_name_or_path is None:
-        return build_tiny_model("chimera", tiny_args or TinyArguments())
-    read_model_type(model_args.model_name_or_path, "chimera", "train.chimera")
-    model = ChimeraForConditionalGeneration.from_pretrained(
-        model_args.model_name_or_path, dtype=dtype_from_name(model_args.dtype)
-    )
-    return model, ChimeraProcessor.from_pretrained(model_args.model_name_or_path,
-                                                   trust_remote_code=script_args.trust_remote_code)
+    return load_model_to_train("chimera", model_args, tiny_args or TinyArguments(), script_args.trust_remote_code)
 
 
 def stage_groups(script_args: ChimeraScriptArguments) -> list[str]:

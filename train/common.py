@@ -9,12 +9,23 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from transformers import Trainer
+from huggingface_hub import HfApi
+from transformers import AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, Trainer
 from transformers.trainer_optimizer import is_optimizer_factory
+
+from modeling_chimera import ChimeraForConditionalGeneration
+from modeling_mixpert import MixpertForConditionalGeneration
+from processing_chimera import ChimeraProcessor
+from train.data.export import export_preference_jsonl, export_sft_jsonl
+from train.model_card import render_model_card
+from train.tiny import build_generalist, build_processor, build_tiny_chimera, build_tiny_mixpert, build_tokenizer
 
 
 logger = logging.getLogger(__name__)
@@ -87,8 +98,6 @@ TRUST_REMOTE_CODE_HELP = ("Let code in the model folder run (a tokenizer or proc
 def read_model_type(path: str, expected: str | None = None, script: str = "this script") -> str:
     """`model_type` of a saved model (folder or Hub repo id), read from its `config.json` without running any code
     from it. Raises when there is no `config.json`, or when it is not `expected`."""
-    from transformers import PretrainedConfig
-
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json: pass a folder saved with `save_pretrained` (or a Hub "
                                 f"repo id) as --model_name_or_path.")
@@ -110,8 +119,6 @@ def dtype_from_name(name: str | None):
 def build_tiny_model(kind: str, tiny: TinyArguments):
     """`(model, processor)`: the tiny offline Chimera, Mixpert or native VLM (`kind`: chimera, mixpert, native)
     a script trains when no `--model_name_or_path` is given."""
-    from train.tiny import build_generalist, build_processor, build_tiny_chimera, build_tiny_mixpert, build_tokenizer
-
     family, sizes = tiny.tiny_family, {"image_size": tiny.tiny_image_size, "patch_size": tiny.tiny_patch_size}
     if kind == "native":
         tokenizer = build_tokenizer(family)
@@ -128,15 +135,20 @@ def build_tiny_model(kind: str, tiny: TinyArguments):
     raise ValueError(f"--tiny_model must be chimera or mixpert, got {kind!r}.")
 
 
+def load_model_to_train(kind: str, model_args: ModelArguments, tiny: TinyArguments, trust_remote_code: bool = False):
+    """`(model, processor)` a Chimera / Mixpert script (`kind`) starts from: the saved one at `--model_name_or_path`
+    (refused unless it is a `kind` model), or the tiny one built from `tiny`."""
+    if model_args.model_name_or_path is None:
+        return build_tiny_model(kind, tiny)
+    read_model_type(model_args.model_name_or_path, kind, f"train.{kind}")
+    model_class, processor_class = pretrained_classes(kind)
+    model = model_class.from_pretrained(model_args.model_name_or_path, dtype=dtype_from_name(model_args.dtype))
+    return model, processor_class.from_pretrained(model_args.model_name_or_path, trust_remote_code=trust_remote_code)
+
+
 def pretrained_classes(kind: str) -> tuple:
     """`(model class, processor class)` a saved model of `kind` (`read_model_type`'s answer) loads with: Chimera and
     Mixpert with this project's classes (no code from the folder runs), anything else with the Auto classes."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from modeling_chimera import ChimeraForConditionalGeneration
-    from modeling_mixpert import MixpertForConditionalGeneration
-    from processing_chimera import ChimeraProcessor
-
     if kind == "chimera":
         return ChimeraForConditionalGeneration, ChimeraProcessor
     if kind == "mixpert":  # the base's native processor
@@ -150,8 +162,7 @@ def pretrained_classes(kind: str) -> tuple:
 def write_tiny_data(folder: str, tiny: TinyArguments, preference: bool = False) -> dict:
     """Write the synthetic six-domain set as local files (the same path real data takes) and return their paths:
     `{"train": [...], "eval": [...]}`. Existing files (same seed and sizes) are reused."""
-    from train.data.export import export_preference_jsonl, export_sft_jsonl
-    from train.data.synthetic import build_dataset
+    from train.data.synthetic import build_dataset  # matplotlib and fonts: only when synthetic data is written
 
     kind = "preference" if preference else "sft"
     marker = os.path.join(folder, f"{kind}.json")
@@ -378,8 +389,6 @@ class RouterFeatureCache(torch.utils.data.Dataset):
     """
 
     def __init__(self, folder: str):
-        import tempfile
-
         os.makedirs(folder, exist_ok=True)
         self._tmp = tempfile.TemporaryDirectory(prefix="router-features-", dir=folder)
         self.path = os.path.join(self._tmp.name, "features.f32")
@@ -393,8 +402,6 @@ class RouterFeatureCache(torch.utils.data.Dataset):
         self._targets.extend(int(t) for t in targets)
 
     def close(self) -> "RouterFeatureCache":
-        import numpy as np
-
         self._file.close()
         if not self._targets:
             raise ValueError("The router feature pass found no labelled image in the training data.")
@@ -550,9 +557,6 @@ def save_atomically(output_dir: str, *objects, state_dict: dict | None = None) -
     to the previous config. Weight files of a previous save that this one lacks (a single file replaced by shards,
     or the reverse) are removed before `config.json` moves in. `state_dict`, if given, is what the first object (the
     model) saves."""
-    import shutil
-    import tempfile
-
     os.makedirs(output_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".saving-", dir=output_dir)
     try:
@@ -611,10 +615,6 @@ def push_output_dir(training_args, commit_message: str) -> str:
     """Upload the saved `output_dir` (model, code, processor, run summary; not the checkpoints) with a model card to
     `--hub_model_id` (default: the folder's name). `Trainer.push_to_hub` is not used: in the router phases the
     trainer holds only the router, and its card does not know Chimera / Mixpert."""
-    from huggingface_hub import HfApi
-
-    from train.model_card import render_model_card
-
     folder = training_args.output_dir
     api = HfApi(token=training_args.hub_token)
     repo_id = training_args.hub_model_id or os.path.basename(os.path.normpath(folder))

@@ -28,26 +28,23 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoProcessor, TrainingArguments
+from transformers import TrainingArguments
 from trl import TrlParser
 
-from modeling_mixpert import MixpertForConditionalGeneration
 from train.common import (
     GroupLearningRateTrainer,
     ModelArguments,
     SFTDataArguments,
     TRUST_REMOTE_CODE_HELP,
     TinyArguments,
-    build_tiny_model,
-    dtype_from_name,
     finish,
     finish_router,
     fp32_master_weights,
     gathered_state_dict,
     last_complete_checkpoint,
+    load_model_to_train,
     mixpert_groups,
     prepare_training_args,
-    read_model_type,
     sample_per_domain,
     save_atomically,
     set_trainable,
@@ -77,15 +74,8 @@ class MixpertScriptArguments:
 
 def load_model_and_processor(model_args: ModelArguments, script_args: MixpertScriptArguments,
                              tiny_args: TinyArguments | None = None):
-    if model_args.model_name_or_path is None:
-        return build_tiny_model("mixpert", tiny_args or TinyArguments())
-    read_model_type(model_args.model_name_or_path, "mixpert", "train.mixpert")
-    model = MixpertForConditionalGeneration.from_pretrained(
-        model_args.model_name_or_path, dtype=dtype_from_name(model_args.dtype)
-    )
     # The processor is the base's native one: nothing from the folder runs unless --trust_remote_code says so.
-    return model, AutoProcessor.from_pretrained(model_args.model_name_or_path,
-                                                trust_remote_code=script_args.trust_remote_code)
+    return load_model_to_train("mixpert", model_args, tiny_args or TinyArguments(), script_args.trust_remote_code)
 
 
 def tune_experts(script_args, training_args, model, processor, data_args, files):

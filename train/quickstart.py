@@ -25,7 +25,6 @@ The report states for each claim whether it held; nothing is tuned to make it ho
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import time
