@@ -31,58 +31,59 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, GenerationMixin
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    BaseModelOutputWithPooling,
-    CausalLMOutputWithPast,
-)
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 
-try:
+try:  # loaded as part of a Hub repo through `trust_remote_code` (relative imports) ...
     from .configuration_chimera import ChimeraConfig, ChimeraExpertConfig
-    from .vlm_backbones import (
-        HubCheckpointMixin,
-        passthrough_generate_kwargs,
-        image_rows_from_prompt,
-        placeholder_ids,
-        cache_kwarg,
-        output_cache,
-        take_cache,
-        check_image_token_count,
-        get_backbone_family,
-        image_token_spans,
-        repeat_images_for_generation,
+    from .modeling_routed_vlm import (
+        RoutedCausalLMOutputWithPast,
+        RoutedImageFeatures,
+        RoutedModelOutputWithPast,
+        RoutedVLMForConditionalGeneration,
+        RoutedVLMModel,
+        RoutedVLMPreTrainedModel,
         check_config_kwargs,
-        no_split_layer_classes,
         check_finite_pixels,
         check_text_inputs,
-        integer_labels,
-        lm_and_router_loss,
+        passthrough_generate_kwargs,
+        teacher_forced,
     )
-except ImportError:
-    from configuration_chimera import ChimeraConfig, ChimeraExpertConfig
-    from vlm_backbones import (
-        HubCheckpointMixin,
-        passthrough_generate_kwargs,
-        image_rows_from_prompt,
-        placeholder_ids,
+    from .vlm_backbones import (
         cache_kwarg,
-        output_cache,
-        take_cache,
         check_image_token_count,
         get_backbone_family,
         image_token_spans,
-        repeat_images_for_generation,
+        output_cache,
+        placeholder_ids,
+        take_cache,
+    )
+except ImportError:  # ... or as an installed top-level module (`pip install -e .`)
+    from configuration_chimera import ChimeraConfig, ChimeraExpertConfig
+    from modeling_routed_vlm import (
+        RoutedCausalLMOutputWithPast,
+        RoutedImageFeatures,
+        RoutedModelOutputWithPast,
+        RoutedVLMForConditionalGeneration,
+        RoutedVLMModel,
+        RoutedVLMPreTrainedModel,
         check_config_kwargs,
-        no_split_layer_classes,
         check_finite_pixels,
         check_text_inputs,
-        integer_labels,
-        lm_and_router_loss,
+        passthrough_generate_kwargs,
+        teacher_forced,
+    )
+    from vlm_backbones import (
+        cache_kwarg,
+        check_image_token_count,
+        get_backbone_family,
+        image_token_spans,
+        output_cache,
+        placeholder_ids,
+        take_cache,
     )
 
 
@@ -93,7 +94,7 @@ logger = logging.get_logger(__name__)
 
 
 @dataclass
-class ChimeraImageFeatures(BaseModelOutputWithPooling):
+class ChimeraImageFeatures(RoutedImageFeatures):
     r"""
     Everything Chimera derives from the images of one batch, before the language model. It follows transformers'
     VLM contract for `get_image_features` (a `BaseModelOutputWithPooling`), plus the routing.
@@ -105,15 +106,14 @@ class ChimeraImageFeatures(BaseModelOutputWithPooling):
     hidden_states, attentions (`tuple[torch.FloatTensor]`, *optional*): the generalist tower's, when requested.
     router_logits (`torch.FloatTensor` of shape `(num_images, num_experts + 1)`): router scores, class 0 = no expert.
     expert_index (`torch.LongTensor` of shape `(num_images,)`): the expert used per image (0 = none).
-    expert_features (`tuple`): per image, `(m_i, llm_hidden)` expert tokens, or `None` when no expert is used.
     image_rows (`torch.LongTensor` of shape `(num_images,)`, *optional*): the batch row of each image (set by
         `generate`, used to repeat features for beam search).
+    expert_features (`tuple`): per image, `(m_i, llm_hidden)` expert tokens, or `None` when no expert is used.
     """
 
-    router_logits: torch.FloatTensor | None = None
-    expert_index: torch.LongTensor | None = None
     expert_features: tuple | None = None
-    image_rows: torch.LongTensor | None = None
+
+    per_image_fields = ("pooler_output", "router_logits", "expert_index", "expert_features")
 
     @property
     def generalist_features(self) -> tuple | None:
@@ -121,7 +121,7 @@ class ChimeraImageFeatures(BaseModelOutputWithPooling):
 
 
 @dataclass
-class ChimeraModelOutputWithPast(BaseModelOutputWithPast):
+class ChimeraModelOutputWithPast(RoutedModelOutputWithPast):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
         Aligned with the caller's `input_ids` (expert tokens inserted by the model are not part of it).
@@ -137,17 +137,15 @@ class ChimeraModelOutputWithPast(BaseModelOutputWithPast):
     expanded_attention_mask (`torch.LongTensor`, *optional*): the attention mask the LLM saw (GSCM zeros included).
     """
 
-    router_logits: torch.FloatTensor | None = None
-    expert_index: torch.LongTensor | None = None
     expanded_input_ids: torch.LongTensor | None = None
     expanded_attention_mask: torch.LongTensor | None = None
 
 
 @dataclass
-class ChimeraCausalLMOutputWithPast(CausalLMOutputWithPast):
+class ChimeraCausalLMOutputWithPast(RoutedCausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor`, *optional*): `lm_loss + router_loss_weight * router_loss` (the router part rescaled
-        under Trainer's `num_items_in_batch`, see `ChimeraForConditionalGeneration.forward`).
+        under Trainer's `num_items_in_batch`, see `modeling_routed_vlm.lm_and_router_loss`).
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): aligned with `input_ids`.
     cache, hidden_states, attentions: as in `ChimeraModelOutputWithPast` (the cache field inherited from
         `CausalLMOutputWithPast`, named as the installed transformers names it).
@@ -155,11 +153,6 @@ class ChimeraCausalLMOutputWithPast(CausalLMOutputWithPast):
     router_loss (`torch.FloatTensor`, *optional*): router cross-entropy (mean over labelled images, unweighted).
     router_logits, expert_index: as in `ChimeraModelOutputWithPast`.
     """
-
-    lm_loss: torch.FloatTensor | None = None
-    router_loss: torch.FloatTensor | None = None
-    router_logits: torch.FloatTensor | None = None
-    expert_index: torch.LongTensor | None = None
 
 
 # ------------------------------------------------------------------------------------------------------ experts
@@ -326,23 +319,99 @@ class ExpertTokenLayout:
     image_rows: list
     inserted: bool
 
+    @classmethod
+    def unchanged(cls, input_ids, attention_mask, mm_token_type_ids, position_ids, spans) -> ExpertTokenLayout:
+        """The layout of inputs that get no expert block (or already hold theirs)."""
+        batch, seq_len = input_ids.shape
+        positions = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
+        image_positions = [torch.arange(first, last + 1, device=input_ids.device) for _, first, last in spans]
+        return cls(input_ids, attention_mask, mm_token_type_ids, position_ids, positions, positions, image_positions,
+                   [row for row, _, _ in spans], inserted=False)
+
+    def realign(self, states: torch.Tensor) -> torch.Tensor:
+        """`(batch, expanded_len, dim)` states -> `(batch, orig_len, dim)` aligned with the caller's `input_ids`."""
+        if not self.inserted:
+            return states
+        return states.gather(1, self.source_positions.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
+
+
+def _padding_side(attention_mask) -> str:
+    """Left when some row starts with padding and every row ends with a real token, right otherwise."""
+    if attention_mask is None:
+        return "right"
+    left = bool((attention_mask[:, 0] == 0).any()) and bool((attention_mask[:, -1] == 1).all())
+    return "left" if left else "right"
+
+
+def _expand_inputs(inputs: dict, inserts: list, spans: list, padding_side: str, pad_token_id: int) -> ExpertTokenLayout:
+    """Compact -> expanded inputs: `inserts[row]` holds `(anchor column, block ids)` pairs, each block going right after
+    its anchor. Rows are padded to the longest on `padding_side`."""
+    input_ids = inputs["input_ids"]
+    (batch, seq_len), device = input_ids.shape, input_ids.device
+    added = [sum(len(block) for _, block in row) for row in inserts]
+    new_len = seq_len + max(added)
+    expanded = {
+        "input_ids": torch.full((batch, new_len), pad_token_id, dtype=input_ids.dtype, device=device),
+        "attention_mask": torch.zeros((batch, new_len), dtype=torch.long, device=device),
+    }
+    for name in ("mm_token_type_ids", "position_ids"):  # inserted tokens are text (type 0)
+        if inputs[name] is not None:
+            expanded[name] = torch.zeros((batch, new_len), dtype=inputs[name].dtype, device=device)
+    keep = torch.empty((batch, seq_len), dtype=torch.long, device=device)
+    source = torch.empty((batch, seq_len), dtype=torch.long, device=device)
+    for row in range(batch):
+        offset = new_len - seq_len - added[row] if padding_side == "left" else 0
+        keep[row], source[row] = _expand_row(row, inputs, expanded, inserts[row], offset)
+    return ExpertTokenLayout(
+        expanded["input_ids"], expanded["attention_mask"], expanded.get("mm_token_type_ids"),
+        expanded.get("position_ids"), source, keep, [keep[row, first : last + 1] for row, first, last in spans],
+        [row for row, _, _ in spans], inserted=True,
+    )
+
+
+def _expand_row(row: int, inputs: dict, expanded: dict, inserts: list, offset: int):
+    """Write row `row` of the `expanded` tensors; returns the expanded positions of its caller tokens (`keep`) and
+    where each caller token's output is read (`source`: after an inserted block, the block's last token)."""
+    ids, positions = inputs["input_ids"], inputs["position_ids"]
+    seq_len, device = ids.shape[1], ids.device
+    shift = torch.zeros(seq_len, dtype=torch.long, device=device)
+    for anchor, block in inserts:
+        shift[anchor + 1 :] += len(block)
+    keep = torch.arange(seq_len, device=device) + shift + offset
+    source = keep.clone()
+    expanded["input_ids"][row, keep] = ids[row]
+    mask = inputs["attention_mask"]
+    expanded["attention_mask"][row, keep] = mask[row].long() if mask is not None else 1
+    if "mm_token_type_ids" in expanded:
+        expanded["mm_token_type_ids"][row, keep] = inputs["mm_token_type_ids"][row]
+    if "position_ids" in expanded:
+        expanded["position_ids"][row, keep] = positions[row] + shift
+    for anchor, block in inserts:
+        start = int(keep[anchor]) + 1
+        end = start + len(block)
+        expanded["input_ids"][row, start:end] = torch.tensor(block, dtype=ids.dtype, device=device)
+        expanded["attention_mask"][row, start:end] = 1
+        if "position_ids" in expanded:  # the block continues the positions after its anchor
+            expanded["position_ids"][row, start:end] = positions[row, anchor] + 1 + torch.arange(len(block), device=device)
+        source[anchor] = end - 1
+    return keep, source
+
+
+def _scatter(embeds, mask, features, what):
+    """`features` (a list of `(n_i, hidden)`) into the positions of `mask`, after checking the counts agree."""
+    check_image_token_count(int(mask.sum()), list(features), what)
+    if not features:
+        return embeds
+    source = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
+    return embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), source)
+
 
 # ------------------------------------------------------------------------------------------------------- models
 
 
-class ChimeraPreTrainedModel(HubCheckpointMixin, PreTrainedModel):
+class ChimeraPreTrainedModel(RoutedVLMPreTrainedModel):
     config: ChimeraConfig
     config_class = ChimeraConfig
-    base_model_prefix = "model"
-    input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values", "cache"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    _can_compile_fullgraph = False
-    _no_split_modules = []
     # The router is small and trained from scratch: in bf16 most of its updates would round away, so it is loaded and
     # kept in fp32 whatever `dtype` the rest of the model takes (its input is cast to its dtype in `forward`).
     _keep_in_fp32_modules_strict = ["router"]
@@ -353,8 +422,11 @@ class ChimeraPreTrainedModel(HubCheckpointMixin, PreTrainedModel):
     }
 
 
-class ChimeraModel(ChimeraPreTrainedModel):
+class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
     """The generalist backbone plus router, frozen expert encoders and expert projectors (no LM head)."""
+
+    native_attr = "generalist"
+    zero_label = "'no expert'"
 
     def __init__(self, config: ChimeraConfig):
         super().__init__(config)
@@ -370,23 +442,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
             }
         )
         self.expert_encoders.requires_grad_(False)  # experts are frozen at every stage (Chimera §3.4)
-        self.post_init()
-        # The expert encoders' layers too, so `device_map="auto"` and FSDP's wrapping by class never split one.
-        self._no_split_modules = no_split_layer_classes(self, self._no_split_modules)
-
-    # -- plumbing
-
-    def get_input_embeddings(self):
-        return self.generalist.get_input_embeddings()
-
-    @property
-    def get_rope_index(self):
-        """Qwen2-VL's 3D RoPE position function of the backbone (absent for the other families, so `hasattr` tells
-        whether the model uses 3D positions, as on the native models)."""
-        return self.generalist.get_rope_index
-
-    def set_input_embeddings(self, value):
-        self.generalist.set_input_embeddings(value)
+        self.finish_init()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -394,10 +450,11 @@ class ChimeraModel(ChimeraPreTrainedModel):
         return self
 
     @property
-    def domains(self) -> list[str]:
-        return self.config.domains
+    def generalist_image_token_id(self) -> int:
+        """The generalist's image placeholder token (the same as `image_token_id`)."""
+        return self.image_token_id
 
-    # -- images
+    # -- images: encode and route (Chimera §3.2)
 
     def _image_batch(self, pixel_values, input_ids=None, **image_inputs):
         return self.family.image_batch(self.generalist.config, pixel_values, input_ids=input_ids, **image_inputs)
@@ -408,41 +465,27 @@ class ChimeraModel(ChimeraPreTrainedModel):
             mode = "cls" if self.family.has_cls_token else "mean"
         return self.family.routing_feature(self.generalist, self.generalist.config, acts, images, mode)
 
-    def _validate_expert_labels(self, expert_labels, num_images):
-        if expert_labels is None:
-            return None
-        expert_labels = integer_labels(expert_labels)
-        if expert_labels.numel() != num_images:
-            raise ValueError(
-                f"`expert_labels` must hold one label per image ({num_images} images in this batch), got "
-                f"{expert_labels.numel()}. Use 0 for 'no expert', k for the k-th expert ({self.domains}), -100 to "
-                "let the router decide without a router loss."
-            )
-        bad = (expert_labels != -100) & ((expert_labels < 0) | (expert_labels >= self.config.num_experts_with_none))
-        if bad.any():
-            raise ValueError(
-                f"`expert_labels` out of range: {expert_labels[bad].tolist()}. Valid: 0 (no expert), 1..{len(self.domains)} "
-                f"for {self.domains}, or -100 (unlabelled)."
-            )
-        return expert_labels
+    def router_inputs(self, pixel_values, input_ids=None, **image_inputs) -> torch.Tensor:
+        """The router's input, one row per image `(num_images, vision_hidden)`: the generalist tower's CLS token or
+        token mean (`config.router_feature`) on the tile that shows the whole image (Chimera §3.2). The router stage
+        of `train.chimera` caches these."""
+        images = self._image_batch(pixel_values, input_ids=input_ids, **image_inputs)
+        _, acts = self.family.encode(self.generalist, self.generalist.config, images)
+        return self._route_feature(acts, images)
 
     def choose_experts(self, router_logits, expert_labels=None, input_ids=None, generalist_features=None):
         """The expert of each image (0 = none): the one `input_ids` already name when they hold expert blocks, else
         the labelled one (`expert_labels`, teacher forcing; -100 leaves it to the router), else the router's
         argmax (Chimera §3.2)."""
         labels = self._validate_expert_labels(expert_labels, router_logits.shape[0])
-        if input_ids is not None and self.has_expert_tokens(input_ids):
-            expert_index = self.expert_index_from_tokens(input_ids, generalist_features)
-            if labels is not None and bool(((labels != -100) & (labels.to(expert_index.device) != expert_index)).any()):
-                raise ValueError(
-                    f"`expert_labels` {labels.tolist()} disagree with the expert tokens in `input_ids` "
-                    f"{expert_index.tolist()}: pass compact input_ids (without expert tokens) to teacher-force."
-                )
-            return expert_index
-        expert_index = router_logits.argmax(-1)
-        if labels is not None:
-            labels = labels.to(expert_index.device)
-            expert_index = torch.where(labels == -100, expert_index, labels)
+        if input_ids is None or not self.has_expert_tokens(input_ids):
+            return teacher_forced(router_logits.argmax(-1), labels)
+        expert_index = self.expert_index_from_tokens(input_ids, generalist_features)
+        if labels is not None and bool(((labels != -100) & (labels.to(expert_index.device) != expert_index)).any()):
+            raise ValueError(
+                f"`expert_labels` {labels.tolist()} disagree with the expert tokens in `input_ids` "
+                f"{expert_index.tolist()}: pass compact input_ids (without expert tokens) to teacher-force."
+            )
         return expert_index
 
     def encode_generalist(self, pixel_values, input_ids=None, **image_inputs):
@@ -461,38 +504,42 @@ class ChimeraModel(ChimeraPreTrainedModel):
             routed = (expert_index == k).nonzero().squeeze(-1)
             if routed.numel() == 0:
                 continue
-            inputs = None
-            if expert_pixel_values is not None and len(expert_pixel_values) >= k:
-                inputs = expert_pixel_values[k - 1]
-            if inputs is None:
-                raise ValueError(
-                    f"Image(s) {routed.tolist()} are routed to expert {k} ({domain!r}) but `expert_pixel_values` has no "
-                    f"inputs for it. Pass the `expert_pixel_values` that `ChimeraProcessor` returns (one tensor per "
-                    "expert, one row per image)."
-                )
-            if inputs.shape[0] != num_images:
-                raise ValueError(
-                    f"`expert_pixel_values[{k - 1}]` ({domain!r}) has {inputs.shape[0]} rows for {num_images} images."
-                )
-            check_finite_pixels(inputs, f"expert_pixel_values[{k - 1}]")
-            encoder = self.expert_encoders[domain]
-            with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
-                try:
-                    tokens = encoder(inputs.index_select(0, routed.to(inputs.device)).to(self.dtype))
-                except RuntimeError as error:  # e.g. another expert's inputs: a shape error deep in the encoder
-                    if isinstance(error, torch.OutOfMemoryError) or not any(
-                        word in str(error) for word in ("size", "shape", "dimension")
-                    ):
-                        raise
-                    raise ValueError(
-                        f"Expert {k} ({domain!r}, {encoder.family}) cannot encode `expert_pixel_values[{k - 1}]` of "
-                        f"shape {tuple(inputs.shape)}: pass the list `ChimeraProcessor` returns, in the model's expert "
-                        f"order {self.domains}. ({error})"
-                    ) from error
-            tokens = self.expert_projectors[domain](tokens.to(self.expert_projectors[domain].linear_1.weight.dtype))
+            inputs = expert_pixel_values[k - 1] if expert_pixel_values is not None and len(expert_pixel_values) >= k else None
+            tokens = self._run_expert(k, self._expert_inputs(k, inputs, routed, num_images))
             for row, image in enumerate(routed.tolist()):
                 features[image] = tokens[row]
         return tuple(features)
+
+    def _expert_inputs(self, k, inputs, routed, num_images) -> torch.Tensor:
+        """The rows of expert `k`'s inputs for the images `routed` to it, after checking there is one per image."""
+        domain = self.domains[k - 1]
+        if inputs is None:
+            raise ValueError(
+                f"Image(s) {routed.tolist()} are routed to expert {k} ({domain!r}) but `expert_pixel_values` has no "
+                f"inputs for it. Pass the `expert_pixel_values` that `ChimeraProcessor` returns (one tensor per "
+                "expert, one row per image)."
+            )
+        if inputs.shape[0] != num_images:
+            raise ValueError(f"`expert_pixel_values[{k - 1}]` ({domain!r}) has {inputs.shape[0]} rows for {num_images} images.")
+        check_finite_pixels(inputs, f"expert_pixel_values[{k - 1}]")
+        return inputs.index_select(0, routed.to(inputs.device))
+
+    def _run_expert(self, k, inputs) -> torch.Tensor:
+        """Expert `k`'s frozen encoder and its projector: `(n, m, llm_hidden)`."""
+        domain = self.domains[k - 1]
+        encoder, projector = self.expert_encoders[domain], self.expert_projectors[domain]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
+            try:
+                tokens = encoder(inputs.to(self.dtype))
+            except RuntimeError as error:  # e.g. another expert's inputs: a shape error deep in the encoder
+                if isinstance(error, torch.OutOfMemoryError) or not any(w in str(error) for w in ("size", "shape", "dimension")):
+                    raise
+                raise ValueError(
+                    f"Expert {k} ({domain!r}, {encoder.family}) cannot encode `expert_pixel_values[{k - 1}]` of "
+                    f"shape {tuple(inputs.shape)}: pass the list `ChimeraProcessor` returns, in the model's expert "
+                    f"order {self.domains}. ({error})"
+                ) from error
+        return projector(tokens.to(projector.linear_1.weight.dtype))
 
     @can_return_tuple
     def get_image_features(
@@ -525,12 +572,10 @@ class ChimeraModel(ChimeraPreTrainedModel):
             pixel_values, input_ids=input_ids, image_sizes=image_sizes, batch_num_images=batch_num_images,
             image_grid_thw=image_grid_thw, image_num_patches=image_num_patches,
         )
-        num_images = images.num_images
         if expert_index is None:
             expert_index = self.choose_experts(router_logits, expert_labels, input_ids, features)
         else:
-            self._validate_expert_labels(expert_labels, num_images)
-        expert_features = self.encode_experts(expert_index, expert_pixel_values, num_images)
+            self._validate_expert_labels(expert_labels, images.num_images)
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         tower = None
@@ -543,10 +588,10 @@ class ChimeraModel(ChimeraPreTrainedModel):
             attentions=tower.attentions if tower is not None and output_attentions else None,
             router_logits=router_logits,
             expert_index=expert_index,
-            expert_features=expert_features,
+            expert_features=self.encode_experts(expert_index, expert_pixel_values, images.num_images),
         )
 
-    # -- token layout
+    # -- token layout: where each routed image's expert block goes
 
     def _expert_block(self, k: int, count: int) -> list[int]:
         block = [self.config.expert_token_ids[k - 1]] * count
@@ -571,7 +616,7 @@ class ChimeraModel(ChimeraPreTrainedModel):
     def expert_index_from_tokens(self, input_ids, generalist_features) -> torch.LongTensor:
         """For `input_ids` that already hold expert blocks: which expert follows each image (0 = none)."""
         counts = [int(f.shape[0]) for f in generalist_features]
-        spans = image_token_spans(input_ids, self.generalist_image_token_id, counts)
+        spans = image_token_spans(input_ids, self.image_token_id, counts)
         token_to_expert = {t: k for k, t in enumerate(self.config.expert_token_ids, start=1)}
         skip = {self.config.expert_start_token_id, self.config.expert_insert_after_token_id} - {None}
         index = []
@@ -582,9 +627,20 @@ class ChimeraModel(ChimeraPreTrainedModel):
             index.append(token_to_expert.get(int(input_ids[row, col]), 0) if col < input_ids.shape[1] else 0)
         return torch.tensor(index, dtype=torch.long, device=input_ids.device)
 
-    @property
-    def generalist_image_token_id(self) -> int:
-        return self.family.image_token_id(self.generalist.config)
+    def _expert_inserts(self, input_ids, image_features, spans) -> list[list]:
+        """Per batch row, `(anchor column, block ids)` of every expert block to insert: after the image's last
+        generalist token, or after the token right behind it when that is `config.expert_insert_after_token_id`
+        (InternVL's `</img>`, the official layout). Inputs that already hold expert blocks get none."""
+        inserts = [[] for _ in range(input_ids.shape[0])]
+        if not spans or self.has_expert_tokens(input_ids):
+            return inserts
+        after = self.config.expert_insert_after_token_id
+        for (row, _, last), k, feats in zip(spans, image_features.expert_index.tolist(), image_features.expert_features):
+            if k == 0:
+                continue
+            anchor = last + 1 if after is not None and last + 1 < input_ids.shape[1] and int(input_ids[row, last + 1]) == after else last
+            inserts[row].append((anchor, self._expert_block(k, int(feats.shape[0]))))
+        return inserts
 
     def layout(
         self,
@@ -598,67 +654,21 @@ class ChimeraModel(ChimeraPreTrainedModel):
     ) -> ExpertTokenLayout:
         """Insert each routed image's expert block after its generalist tokens (compact -> expanded inputs). Inputs
         that already hold expert blocks are laid out as they are."""
-        batch, seq_len = input_ids.shape
-        device = input_ids.device
-        gen_counts = [int(f.shape[0]) for f in image_features.generalist_features]
-        spans = image_token_spans(input_ids, self.generalist_image_token_id, gen_counts) if gen_counts else []
-        expert_index = image_features.expert_index.tolist() if gen_counts and not self.has_expert_tokens(input_ids) else []
-        inserts = [[] for _ in range(batch)]  # per row: (anchor col, block ids)
-        for (row, _, last), k, feats in zip(spans, expert_index, image_features.expert_features or ()):
-            if k == 0:
-                continue
-            anchor = last
-            after = self.config.expert_insert_after_token_id
-            if after is not None and last + 1 < seq_len and int(input_ids[row, last + 1]) == after:
-                anchor = last + 1
-            inserts[row].append((anchor, self._expert_block(k, int(feats.shape[0]))))
-        arange = torch.arange(seq_len, device=device)
+        counts = [int(f.shape[0]) for f in image_features.generalist_features]
+        spans = image_token_spans(input_ids, self.image_token_id, counts) if counts else []
+        inserts = self._expert_inserts(input_ids, image_features, spans)
         if not any(inserts):
-            positions = arange.expand(batch, seq_len)
-            image_positions = [torch.arange(f, l + 1, device=device) for _, f, l in spans]
-            return ExpertTokenLayout(input_ids, attention_mask, mm_token_type_ids, position_ids, positions, positions,
-                                     image_positions, [row for row, _, _ in spans], inserted=False)
+            return ExpertTokenLayout.unchanged(input_ids, attention_mask, mm_token_type_ids, position_ids, spans)
         if position_ids is not None and position_ids.dim() != 2:
             raise ValueError(
                 "Chimera computes 3D (M-RoPE) positions itself when it inserts expert tokens: call it without "
                 "`position_ids`, or with input_ids that already hold the expert tokens (see `generate`)."
             )
-        if padding_side is None:
-            left = attention_mask is not None and bool((attention_mask[:, 0] == 0).any()) and bool((attention_mask[:, -1] == 1).all())
-            padding_side = "left" if left else "right"
-        added = [sum(len(b) for _, b in row) for row in inserts]
-        new_len = seq_len + max(added)
         if pad_token_id is None:
             pad_token_id = self.config.get_text_config().pad_token_id or 0
-        new_ids = torch.full((batch, new_len), pad_token_id, dtype=input_ids.dtype, device=device)
-        new_mask = torch.zeros((batch, new_len), dtype=torch.long, device=device)
-        new_types = torch.zeros((batch, new_len), dtype=mm_token_type_ids.dtype, device=device) if mm_token_type_ids is not None else None
-        new_pos = torch.zeros((batch, new_len), dtype=position_ids.dtype, device=device) if position_ids is not None else None
-        keep = torch.empty((batch, seq_len), dtype=torch.long, device=device)
-        source = torch.empty((batch, seq_len), dtype=torch.long, device=device)
-        for row in range(batch):
-            offset = new_len - seq_len - added[row] if padding_side == "left" else 0
-            shift = torch.zeros(seq_len, dtype=torch.long, device=device)
-            for anchor, block in inserts[row]:
-                shift[anchor + 1 :] += len(block)
-            keep[row] = arange + shift + offset
-            source[row] = keep[row]
-            new_ids[row, keep[row]] = input_ids[row]
-            new_mask[row, keep[row]] = attention_mask[row].long() if attention_mask is not None else 1
-            if new_types is not None:
-                new_types[row, keep[row]] = mm_token_type_ids[row]
-            if new_pos is not None:
-                new_pos[row, keep[row]] = position_ids[row] + shift
-            for anchor, block in inserts[row]:
-                start = int(keep[row, anchor]) + 1
-                new_ids[row, start : start + len(block)] = torch.tensor(block, dtype=input_ids.dtype, device=device)
-                new_mask[row, start : start + len(block)] = 1
-                if new_pos is not None:
-                    new_pos[row, start : start + len(block)] = position_ids[row, anchor] + 1 + torch.arange(len(block), device=device)
-                source[row, anchor] = start + len(block) - 1
-        image_positions = [keep[row, first : last + 1] for row, first, last in spans]
-        return ExpertTokenLayout(new_ids, new_mask, new_types, new_pos, source, keep, image_positions,
-                                 [row for row, _, _ in spans], inserted=True)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
+                  "position_ids": position_ids}
+        return _expand_inputs(inputs, inserts, spans, padding_side or _padding_side(attention_mask), pad_token_id)
 
     def _gscm_mask(self, attention_mask, layout, expert_index):
         """Generalist-Specialist Collaboration Masking (Chimera §3.3): for each image that uses an expert, mask
@@ -676,6 +686,44 @@ class ChimeraModel(ChimeraPreTrainedModel):
             chosen = positions[torch.randperm(positions.numel(), device=positions.device)[:n_mask]]
             attention_mask[layout.image_rows[image], chosen] = 0
         return attention_mask
+
+    # -- embeddings
+
+    def expanded_embeddings(self, layout, inputs_embeds=None):
+        """Token embeddings of the expanded sequence: the caller's `inputs_embeds` at the caller's positions when
+        given, the embedding table elsewhere (inserted expert slots)."""
+        embeds = self.get_input_embeddings()(layout.input_ids)
+        if inputs_embeds is not None:
+            index = layout.keep_positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
+            embeds = embeds.scatter(1, index, inputs_embeds.to(embeds.dtype))
+        return embeds
+
+    def embed(self, layout, image_features, inputs_embeds=None):
+        """The expanded sequence's embeddings with every image's generalist features on its placeholders and every
+        expert's features on its expert tokens."""
+        ids = layout.input_ids
+        embeds = _scatter(self.expanded_embeddings(layout, inputs_embeds), ids == self.image_token_id,
+                          image_features.generalist_features, "image")
+        used = image_features.expert_index.tolist()
+        for k, token_id in enumerate(self.config.expert_token_ids or [], start=1):
+            chosen = [f for f, e in zip(image_features.expert_features, used) if e == k]
+            mask = ids == token_id
+            if chosen or bool(mask.any()):
+                embeds = _scatter(embeds, mask, chosen, f"expert-{k} ({self.domains[k - 1]!r})")
+        return embeds
+
+    def _placeholder_ids(self, inputs_embeds):
+        """Token ids for a call with `inputs_embeds` and images but no `input_ids`: the image token (and each expert
+        token, and the layout's `</img>` / wrapper tokens) where the embedding is that token's own (how the native
+        VLMs find placeholders in `inputs_embeds`), the pad token elsewhere. They only place the generalist and
+        expert tokens; the values come from `inputs_embeds`."""
+        if inputs_embeds is None:
+            raise ValueError("Pass `input_ids` or `inputs_embeds` together with the images.")
+        pad = self.config.get_text_config().pad_token_id
+        layout = (self.config.expert_insert_after_token_id, self.config.expert_start_token_id,
+                  self.config.expert_end_token_id)  # where blocks go (InternVL: after `</img>`) and their wrappers
+        tokens = [self.image_token_id, *(self.config.expert_token_ids or []), *(t for t in layout if t is not None)]
+        return placeholder_ids(inputs_embeds, self.get_input_embeddings(), tokens, fill=0 if pad is None else pad)
 
     # -- forward
 
@@ -700,143 +748,84 @@ class ChimeraModel(ChimeraPreTrainedModel):
         **kwargs,
     ) -> ChimeraModelOutputWithPast:
         cache = take_cache(past_key_values, kwargs)
+        llm_kwargs = dict(image_inputs={"image_grid_thw": image_grid_thw}, use_cache=use_cache, **cache_kwarg(cache), **kwargs)
         image_features = (mm_encoder_outputs or {}).get("image")
-        has_images = pixel_values is not None or image_features is not None
-        if not has_images:
-            if input_ids is not None and self.has_expert_tokens(input_ids):
-                raise ValueError("`input_ids` hold expert tokens but no images were given (`pixel_values`).")
-            outputs = self.family.language_forward(
-                self.generalist, inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids),
-                input_ids=input_ids, image_inputs={"image_grid_thw": image_grid_thw}, attention_mask=attention_mask,
-                position_ids=position_ids, use_cache=use_cache, mm_token_type_ids=mm_token_type_ids,
-                **cache_kwarg(cache), **kwargs,
-            )
-            return ChimeraModelOutputWithPast(
-                last_hidden_state=outputs.last_hidden_state, **cache_kwarg(output_cache(outputs)),
-                hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-            )
+        if pixel_values is None and image_features is None:
+            return self._text_forward(input_ids, inputs_embeds, attention_mask, position_ids, mm_token_type_ids, llm_kwargs)
         if input_ids is None:
             input_ids = self._placeholder_ids(inputs_embeds)
         self._check_expert_tokens_configured()
-        expanded = self.has_expert_tokens(input_ids)
-        image_inputs = dict(image_sizes=image_sizes, batch_num_images=batch_num_images, image_grid_thw=image_grid_thw,
-                            image_num_patches=image_num_patches)
-        if image_features is None:
-            features, router_logits, images, _ = self.encode_generalist(pixel_values, input_ids=input_ids, **image_inputs)
-            expert_index = self.choose_experts(router_logits, expert_labels, input_ids, features)
-            image_features = ChimeraImageFeatures(
-                pooler_output=tuple(features), router_logits=router_logits, expert_index=expert_index,
-                expert_features=self.encode_experts(expert_index, expert_pixel_values, images.num_images),
+        if image_features is None:  # 1. encode & route: generalist tokens, router, the chosen experts' tokens
+            image_features = self.get_image_features(
+                pixel_values, input_ids=input_ids, expert_pixel_values=expert_pixel_values, expert_labels=expert_labels,
+                image_sizes=image_sizes, batch_num_images=batch_num_images, image_grid_thw=image_grid_thw,
+                image_num_patches=image_num_patches, output_hidden_states=False, output_attentions=False,
+                return_dict=True,
             )
-        if cache is not None and cache.get_seq_length() > 0 and not expanded and bool(
-            (image_features.expert_index > 0).any()
-        ):
+        self._check_cache_continuation(cache, input_ids, image_features)
+        # 2. lay out: each routed image's expert block goes in after its generalist tokens
+        layout = self.layout(input_ids, image_features, attention_mask, mm_token_type_ids, position_ids)
+        # 3. embed: token embeddings, generalist features on the image tokens, expert features on the expert tokens
+        embeds = self.embed(layout, image_features, inputs_embeds)
+        position_ids = layout.position_ids
+        if position_ids is None:  # from the unmasked attention mask: GSCM must not move positions
+            position_ids = self.family.position_ids(self.generalist, layout.input_ids, layout.attention_mask,
+                                                    {"image_grid_thw": image_grid_thw}, cache, layout.mm_token_type_ids)
+        # 4. mask: GSCM hides part of each routed image's generalist tokens while training (Chimera §3.3)
+        attention = self._gscm_mask(layout.attention_mask, layout, image_features.expert_index)
+        # 5. the generalist's LLM on the expanded sequence
+        outputs = self.family.language_forward(
+            self.generalist, embeds, input_ids=layout.input_ids, attention_mask=attention, position_ids=position_ids,
+            mm_token_type_ids=layout.mm_token_type_ids, **llm_kwargs,
+        )
+        # 6. realign: outputs line up with the caller's input_ids again
+        hidden_states = outputs.hidden_states  # `output_hidden_states=[layer ids]` captures some layers only
+        return ChimeraModelOutputWithPast(
+            last_hidden_state=layout.realign(outputs.last_hidden_state),
+            **cache_kwarg(output_cache(outputs)),
+            hidden_states=None if hidden_states is None else tuple(h if h is None else layout.realign(h) for h in hidden_states),
+            attentions=outputs.attentions,
+            router_logits=image_features.router_logits,
+            expert_index=image_features.expert_index,
+            expanded_input_ids=layout.input_ids,
+            expanded_attention_mask=attention,
+        )
+
+    def _text_forward(self, input_ids, inputs_embeds, attention_mask, position_ids, mm_token_type_ids, llm_kwargs):
+        """A call without images: the generalist's LLM alone."""
+        if input_ids is not None and self.has_expert_tokens(input_ids):
+            raise ValueError("`input_ids` hold expert tokens but no images were given (`pixel_values`).")
+        outputs = self.family.language_forward(
+            self.generalist, inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids),
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            mm_token_type_ids=mm_token_type_ids, **llm_kwargs,
+        )
+        return ChimeraModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state, **cache_kwarg(output_cache(outputs)),
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
+
+    def _check_cache_continuation(self, cache, input_ids, image_features):
+        """Expert tokens cannot be inserted into a sequence whose start is already in the KV cache."""
+        if cache is None or cache.get_seq_length() == 0 or self.has_expert_tokens(input_ids):
+            return
+        if bool((image_features.expert_index > 0).any()):
             raise ValueError(
                 "Cannot insert expert tokens into a sequence that continues a KV cache; use `generate()`, which "
                 "routes before decoding, or pass input_ids that already hold the expert tokens."
             )
 
-        layout = self.layout(input_ids, image_features, attention_mask, mm_token_type_ids, position_ids)
 
-        ids = layout.input_ids
-        embeds = self.expanded_embeddings(layout, inputs_embeds)
-        embeds = self._scatter(embeds, ids == self.generalist_image_token_id, image_features.generalist_features, "image")
-        for k, token_id in enumerate(self.config.expert_token_ids or [], start=1):
-            chosen = [f for f, e in zip(image_features.expert_features, image_features.expert_index.tolist()) if e == k]
-            mask = ids == token_id
-            if chosen or bool(mask.any()):
-                embeds = self._scatter(embeds, mask, chosen, f"expert-{k} ({self.domains[k - 1]!r})")
-        position_ids = layout.position_ids
-        if position_ids is None:  # from the unmasked attention mask: GSCM must not move positions
-            position_ids = self.family.position_ids(
-                self.generalist, ids, layout.attention_mask, {"image_grid_thw": image_grid_thw}, cache,
-                layout.mm_token_type_ids,
-            )
-        attention = self._gscm_mask(layout.attention_mask, layout, image_features.expert_index)
-
-        outputs = self.family.language_forward(
-            self.generalist, embeds, input_ids=ids, image_inputs={"image_grid_thw": image_grid_thw},
-            attention_mask=attention, position_ids=position_ids, use_cache=use_cache,
-            mm_token_type_ids=layout.mm_token_type_ids, **cache_kwarg(cache), **kwargs,
-        )
-        hidden, all_hidden = outputs.last_hidden_state, outputs.hidden_states
-        if layout.inserted:
-            index = layout.source_positions.unsqueeze(-1)
-            realign = lambda h: h.gather(1, index.expand(-1, -1, h.shape[-1]))  # noqa: E731
-            hidden = realign(hidden)
-            # `output_hidden_states=[layer ids]` captures some layers only: the others are None.
-            all_hidden = tuple(h if h is None else realign(h) for h in all_hidden) if all_hidden is not None else None
-        return ChimeraModelOutputWithPast(
-            last_hidden_state=hidden,
-            **cache_kwarg(output_cache(outputs)),
-            hidden_states=all_hidden,
-            attentions=outputs.attentions,
-            router_logits=image_features.router_logits,
-            expert_index=image_features.expert_index,
-            expanded_input_ids=ids,
-            expanded_attention_mask=attention,
-        )
-
-    def expanded_embeddings(self, layout, inputs_embeds=None):
-        """Token embeddings of the expanded sequence: the caller's `inputs_embeds` at the caller's positions when
-        given, the embedding table elsewhere (inserted expert slots)."""
-        embeds = self.get_input_embeddings()(layout.input_ids)
-        if inputs_embeds is not None:
-            index = layout.keep_positions.unsqueeze(-1).expand(-1, -1, embeds.shape[-1])
-            embeds = embeds.scatter(1, index, inputs_embeds.to(embeds.dtype))
-        return embeds
-
-    def _placeholder_ids(self, inputs_embeds):
-        """Token ids for a call with `inputs_embeds` and images but no `input_ids`: the image token (and each expert
-        token, and the layout's `</img>` / wrapper tokens) where the embedding is that token's own (how the native VLMs find placeholders in `inputs_embeds`),
-        the pad token elsewhere. They only place the generalist and expert tokens; the values come from
-        `inputs_embeds`."""
-        if inputs_embeds is None:
-            raise ValueError("Pass `input_ids` or `inputs_embeds` together with the images.")
-        pad = self.config.get_text_config().pad_token_id
-        layout = (self.config.expert_insert_after_token_id, self.config.expert_start_token_id,
-                  self.config.expert_end_token_id)  # where blocks go (InternVL: after `</img>`) and their wrappers
-        tokens = [self.generalist_image_token_id, *(self.config.expert_token_ids or []),
-                  *(t for t in layout if t is not None)]
-        return placeholder_ids(inputs_embeds, self.get_input_embeddings(), tokens, fill=0 if pad is None else pad)
-
-    @staticmethod
-    def _scatter(embeds, mask, features, what):
-        check_image_token_count(int(mask.sum()), list(features), what)
-        if not features:
-            return embeds
-        source = torch.cat(list(features), dim=0).to(embeds.device, embeds.dtype)
-        return embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), source)
+_GENERATE_IMAGE_INPUTS = ("expert_pixel_values", "expert_labels", "image_sizes", "batch_num_images", "image_grid_thw",
+                          "image_num_patches")
 
 
-class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
+class ChimeraForConditionalGeneration(RoutedVLMForConditionalGeneration, ChimeraPreTrainedModel, GenerationMixin):
     """Chimera with the generalist's LM head. See the module docstring for the expert-token layout."""
 
+    model_class = ChimeraModel
+    output_class = ChimeraCausalLMOutputWithPast
     _tied_weights_keys = {"lm_head.weight": "model.generalist.language_model.embed_tokens.weight"}
-    _tp_plan = {"lm_head": "colwise_gather_output"}  # as the native VLMs: shard the head with the tied embedding
-
-    def __init__(self, config: ChimeraConfig):
-        super().__init__(config)
-        self.model = ChimeraModel(config)
-        text_config = config.get_text_config()
-        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    @property
-    def domains(self) -> list[str]:
-        return self.config.domains
 
     def resize_token_embeddings(self, new_num_tokens=None, *args, **kwargs):
         """`PreTrainedModel.resize_token_embeddings`, refusing to drop the rows of the expert placeholder tokens."""
@@ -848,9 +837,6 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
                 "move the placeholders first."
             )
         return super().resize_token_embeddings(new_num_tokens, *args, **kwargs)
-
-    def get_image_features(self, pixel_values, **kwargs) -> ChimeraImageFeatures:
-        return self.model.get_image_features(pixel_values, **kwargs)
 
     @can_return_tuple
     def forward(
@@ -883,61 +869,20 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
             `ChimeraProcessor` returns). Only the rows of images routed to an expert are used.
 
         Loss: `lm_loss + router_loss_weight * router_loss`, rescaled under `Trainer`'s `num_items_in_batch` (see
-        `vlm_backbones.lm_and_router_loss`); `lm_loss` and `router_loss` are also returned unscaled.
+        `modeling_routed_vlm.lm_and_router_loss`); `lm_loss` and `router_loss` are also returned unscaled.
         """
         labels = check_text_inputs(input_ids, inputs_embeds, labels)
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        shift_labels = kwargs.pop("shift_labels", None)
+        loss_kwargs = self.pop_loss_kwargs(kwargs)
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=take_cache(past_key_values, kwargs), inputs_embeds=inputs_embeds, return_dict=True,
-            expert_pixel_values=expert_pixel_values,
-            expert_labels=expert_labels, image_sizes=image_sizes, batch_num_images=batch_num_images,
-            image_grid_thw=image_grid_thw, image_num_patches=image_num_patches, mm_token_type_ids=mm_token_type_ids,
-            mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, **kwargs,
+            expert_pixel_values=expert_pixel_values, expert_labels=expert_labels, image_sizes=image_sizes,
+            batch_num_images=batch_num_images, image_grid_thw=image_grid_thw, image_num_patches=image_num_patches,
+            mm_token_type_ids=mm_token_type_ids, mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, **kwargs,
         )
-        hidden = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, slice_indices, :])
-
-        targets = None
-        if expert_labels is not None and outputs.router_logits is not None:
-            targets = torch.as_tensor(expert_labels).long().reshape(-1)
-        loss, lm_loss, router_loss = lm_and_router_loss(
-            self, logits, labels, outputs.router_logits, targets, num_items_in_batch, shift_labels
-        )
-        return ChimeraCausalLMOutputWithPast(
-            loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=logits,
-            hidden_states=outputs.hidden_states, attentions=outputs.attentions, router_logits=outputs.router_logits,
-            expert_index=outputs.expert_index, **cache_kwarg(output_cache(outputs)),
-        )
+        return self.logits_and_loss(outputs, labels, expert_labels, logits_to_keep, loss_kwargs)
 
     # ------------------------------------------------------------------------------------------------ generation
-
-    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
-        text_positions = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
-        return self.model.family.generation_position_ids(self.model.generalist, text_positions, inputs_tensor, model_kwargs)
-
-    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
-        # Beam search / num_return_sequences repeat every row; repeat its images' features with it.
-        features = mm_encoder_output.get("image")
-        if not isinstance(features, ChimeraImageFeatures):
-            return super()._expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size, inputs_embeds)
-        if features.image_rows is None:  # encoded by `GenerationMixin` itself (a prompt given as embeddings)
-            features.image_rows = image_rows_from_prompt(
-                input_ids, inputs_embeds, self.get_input_embeddings(), self.model.generalist_image_token_id,
-                [int(f.shape[0]) for f in features.pooler_output],
-            )
-        order, rows = repeat_images_for_generation(features.image_rows, expand_size)
-        index = torch.tensor(order, device=features.router_logits.device)
-        mm_encoder_output["image"] = ChimeraImageFeatures(
-            pooler_output=tuple(features.pooler_output[i] for i in order),
-            router_logits=features.router_logits.index_select(0, index),
-            expert_index=features.expert_index.index_select(0, index),
-            expert_features=tuple(features.expert_features[i] for i in order),
-            image_rows=torch.tensor(rows, device=features.image_rows.device),
-        )
-        return mm_encoder_output
 
     @torch.no_grad()
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
@@ -953,21 +898,32 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         for any model, only the new tokens are returned. Pass `expert_labels` to force experts (0 = none);
         `return_dict_in_generate=True` also gives `expert_index` and `router_logits`.
         """
-        image_kwargs = {name: kwargs.pop(name, None) for name in (
-            "expert_pixel_values", "expert_labels", "image_sizes", "batch_num_images", "image_grid_thw",
-            "image_num_patches",
-        )}
+        image_kwargs = {name: kwargs.pop(name, None) for name in _GENERATE_IMAGE_INPUTS}
         inputs_embeds = kwargs.pop("inputs_embeds", None)
         prompt_ids = input_ids
         if prompt_ids is None and inputs_embeds is not None and pixel_values is not None:
             prompt_ids = self.model._placeholder_ids(inputs_embeds)
         if pixel_values is None or prompt_ids is None:
+            image_kwargs.pop("expert_labels")
             return super().generate(**passthrough_generate_kwargs(
                 input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                inputs_embeds=inputs_embeds, **{k: v for k, v in image_kwargs.items() if k != "expert_labels"},
+                inputs_embeds=inputs_embeds, **image_kwargs,
             ), **kwargs)
         self.model._check_expert_tokens_configured()
         features = self.model.get_image_features(pixel_values, input_ids=prompt_ids, return_dict=True, **image_kwargs)
+        layout, extra = self._expanded_prompt(prompt_ids, features, attention_mask, inputs_embeds, image_kwargs, kwargs)
+        self._count_lengths_from_the_callers_prompt(kwargs, layout.input_ids.shape[1] - prompt_ids.shape[1])
+        attention = layout.attention_mask if layout.attention_mask is not None else torch.ones_like(layout.input_ids)
+        # The expanded ids go along even for a prompt given as embeddings: Qwen2-VL's 3D positions are read off them.
+        output = super().generate(
+            input_ids=layout.input_ids, attention_mask=attention, mm_encoder_outputs={"image": features}, **extra,
+            **kwargs,
+        )
+        output = self._strip_expert_tokens(output, layout, prompt_ids.shape[0], keep_prompt=input_ids is not None)
+        return self.with_routing(output, features)
+
+    def _expanded_prompt(self, prompt_ids, features, attention_mask, inputs_embeds, image_kwargs, kwargs):
+        """The prompt with its expert blocks (left-padded, as decoding wants) and the inputs `generate` gets with it."""
         generation_config = kwargs.get("generation_config") or self.generation_config
         layout = self.model.layout(
             prompt_ids, features, attention_mask=attention_mask, mm_token_type_ids=kwargs.pop("mm_token_type_ids", None),
@@ -980,18 +936,7 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
             ("position_ids", layout.position_ids)) if value is not None}
         if inputs_embeds is not None:  # the caller's embeddings, with the expert slots filled in from their ids
             extra["inputs_embeds"] = self.model.expanded_embeddings(layout, inputs_embeds)
-        self._count_lengths_from_the_callers_prompt(kwargs, layout.input_ids.shape[1] - prompt_ids.shape[1])
-        attention = layout.attention_mask if layout.attention_mask is not None else torch.ones_like(layout.input_ids)
-        # The expanded ids go along even for a prompt given as embeddings: Qwen2-VL's 3D positions are read off them.
-        output = super().generate(
-            input_ids=layout.input_ids, attention_mask=attention, mm_encoder_outputs={"image": features}, **extra,
-            **kwargs,
-        )
-        output = self._strip_expert_tokens(output, layout, prompt_ids.shape[0], keep_prompt=input_ids is not None)
-        if not isinstance(output, torch.Tensor):
-            output["expert_index"] = features.expert_index
-            output["router_logits"] = features.router_logits
-        return output
+        return layout, extra
 
     def _count_lengths_from_the_callers_prompt(self, kwargs, inserted: int) -> None:
         """`max_length` / `min_length` measure the caller's prompt + new tokens; decoding runs on the prompt with
@@ -1041,7 +986,7 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
         expert_layout: str | None = None,
         image_end_token_id: int | None = None,
         **config_kwargs,
-    ) -> "ChimeraForConditionalGeneration":
+    ) -> ChimeraForConditionalGeneration:
         """Assemble Chimera from an existing generalist and expert encoders.
 
         Args:
@@ -1064,27 +1009,12 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
                 layout; read from the generalist's tokenizer when `generalist` is a path or repo id.
             router_feature, gscm_ratio, router_loss_weight, **config_kwargs: see `ChimeraConfig`.
         """
-        from transformers.initialization import no_init_weights
-
         check_config_kwargs(ChimeraConfig, config_kwargs, "ChimeraForConditionalGeneration.from_generalist")
         if not isinstance(experts, dict) or not experts:
             raise ValueError("`experts` must be a non-empty dict {domain: expert vision model or path}.")
         generalist_path = generalist if isinstance(generalist, str) else None
-        if generalist_path is not None:
-            generalist = AutoModelForImageTextToText.from_pretrained(generalist, dtype=dtype, use_safetensors=True)
-        if not hasattr(generalist, "lm_head") or not hasattr(generalist, "model"):
-            raise ValueError(
-                f"`generalist` must be a native `...ForConditionalGeneration` model (with `.model` and `.lm_head`), "
-                f"got {type(generalist).__name__}."
-            )
-        get_backbone_family(generalist.config.model_type)  # clear error for unsupported families
-        expert_specs, expert_modules = [], {}
-        for domain, spec in experts.items():
-            options = dict(spec) if isinstance(spec, dict) else {"model": spec}
-            vision_config, module = load_expert_encoder(options.pop("model"), dtype=dtype)
-            expert_specs.append(ChimeraExpertConfig(domain=domain, vision_config=vision_config, **options))
-            expert_modules[domain] = module
-
+        generalist = cls.load_native(generalist, dtype, "generalist")
+        expert_specs, expert_modules = _load_experts(experts, dtype)
         vocab = generalist.config.get_text_config().vocab_size
         new_rows = 0
         if expert_token_ids is None:
@@ -1097,29 +1027,22 @@ class ChimeraForConditionalGeneration(ChimeraPreTrainedModel, GenerationMixin):
             router_feature=router_feature, gscm_ratio=gscm_ratio, router_loss_weight=router_loss_weight,
             **config_kwargs,
         )
-        with torch.device("meta"), no_init_weights():
-            model = cls(config)
-        # Reuse the given modules; only the router and the expert projectors are new.
-        model.model.generalist = generalist.model
-        model.lm_head = generalist.lm_head
+        model = cls.around_native(config, generalist)  # reuses the generalist's modules
         for domain, module in expert_modules.items():
             model.model.expert_encoders[domain].encoder = module.requires_grad_(False)
-        reference = next(generalist.parameters())
-        for new in [model.model.router, *model.model.expert_projectors.values()]:
-            new.to_empty(device=reference.device)
-            for sub in new.modules():
-                model._init_weights(sub)
-            new.to(torch.float32 if new is model.model.router else reference.dtype)  # `_keep_in_fp32_modules_strict`
-        model.generation_config = generalist.generation_config
+        model.materialise([model.model.router, *model.model.expert_projectors.values()], next(generalist.parameters()))
         if new_rows:
             model.resize_token_embeddings(vocab + new_rows, mean_resizing=True)
             generalist.lm_head = model.lm_head  # keep the (now shared) generalist object consistent
-        # Expert placeholders (and their wrappers) are inputs only: never generate them.
-        suppress = list(model.generation_config.suppress_tokens or [])
-        inputs_only = [*expert_token_ids, config.expert_start_token_id, config.expert_end_token_id]
-        model.generation_config.suppress_tokens = suppress + [t for t in inputs_only if t is not None and t not in suppress]
-        model.eval() if not generalist.training else model.train()
-        return model
+        model._suppress_input_only_tokens()
+        return model.train(generalist.training)
+
+    def _suppress_input_only_tokens(self):
+        """Expert placeholders (and their wrappers) are inputs only: `generate` never emits them."""
+        config = self.config
+        suppress = list(self.generation_config.suppress_tokens or [])
+        inputs_only = [*config.expert_token_ids, config.expert_start_token_id, config.expert_end_token_id]
+        self.generation_config.suppress_tokens = suppress + [t for t in inputs_only if t is not None and t not in suppress]
 
 
 ChimeraForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
@@ -1155,10 +1078,19 @@ def _expert_layout_ids(generalist, generalist_path, layout, image_end_token_id, 
     return {**ids, "_new_rows": new}
 
 
+def _load_experts(experts: dict, dtype=None) -> tuple[list, dict]:
+    """The `ChimeraExpertConfig`s and encoder modules for `from_generalist`'s `experts` (`{domain: spec}`)."""
+    specs, modules = [], {}
+    for domain, spec in experts.items():
+        options = dict(spec) if isinstance(spec, dict) else {"model": spec}
+        vision_config, module = load_expert_encoder(options.pop("model"), dtype=dtype)
+        specs.append(ChimeraExpertConfig(domain=domain, vision_config=vision_config, **options))
+        modules[domain] = module
+    return specs, modules
+
+
 def load_expert_encoder(spec, dtype=None):
     """`(vision_config, module)` for an expert given as a model object or a path / repo id (safetensors only)."""
-    from transformers import AutoConfig
-
     if isinstance(spec, str):
         config = AutoConfig.from_pretrained(spec)
         family = config.model_type

@@ -23,55 +23,58 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPast,
-    BaseModelOutputWithPooling,
-    CausalLMOutputWithPast,
-    ModelOutput,
-)
+from transformers import AutoModel, GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils.generic import can_return_tuple
 
 
-try:
+try:  # loaded as part of a Hub repo through `trust_remote_code` (relative imports) ...
     from .configuration_mixpert import ROUTING_STRATEGIES, MixpertConfig
-    from .vlm_backbones import (
-        HubCheckpointMixin,
-        placeholder_ids,
-        passthrough_generate_kwargs,
-        image_rows_from_prompt,
-        cache_kwarg,
-        output_cache,
-        take_cache,
-        check_image_token_count,
-        get_backbone_family,
-        repeat_images_for_generation,
+    from .modeling_routed_vlm import (
+        RoutedCausalLMOutputWithPast,
+        RoutedImageFeatures,
+        RoutedModelOutputWithPast,
+        RoutedVLMForConditionalGeneration,
+        RoutedVLMModel,
+        RoutedVLMPreTrainedModel,
         check_config_kwargs,
-        no_split_layer_classes,
         check_finite_pixels,
         check_text_inputs,
-        integer_labels,
-        lm_and_router_loss,
+        image_rows_from_prompt,
+        passthrough_generate_kwargs,
+        teacher_forced,
     )
-except ImportError:
-    from configuration_mixpert import ROUTING_STRATEGIES, MixpertConfig
-    from vlm_backbones import (
-        HubCheckpointMixin,
-        placeholder_ids,
-        passthrough_generate_kwargs,
-        image_rows_from_prompt,
+    from .vlm_backbones import (
         cache_kwarg,
-        output_cache,
-        take_cache,
         check_image_token_count,
         get_backbone_family,
-        repeat_images_for_generation,
+        output_cache,
+        placeholder_ids,
+        take_cache,
+    )
+except ImportError:  # ... or as an installed top-level module (`pip install -e .`)
+    from configuration_mixpert import ROUTING_STRATEGIES, MixpertConfig
+    from modeling_routed_vlm import (
+        RoutedCausalLMOutputWithPast,
+        RoutedImageFeatures,
+        RoutedModelOutputWithPast,
+        RoutedVLMForConditionalGeneration,
+        RoutedVLMModel,
+        RoutedVLMPreTrainedModel,
         check_config_kwargs,
-        no_split_layer_classes,
         check_finite_pixels,
         check_text_inputs,
-        integer_labels,
-        lm_and_router_loss,
+        image_rows_from_prompt,
+        passthrough_generate_kwargs,
+        teacher_forced,
+    )
+    from vlm_backbones import (
+        cache_kwarg,
+        check_image_token_count,
+        get_backbone_family,
+        output_cache,
+        placeholder_ids,
+        take_cache,
     )
 
 
@@ -79,7 +82,7 @@ except ImportError:
 
 
 @dataclass
-class MixpertImageFeatures(BaseModelOutputWithPooling):
+class MixpertImageFeatures(RoutedImageFeatures):
     r"""
     What Mixpert's vision side gives for one batch: transformers' VLM contract for `get_image_features` (a
     `BaseModelOutputWithPooling`) plus the routing.
@@ -93,14 +96,11 @@ class MixpertImageFeatures(BaseModelOutputWithPooling):
     router_logits (`torch.FloatTensor` of shape `(num_routed, num_domains)`): one row per image (`"image"`
         granularity) or per tile (`"sub_image"`).
     expert_index (`torch.LongTensor` of shape `(num_routed,)`): expert used per row, 0 = versatile, k = k-th domain.
-    routed_image (`torch.LongTensor` of shape `(num_routed,)`): the image each row belongs to.
     image_rows (`torch.LongTensor`, *optional*): batch row of each image (set by `generate`, for beam search).
+    routed_image (`torch.LongTensor` of shape `(num_routed,)`): the image each row belongs to.
     """
 
-    router_logits: torch.FloatTensor | None = None
-    expert_index: torch.LongTensor | None = None
     routed_image: torch.LongTensor | None = None
-    image_rows: torch.LongTensor | None = None
 
     @property
     def image_features(self) -> tuple | None:
@@ -108,7 +108,7 @@ class MixpertImageFeatures(BaseModelOutputWithPooling):
 
 
 @dataclass
-class MixpertModelOutputWithPast(BaseModelOutputWithPast):
+class MixpertModelOutputWithPast(RoutedModelOutputWithPast):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`): LLM output.
     cache, hidden_states, attentions: as the base model returns them (the cache field is inherited from
@@ -118,13 +118,11 @@ class MixpertModelOutputWithPast(BaseModelOutputWithPast):
     routed_image (`torch.LongTensor` of shape `(num_routed,)`, *optional*): image of each routed row.
     """
 
-    router_logits: torch.FloatTensor | None = None
-    expert_index: torch.LongTensor | None = None
     routed_image: torch.LongTensor | None = None
 
 
 @dataclass
-class MixpertCausalLMOutputWithPast(CausalLMOutputWithPast):
+class MixpertCausalLMOutputWithPast(RoutedCausalLMOutputWithPast):
     r"""
     loss (`torch.FloatTensor`, *optional*): `lm_loss + router_loss_weight * router_loss` (router part rescaled under
         Trainer's `num_items_in_batch`, as in Chimera).
@@ -134,10 +132,6 @@ class MixpertCausalLMOutputWithPast(CausalLMOutputWithPast):
     router_logits, expert_index, routed_image: as in `MixpertModelOutputWithPast`.
     """
 
-    lm_loss: torch.FloatTensor | None = None
-    router_loss: torch.FloatTensor | None = None
-    router_logits: torch.FloatTensor | None = None
-    expert_index: torch.LongTensor | None = None
     routed_image: torch.LongTensor | None = None
 
 
@@ -220,19 +214,9 @@ def route(probabilities: torch.Tensor, strategy: str, threshold: float) -> torch
 # ------------------------------------------------------------------------------------------------------- models
 
 
-class MixpertPreTrainedModel(HubCheckpointMixin, PreTrainedModel):
+class MixpertPreTrainedModel(RoutedVLMPreTrainedModel):
     config: MixpertConfig
     config_class = MixpertConfig
-    base_model_prefix = "model"
-    input_modalities = ("image", "text")
-    supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values", "cache"]
-    _supports_flash_attn = True
-    _supports_sdpa = True
-    _supports_flex_attn = True
-    _supports_attention_backend = True
-    _can_compile_fullgraph = False
-    _no_split_modules = []
     # The router is small and trained from scratch: in bf16 most of its updates would round away, so it is loaded and
     # kept in fp32 whatever `dtype` the rest of the model takes (its input is cast to its dtype in `forward`).
     _keep_in_fp32_modules_strict = ["vision_router"]
@@ -243,8 +227,11 @@ class MixpertPreTrainedModel(HubCheckpointMixin, PreTrainedModel):
     }
 
 
-class MixpertModel(MixpertPreTrainedModel):
+class MixpertModel(RoutedVLMModel, MixpertPreTrainedModel):
     """The base VLM with per-domain vision experts and a vision router (no LM head)."""
+
+    native_attr = "backbone"
+    zero_label = "the versatile expert"
 
     def __init__(self, config: MixpertConfig):
         super().__init__(config)
@@ -256,28 +243,12 @@ class MixpertModel(MixpertPreTrainedModel):
         self.vision_router = MixpertRouter(
             self.family.tower_hidden_size(config.base_config), config.router_hidden_size, config.num_domains
         )
-        self.post_init()
-        self._no_split_modules = no_split_layer_classes(self, self._no_split_modules)  # classes it has
-
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
+        self.finish_init()
 
     @property
-    def get_rope_index(self):
-        """Qwen2-VL's 3D RoPE position function of the backbone (absent for the other families, so `hasattr` tells
-        whether the model uses 3D positions, as on the native models)."""
-        return self.backbone.get_rope_index
-
-    def set_input_embeddings(self, value):
-        self.backbone.set_input_embeddings(value)
-
-    @property
-    def domains(self) -> list[str]:
-        return self.config.domains
-
-    @property
-    def image_token_id(self) -> int:
-        return self.family.image_token_id(self.backbone.config)
+    def shared_depth(self) -> int:
+        """How many tower layers every image shares (the used depth `D` minus the experts' `K`)."""
+        return self.family.used_depth(self.config.base_config) - self.config.num_expert_layers
 
     def expert_modules(self, index: int):
         """`(layers, norm, projector)` of expert `index` (0 = versatile = the base model's own modules)."""
@@ -291,23 +262,68 @@ class MixpertModel(MixpertPreTrainedModel):
             expert.projector if expert.projector is not None else projector,
         )
 
-    def _validate_expert_labels(self, expert_labels, num_images):
-        if expert_labels is None:
-            return None
-        labels = integer_labels(expert_labels)
-        if labels.numel() != num_images:
-            raise ValueError(
-                f"`expert_labels` must hold one label per image ({num_images} images in this batch), got "
-                f"{labels.numel()}. Use 0 for the versatile expert, k for the k-th domain ({self.domains}), -100 to "
-                "let the router decide."
-            )
-        bad = (labels != -100) & ((labels < 0) | (labels > self.config.num_domains))
-        if bad.any():
-            raise ValueError(
-                f"`expert_labels` out of range: {labels[bad].tolist()}. Valid: 0 (versatile), 1..{self.config.num_domains} "
-                f"for {self.domains}, or -100 (unlabelled)."
-            )
-        return labels
+    # -- routing (Mixpert §3.3)
+
+    def _shared_layers(self, images, keep: set):
+        """Patch embedding and the shared layers, keeping hidden states `keep` and the shared output."""
+        family, backbone = self.family, self.backbone
+        acts = family.embed(backbone, images)
+        return family.run_layers(family.vision_layers(backbone)[: self.shared_depth], acts, keep=keep | {self.shared_depth})
+
+    def _pooled(self, acts, images):
+        """The router's input: the global average pool of the shared output per routed row, and each row's image."""
+        pooled = self.family.pool(acts, self.shared_depth)  # (units, tower_hidden)
+        if self.config.routing_granularity != "image":
+            return pooled, acts.unit_image
+        # Per image, the mean over its tiles (all tiles of a family have the same token count, so the mean of tile
+        # means is the mean over all the image's tokens).
+        sums = torch.zeros(images.num_images, pooled.shape[-1], dtype=pooled.dtype, device=pooled.device)
+        counts = torch.bincount(acts.unit_image, minlength=images.num_images).clamp(min=1).unsqueeze(-1)
+        pooled = sums.index_add(0, acts.unit_image, pooled) / counts.to(pooled.dtype)
+        return pooled, torch.arange(images.num_images, device=pooled.device)
+
+    def router_inputs(self, pixel_values, input_ids=None, **image_inputs):
+        """The router's input and the image of each routed row: `(rows, tower_hidden)` pooled shared-layer features and
+        `(rows,)` image indices, a row per image (or per tile with `routing_granularity="sub_image"`). The shared
+        layers are frozen while the router trains, so the router phase of `train.mixpert` caches these."""
+        images = self.family.image_batch(self.backbone.config, pixel_values, input_ids=input_ids, **image_inputs)
+        return self._pooled(self._shared_layers(images, set()), images)
+
+    def choose_experts(self, router_logits, expert_labels=None, routing_strategy=None, routing_threshold=None):
+        """The expert of each routed row (0 = versatile): its label where `expert_labels` (one per row, -100 =
+        unlabelled) has one, else the routing rule of this call or of the config applied to the router's
+        probabilities (`route`)."""
+        strategy = routing_strategy or self.config.routing_strategy
+        threshold = self.config.routing_threshold if routing_threshold is None else float(routing_threshold)
+        if strategy not in ROUTING_STRATEGIES:
+            raise ValueError(f"`routing_strategy` must be one of {ROUTING_STRATEGIES}, got {strategy!r}.")
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"`routing_threshold` must be in [0, 1] (a probability or a difference of two), got "
+                             f"{threshold}.")
+        return teacher_forced(route(router_logits.float().softmax(-1), strategy, threshold), expert_labels)
+
+    def _dispatch(self, acts, unit_expert, keep: set, output_hidden_states: bool):
+        """Grouped dispatch: one pass per used expert over the units routed to it. Returns the last tower states,
+        the hidden states on request, and each unit's LLM tokens."""
+        family, backbone = self.family, self.backbone
+        depth, shared_depth = family.used_depth(backbone.config), self.shared_depth
+        used = torch.unique(unit_expert).tolist()
+        unit_features = [None] * acts.num_units
+        expert_states = {i: torch.empty_like(acts.hidden) for i in keep | {depth} if i > shared_depth}
+        for index in used:
+            units = (unit_expert == index).nonzero().squeeze(-1)
+            layers, norm, projector = self.expert_modules(index)
+            group = acts if len(used) == 1 else family.select_units(acts, units)  # no copy when one expert takes all
+            group = family.run_layers(layers, group, keep=keep)
+            rows = family.unit_rows(acts, units)
+            for i, states in expert_states.items():  # `.to`: an expert trained in fp32 inside a bf16 model
+                states[rows] = (group.hidden if i == depth else group.taps[i]).to(states.dtype)
+            for unit, features in zip(units.tolist(), family.project(backbone, group, backbone.config, norm, projector)):
+                unit_features[unit] = features
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(acts.taps[i] if i <= shared_depth else expert_states[i] for i in range(depth + 1))
+        return expert_states.get(depth, acts.hidden), hidden_states, unit_features
 
     @can_return_tuple
     def get_image_features(
@@ -338,66 +354,25 @@ class MixpertModel(MixpertPreTrainedModel):
         output_hidden_states = kwargs.pop("output_hidden_states", None)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        family, config, backbone = self.family, self.config, self.backbone
+        family, backbone = self.family, self.backbone
         check_finite_pixels(pixel_values)
         images = family.image_batch(
             backbone.config, pixel_values, input_ids=input_ids, image_sizes=image_sizes,
             batch_num_images=batch_num_images, image_grid_thw=image_grid_thw, image_num_patches=image_num_patches,
         )
         taps, _ = family.feature_taps(backbone.config)
-        depth = family.used_depth(backbone.config)
-        shared_depth = depth - config.num_expert_layers
-        keep = set(taps) | ({*range(depth + 1)} if output_hidden_states else set())
-        acts = family.embed(backbone, images)
-        acts = family.run_layers(family.vision_layers(backbone)[:shared_depth], acts, keep=keep | {shared_depth})
-
-        # Router input: global average pool of the shared output, per tile, then per image over its tiles (all tiles
-        # of a family have the same token count, so the mean of tile means is the mean over all the image's tokens).
-        pooled = family.pool(acts, shared_depth)  # (units, tower_hidden)
-        unit_image = acts.unit_image
-        if config.routing_granularity == "image":
-            sums = torch.zeros(images.num_images, pooled.shape[-1], dtype=pooled.dtype, device=pooled.device)
-            counts = torch.bincount(unit_image, minlength=images.num_images).clamp(min=1).unsqueeze(-1)
-            pooled = sums.index_add(0, unit_image, pooled) / counts.to(pooled.dtype)
-            routed_image = torch.arange(images.num_images, device=pooled.device)
-        else:
-            routed_image = unit_image
+        keep = set(taps) | ({*range(family.used_depth(backbone.config) + 1)} if output_hidden_states else set())
+        acts = self._shared_layers(images, keep)
+        pooled, routed_image = self._pooled(acts, images)
         router_logits = self.vision_router(pooled.to(self.vision_router.fc1.weight.dtype))
-
         labels = self._validate_expert_labels(expert_labels, images.num_images)
         if expert_index is None:
-            strategy = routing_strategy or config.routing_strategy
-            threshold = config.routing_threshold if routing_threshold is None else float(routing_threshold)
-            if strategy not in ROUTING_STRATEGIES:
-                raise ValueError(f"`routing_strategy` must be one of {ROUTING_STRATEGIES}, got {strategy!r}.")
-            if not 0.0 <= threshold <= 1.0:
-                raise ValueError(f"`routing_threshold` must be in [0, 1] (a probability or a difference of two), got "
-                                 f"{threshold}.")
-            expert_index = route(router_logits.float().softmax(-1), strategy, threshold)
-            if labels is not None:
-                row_labels = labels.to(expert_index.device)[routed_image]
-                expert_index = torch.where(row_labels == -100, expert_index, row_labels)
-        unit_expert = expert_index if config.routing_granularity == "sub_image" else expert_index[unit_image]
-
-        # Grouped dispatch: one pass per used expert over the units routed to it.
-        used = torch.unique(unit_expert).tolist()
-        unit_features = [None] * acts.num_units
-        expert_states = {i: torch.empty_like(acts.hidden) for i in keep | {depth} if i > shared_depth}
-        for index in used:
-            units = (unit_expert == index).nonzero().squeeze(-1)
-            layers, norm, projector = self.expert_modules(index)
-            group = acts if len(used) == 1 else family.select_units(acts, units)  # no copy when one expert takes all
-            group = family.run_layers(layers, group, keep=keep)
-            rows = family.unit_rows(acts, units)
-            for i, states in expert_states.items():  # `.to`: an expert trained in fp32 inside a bf16 model
-                states[rows] = (group.hidden if i == depth else group.taps[i]).to(states.dtype)
-            for unit, features in zip(units.tolist(), family.project(backbone, group, backbone.config, norm, projector)):
-                unit_features[unit] = features
-        hidden_states = None
-        if output_hidden_states:
-            hidden_states = tuple(acts.taps[i] if i <= shared_depth else expert_states[i] for i in range(depth + 1))
+            row_labels = labels.to(routed_image.device)[routed_image] if labels is not None else None
+            expert_index = self.choose_experts(router_logits, row_labels, routing_strategy, routing_threshold)
+        unit_expert = expert_index if self.config.routing_granularity == "sub_image" else expert_index[acts.unit_image]
+        last_hidden, hidden_states, unit_features = self._dispatch(acts, unit_expert, keep, output_hidden_states)
         return MixpertImageFeatures(
-            last_hidden_state=expert_states[depth] if depth in expert_states else acts.hidden,
+            last_hidden_state=last_hidden,
             pooler_output=tuple(family.assemble(backbone, unit_features, images)),
             hidden_states=hidden_states,
             router_logits=router_logits,
@@ -466,37 +441,22 @@ class MixpertModel(MixpertPreTrainedModel):
         )
 
 
-class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
+
+class MixpertForConditionalGeneration(RoutedVLMForConditionalGeneration, MixpertPreTrainedModel, GenerationMixin):
     """Mixpert with the base model's LM head."""
 
+    model_class = MixpertModel
+    output_class = MixpertCausalLMOutputWithPast
     _tied_weights_keys = {"lm_head.weight": "model.backbone.language_model.embed_tokens.weight"}
-    _tp_plan = {"lm_head": "colwise_gather_output"}  # as the native VLMs: shard the head with the tied embedding
 
-    def __init__(self, config: MixpertConfig):
-        super().__init__(config)
-        self.model = MixpertModel(config)
-        text_config = config.get_text_config()
-        self.lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head = new_embeddings
-
-    @property
-    def domains(self) -> list[str]:
-        return self.config.domains
-
-    def get_image_features(self, pixel_values, **kwargs) -> MixpertImageFeatures:
-        return self.model.get_image_features(pixel_values, **kwargs)
+    def router_targets(self, expert_labels, outputs) -> torch.LongTensor | None:
+        """Per routed row, its image's domain as a router class: domain k is class k - 1; the versatile expert (0)
+        and unlabelled rows (-100) have no target (the versatile expert is the router's fallback, not a class)."""
+        if expert_labels is None or outputs.router_logits is None:
+            return None
+        image_labels = torch.as_tensor(expert_labels).long().reshape(-1).to(outputs.router_logits.device)
+        row_labels = image_labels[outputs.routed_image]
+        return torch.where(row_labels >= 1, row_labels - 1, torch.full_like(row_labels, -100))
 
     @can_return_tuple
     def forward(
@@ -531,56 +491,18 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
             `"score_threshold"` or `"score_difference"`, and λ / τ in [0, 1] (Mixpert §3.3).
         """
         labels = check_text_inputs(input_ids, inputs_embeds, labels)
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        shift_labels = kwargs.pop("shift_labels", None)
+        loss_kwargs = self.pop_loss_kwargs(kwargs)
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=take_cache(past_key_values, kwargs), inputs_embeds=inputs_embeds, expert_labels=expert_labels,
-            return_dict=True,
-            image_sizes=image_sizes, batch_num_images=batch_num_images, image_grid_thw=image_grid_thw,
-            image_num_patches=image_num_patches, routing_strategy=routing_strategy, routing_threshold=routing_threshold,
-            mm_token_type_ids=mm_token_type_ids,
+            past_key_values=take_cache(past_key_values, kwargs), inputs_embeds=inputs_embeds, return_dict=True,
+            expert_labels=expert_labels, image_sizes=image_sizes, batch_num_images=batch_num_images,
+            image_grid_thw=image_grid_thw, image_num_patches=image_num_patches, routing_strategy=routing_strategy,
+            routing_threshold=routing_threshold, mm_token_type_ids=mm_token_type_ids,
             mm_encoder_outputs=mm_encoder_outputs, use_cache=use_cache, **kwargs,
         )
-        hidden = outputs.last_hidden_state
-        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, slice_indices, :])
-        targets = None
-        if expert_labels is not None and outputs.router_logits is not None:
-            image_labels = torch.as_tensor(expert_labels).long().reshape(-1).to(outputs.router_logits.device)
-            row_labels = image_labels[outputs.routed_image]
-            # Domain k is router class k - 1; the versatile expert (0) and unlabelled rows (-100) have no target.
-            targets = torch.where(row_labels >= 1, row_labels - 1, torch.full_like(row_labels, -100))
-        loss, lm_loss, router_loss = lm_and_router_loss(
-            self, logits, labels, outputs.router_logits, targets, num_items_in_batch, shift_labels
-        )
-        return MixpertCausalLMOutputWithPast(
-            loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=logits,
-            hidden_states=outputs.hidden_states, attentions=outputs.attentions, router_logits=outputs.router_logits,
-            expert_index=outputs.expert_index, routed_image=outputs.routed_image, **cache_kwarg(output_cache(outputs)),
-        )
+        return self.logits_and_loss(outputs, labels, expert_labels, logits_to_keep, loss_kwargs)
 
     # ------------------------------------------------------------------------------------------------ generation
-
-    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
-        text_positions = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
-        return self.model.family.generation_position_ids(self.model.backbone, text_positions, inputs_tensor, model_kwargs)
-
-    def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
-        features = mm_encoder_output.get("image")
-        if not isinstance(features, MixpertImageFeatures):
-            return super()._expand_multimodal_outputs(input_ids, mm_encoder_output, expand_size, inputs_embeds)
-        if features.image_rows is None:  # encoded by `GenerationMixin` itself (a prompt given as embeddings)
-            features.image_rows = image_rows_from_prompt(
-                input_ids, inputs_embeds, self.get_input_embeddings(), self.model.image_token_id,
-                [int(f.shape[0]) for f in features.pooler_output],
-            )
-        order, rows = repeat_images_for_generation(features.image_rows, expand_size)
-        mm_encoder_output["image"] = MixpertImageFeatures(
-            pooler_output=tuple(features.pooler_output[i] for i in order),
-            image_rows=torch.tensor(rows, device=features.image_rows.device),
-        )
-        return mm_encoder_output
 
     @torch.no_grad()
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
@@ -615,10 +537,7 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         output = super().generate(**passthrough_generate_kwargs(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
         ), mm_encoder_outputs={"image": features}, **kwargs)
-        if not isinstance(output, torch.Tensor):
-            output["expert_index"] = features.expert_index
-            output["router_logits"] = features.router_logits
-        return output
+        return self.with_routing(output, features)
 
     # ------------------------------------------------------------------------------------------------- assembly
 
@@ -630,7 +549,7 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         num_expert_layers: int = 2,
         dtype: torch.dtype | None = None,
         **config_kwargs,
-    ) -> "MixpertForConditionalGeneration":
+    ) -> MixpertForConditionalGeneration:
         """Upcycle a native VLM into Mixpert (Mixpert §3.2).
 
         Args:
@@ -644,33 +563,16 @@ class MixpertForConditionalGeneration(MixpertPreTrainedModel, GenerationMixin):
         Every domain expert starts as an exact copy of the versatile one, so right after upcycling every routing
         decision gives the base model's outputs.
         """
-        from transformers.initialization import no_init_weights
-
         check_config_kwargs(MixpertConfig, config_kwargs, "MixpertForConditionalGeneration.from_base")
-        if isinstance(base, str):
-            base = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype, use_safetensors=True)
-        if not hasattr(base, "lm_head") or not hasattr(base, "model"):
-            raise ValueError(
-                f"`base` must be a native `...ForConditionalGeneration` model (with `.model` and `.lm_head`), got "
-                f"{type(base).__name__}."
-            )
-        family = get_backbone_family(base.config.model_type)
+        base = cls.load_native(base, dtype, "base")
         config = MixpertConfig(
             base_config=base.config, domains=list(domains), num_expert_layers=num_expert_layers, **config_kwargs
         )
-        with torch.device("meta"), no_init_weights():
-            model = cls(config)
-        model.model.backbone = base.model
-        model.lm_head = base.lm_head
+        model = cls.around_native(config, base)  # reuses the base model's modules
         for domain in config.domains:
-            model.model.vision_experts[domain] = MixpertVisionExpert.copy_from_backbone(family, base.model, config)
-        reference = next(base.parameters())
-        router = model.model.vision_router
-        router.to_empty(device=reference.device)
-        for module in router.modules():
-            model._init_weights(module)
-        router.to(torch.float32)  # `_keep_in_fp32_modules_strict`: the router stays fp32 in every dtype
-        model.generation_config = base.generation_config
+            model.model.vision_experts[domain] = MixpertVisionExpert.copy_from_backbone(model.model.family, base.model,
+                                                                                        config)
+        model.materialise([model.model.vision_router], next(base.parameters()))  # fp32 (`_keep_in_fp32_modules_strict`)
         return model.train(base.training)
 
     # ---------------------------------------------------------------------------------------------- accounting

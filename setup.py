@@ -7,6 +7,7 @@ from setuptools import find_packages, setup
 
 HUB_MODULES = [
     "vlm_backbones",
+    "modeling_routed_vlm",
     "configuration_chimera",
     "modeling_chimera",
     "processing_chimera",

@@ -20,14 +20,11 @@ Qwen2-VL encodes each image at native resolution, so there a unit is one whole i
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
-from transformers import PretrainedConfig
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 
@@ -180,6 +177,11 @@ class BackboneFamily(ABC):
         return "multi_modal_projector"
 
     # ------------------------------------------------------------------------------------------ vision path
+
+    def image_inputs(self, batch) -> dict:
+        """The family's image inputs besides `pixel_values` (`image_sizes`, `image_grid_thw`, ...) found in `batch`."""
+        return {name: batch[name] for name in self.image_input_names if name != "pixel_values" and name in batch}
+
 
     @abstractmethod
     def image_batch(self, config, pixel_values, input_ids=None, **image_inputs) -> ImageBatch:
@@ -666,18 +668,6 @@ def image_token_spans(input_ids: torch.Tensor, image_token_id: int, counts: list
     return spans
 
 
-def passthrough_generate_kwargs(**given) -> dict:
-    """Arguments for `GenerationMixin.generate` when no routing is needed before decoding: only what was given
-    (`GenerationMixin` encodes images whenever a `pixel_values` key exists, even `None`), plus an empty prompt of the
-    right batch size for a prompt given as `inputs_embeds` alone (`GenerationMixin` would otherwise guess the batch
-    size from the first tensor argument, which for packed or tiled images is not the batch)."""
-    kwargs = {k: v for k, v in given.items() if v is not None}
-    embeds = kwargs.get("inputs_embeds")
-    if kwargs.get("input_ids") is None and embeds is not None:
-        kwargs["input_ids"] = embeds.new_empty(embeds.shape[0], 0, dtype=torch.long)
-    return kwargs
-
-
 def placeholder_mask(inputs_embeds: torch.Tensor, embedding: nn.Module, token_id: int) -> torch.BoolTensor:
     """Where `inputs_embeds` holds `token_id`'s own embedding: how the native VLMs find image placeholders when they
     are given embeddings instead of ids. `(batch, seq)`."""
@@ -692,226 +682,3 @@ def placeholder_ids(inputs_embeds: torch.Tensor, embedding: nn.Module, token_ids
     for token in token_ids:
         ids = ids.masked_fill(placeholder_mask(inputs_embeds, embedding, token), token)
     return ids
-
-
-def image_rows_from_prompt(input_ids, inputs_embeds, embedding, image_token_id: int, counts: list) -> torch.LongTensor:
-    """The batch row of each image, read off the prompt's placeholders (`input_ids`, or `inputs_embeds` when the
-    prompt was given as embeddings; `counts`: placeholder tokens per image)."""
-    if input_ids is None or input_ids.shape[1] == 0:
-        input_ids = placeholder_ids(inputs_embeds, embedding, [image_token_id], fill=-1)
-    rows = [row for row, _, _ in image_token_spans(input_ids, image_token_id, counts)]
-    return torch.tensor(rows, dtype=torch.long, device=input_ids.device)
-
-
-def repeat_images_for_generation(image_rows: torch.LongTensor, expand_size: int) -> tuple[list[int], list[int]]:
-    """Beam search / `num_return_sequences` repeat each batch row `expand_size` times; return, for the repeated batch,
-    which original image each new image is and the new image's row."""
-    rows = image_rows.tolist()
-    order, new_rows = [], []
-    for row in sorted(set(rows)):
-        for copy in range(expand_size):
-            for image, r in enumerate(rows):
-                if r == row:
-                    order.append(image)
-                    new_rows.append(row * expand_size + copy)
-    return order, new_rows
-
-
-# ------------------------------------------------------------------------------------------ shared model plumbing
-
-
-def no_split_layer_classes(model: nn.Module, declared) -> set[str]:
-    """`_no_split_modules` for a model that nests other models: the names its children declared (`post_init` gathers
-    them from direct children only) plus every gradient-checkpointing layer class inside it (the expert encoders sit
-    below a `ModuleDict`, and transformers' GOT-OCR2 declares none), keeping only classes the model really has:
-    accelerate's FSDP wrapping raises on a listed class it cannot find (CLIP and SigLIP vision towers declare their
-    text embeddings too), and `device_map="auto"` needs none of those."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    present = {type(module).__name__ for module in model.modules()}
-    layers = {type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)}
-    return (set(declared or ()) | layers) & present
-
-
-def check_config_kwargs(config_class, config_kwargs: dict, method: str) -> None:
-    """`from_base` / `from_generalist` hand their other keywords to the config, and a config keeps any keyword as an
-    attribute: a typo, or an option that does not exist, would be accepted and do nothing. Refuse those, as Python
-    refuses an unexpected keyword (`TypeError`), naming the closest known one."""
-    import difflib
-
-    known = {f.name for f in fields(config_class)}
-    unknown = sorted(set(config_kwargs) - known)
-    if not unknown:
-        return
-    own = sorted(name for name in getattr(config_class, "__annotations__", {}) if name in known)
-    named = []
-    for name in unknown:
-        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
-        named.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise TypeError(f"{method}() got unknown keyword argument(s) {', '.join(named)}. Besides its own arguments it "
-                    f"takes the fields of {config_class.__name__}: {', '.join(own)}.")
-
-
-def check_finite_pixels(pixel_values, name: str = "pixel_values") -> None:
-    """NaN / infinite pixels give NaN features, yet the router would still pick an expert and `generate` still emit
-    tokens: refuse them."""
-    values = [pixel_values] if isinstance(pixel_values, torch.Tensor) else [v for v in pixel_values if v is not None]
-    for value in values:
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f"`{name}` hold NaN or infinite values: check the images and their preprocessing.")
-
-
-def check_text_inputs(input_ids, inputs_embeds, labels=None):
-    """An empty batch and labels of the wrong kind fail deep inside the LLM otherwise (a reshape of 0 elements,
-    "string indices must be integers"). Returns `labels` as int64 (int32 labels are fine, cross-entropy wants
-    int64)."""
-    tokens = input_ids if input_ids is not None else inputs_embeds
-    if tokens is not None and (tokens.shape[0] == 0 or tokens.shape[1] == 0):
-        name = "input_ids" if input_ids is not None else "inputs_embeds"
-        raise ValueError(f"`{name}` is empty (shape {tuple(tokens.shape)}): pass at least one sample of one token.")
-    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.is_floating_point()
-                               or labels.dtype == torch.bool):
-        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"`labels` must be a LongTensor of token ids shaped like `input_ids` (-100 = not a target), "
-                         f"got {kind}.")
-    return labels.long() if labels is not None else None
-
-
-def integer_labels(expert_labels) -> torch.LongTensor:
-    """`expert_labels` as a flat LongTensor; float or bool labels are refused (`.long()` would turn 1.7 into 1)."""
-    try:
-        labels = torch.as_tensor(expert_labels)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise ValueError(f"`expert_labels` must be integers (one expert index per image, -100 for none), got "
-                         f"{expert_labels!r}: pass a LongTensor such as `torch.tensor([1, 0, 2])`.") from error
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(
-            f"`expert_labels` must be integers (one expert index per image, -100 for none), got {labels.dtype}: "
-            "pass a LongTensor such as `torch.tensor([1, 0, 2])`."
-        )
-    return labels.long().reshape(-1)
-
-
-def lm_and_router_loss(model, logits, labels, router_logits, router_targets, num_items_in_batch=None, shift_labels=None):
-    """`(loss, lm_loss, router_loss)` for Chimera and Mixpert.
-
-    `lm_loss` is the mean next-token cross-entropy over this micro-batch's label tokens and `router_loss` the mean
-    router cross-entropy over its labelled rows (`-100` = no target); both are returned as they are, for logging.
-    `loss = lm_loss + router_loss_weight * router_loss`, except under `Trainer`'s `num_items_in_batch` convention:
-    when a model's `forward` takes `**kwargs`, `Trainer` passes the label-token count of the whole accumulated (and
-    data-parallel) batch and stops dividing by the gradient-accumulation steps. Both terms are then multiplied by this
-    micro-batch's share of those tokens: the LM term becomes exactly `sum / num_items_in_batch` (transformers' own
-    rule), and the router term a weighted mean of the micro-batch router losses whose weights add up to 1 (the same
-    scale as without accumulation, instead of once per micro-batch).
-    """
-    lm_loss = router_loss = None
-    total = None
-    # `shift_labels` (already shifted targets, as sequence / context parallelism passes them) take precedence over
-    # `labels`, as in transformers' `ForCausalLMLoss`.
-    targets = shift_labels if shift_labels is not None else (labels[..., 1:] if labels is not None else None)
-    local_items = targets.ne(-100).sum() if targets is not None else None
-    if targets is not None:
-        lm_loss = model.loss_function(
-            logits=logits, labels=labels, shift_labels=shift_labels,
-            vocab_size=model.config.get_text_config().vocab_size, num_items_in_batch=local_items.clamp(min=1),
-        )
-        total = lm_loss
-    if router_targets is not None and router_logits is not None and bool((router_targets != -100).any()):
-        router_loss = torch.nn.functional.cross_entropy(
-            router_logits.float(), router_targets.to(router_logits.device), ignore_index=-100
-        )
-        weighted = model.config.router_loss_weight * router_loss
-        total = weighted if total is None else total + weighted
-    if total is not None and num_items_in_batch is not None and local_items is not None:
-        if int(num_items_in_batch) == 0:  # 0 / 0 would write NaN into every trained weight
-            raise ValueError(
-                "The accumulated batch has no label tokens (every label is -100), so its loss is undefined: every "
-                "training row needs an answer (assistant turn) that is not cut off."
-            )
-        total = total * local_items.to(total.device) / torch.as_tensor(num_items_in_batch, device=total.device)
-    return total, lm_loss, router_loss
-
-
-class HubCheckpointMixin:
-    """Loading and saving rules shared by Chimera and Mixpert (mixed into their `PreTrainedModel`).
-
-    * `from_pretrained` reads safetensors only, and raises on a checkpoint whose weights do not match the config
-      (missing, unexpected or wrong-shaped weights): routers, projectors and experts are never initialised at random
-      on load.
-    * `save_pretrained` writes every auto class of `_auto_map` into `config.auto_map` (a class remembers only one
-      auto class), so the folder loads with `AutoConfig` / `AutoModel` / `AutoModelForImageTextToText`; and it saves
-      the weights under the module names (`save_original_format=False`). transformers 5.23 otherwise renames the
-      native backbones' keys to their legacy layout (`language_model.model.*`), which `from_pretrained` undoes but
-      `Trainer`'s resume (a plain `load_state_dict`) does not: the LLM would silently stay at its initial weights.
-    """
-
-    _auto_map: dict = {}
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        want_info = kwargs.pop("output_loading_info", False)
-        kwargs.setdefault("use_safetensors", True)
-        name = cls.config_class.__name__
-        if not isinstance(kwargs.get("config"), PretrainedConfig):
-            cls._check_saved_model_type(pretrained_model_name_or_path, kwargs)
-        try:
-            model, info = super().from_pretrained(
-                pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-            )
-        except SafetensorError as err:
-            raise ValueError(
-                f"The weights at {pretrained_model_name_or_path!r} cannot be read ({err}): a safetensors file is "
-                "truncated or corrupt (an interrupted download or save). Download or save the model again."
-            ) from err
-        except RuntimeError as err:
-            if "ignore_mismatched_sizes" not in str(err):
-                raise
-            raise ValueError(
-                f"The checkpoint at {pretrained_model_name_or_path!r} holds weights whose shapes do not match its "
-                f"{name} (see the load report above, e.g. a router or projector saved for another number of experts "
-                "or another width). Fix `config.json` to describe the saved experts, or re-save the model after "
-                "building it."
-            ) from err
-        missing = sorted(info.get("missing_keys", []))
-        unexpected = sorted(info.get("unexpected_keys", []))
-        if missing or unexpected:
-            raise ValueError(
-                f"The checkpoint at {pretrained_model_name_or_path!r} does not match its {name}: missing weights "
-                f"{missing[:10]}{'...' if len(missing) > 10 else ''}, unexpected weights "
-                f"{unexpected[:10]}{'...' if len(unexpected) > 10 else ''}. Nothing is initialised at random on load. "
-                "Re-save the model with `save_pretrained` after building it (e.g. with `from_generalist` / "
-                "`from_base`), or fix `config.json` so the experts and routers match the weights."
-            )
-        return (model, info) if want_info else model
-
-    @classmethod
-    def _check_saved_model_type(cls, path, kwargs) -> None:
-        """The folder / repo must hold this model: a missing `config.json`, or another model's (a Chimera folder given
-        to Mixpert), would otherwise build a default-sized model from defaults (~8B parameters) before failing."""
-        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
-        folder = os.path.join(str(path), hub.get("subfolder", ""))
-        if os.path.isdir(str(path)) and not os.path.isfile(os.path.join(folder, "config.json")):
-            raise FileNotFoundError(f"{path} has no config.json: it is not a saved model folder (save one with "
-                                    f"`save_pretrained`).")
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(index):  # shard names are file names in this folder, never paths out of it
-            import json
-
-            with open(index) as f:
-                shards = set(json.load(f).get("weight_map", {}).values())
-            bad = sorted(n for n in shards if os.path.basename(n) != n or n in ("", ".", ".."))
-            if bad:
-                raise ValueError(f"{index} names shards outside its folder: {bad[:5]}. Shard names must be plain file "
-                                 "names; re-save the model with `save_pretrained`.")
-        found = cls.config_class.get_config_dict(path, **hub)[0].get("model_type")
-        expected = cls.config_class.model_type
-        if found != expected:
-            raise ValueError(
-                f"{path} holds a {found!r} model, not a {expected!r} one: load it with its own class "
-                f"(`AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True)` picks it)."
-            )
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self._auto_map}
-        kwargs.setdefault("save_original_format", False)
-        return super().save_pretrained(save_directory, *args, **kwargs)

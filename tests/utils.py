@@ -9,6 +9,7 @@ ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROJECT_MODULES = (
     "vlm_backbones",
+    "modeling_routed_vlm",
     "configuration_chimera",
     "modeling_chimera",
     "processing_chimera",
