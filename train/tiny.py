@@ -9,29 +9,46 @@ is deterministic for a given `seed`.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
     CLIPImageProcessor,
     CLIPVisionConfig,
+    CLIPVisionModel,
+    GotOcr2Config,
+    GotOcr2ForConditionalGeneration,
     GotOcr2ImageProcessor,
     InternVLConfig,
     InternVLForConditionalGeneration,
     InternVLProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
     LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     Pix2StructImageProcessor,
+    Pix2StructVisionModel,
     PreTrainedTokenizerFast,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
     Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
     SiglipImageProcessor,
     SiglipVisionConfig,
+    SiglipVisionModel,
 )
 from transformers.models.got_ocr2.configuration_got_ocr2 import GotOcr2VisionConfig
+from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2VisionEncoder
+from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
 from transformers.models.pix2struct.configuration_pix2struct import Pix2StructVisionConfig
+
+from modeling_chimera import ChimeraForConditionalGeneration
+from modeling_mixpert import MixpertForConditionalGeneration
+from processing_chimera import ChimeraProcessor
 
 
 FAMILIES = ("llava_onevision", "qwen2_vl", "internvl")
@@ -250,8 +267,6 @@ def build_processor(family: str, tokenizer=None, image_size: int = 16, patch_siz
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family)
     mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
     if family == "llava_onevision":
-        from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionVideoProcessor
-
         image_processor = LlavaOnevisionImageProcessor(
             size={"height": image_size, "width": image_size},
             image_grid_pinpoints=[[image_size, image_size]],
@@ -269,8 +284,6 @@ def build_processor(family: str, tokenizer=None, image_size: int = 16, patch_siz
             chat_template=tokenizer.chat_template,
         )
     if family == "qwen2_vl":
-        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
         pixels = image_size * image_size
         image_processor = Qwen2VLImageProcessor(
             min_pixels=pixels, max_pixels=pixels, patch_size=patch_size, merge_size=2, image_mean=mean, image_std=std
@@ -283,8 +296,6 @@ def build_processor(family: str, tokenizer=None, image_size: int = 16, patch_siz
             chat_template=tokenizer.chat_template,
         )
     if family == "internvl":
-        from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
-
         image_processor = GotOcr2ImageProcessor(
             size={"height": image_size, "width": image_size},
             crop_to_patches=False,
@@ -329,8 +340,6 @@ def build_expert_config(family: str, image_size: int = 16, patch_size: int = 4, 
         )
         if family == "got_ocr2_vision":
             return vision
-        from transformers import GotOcr2Config
-
         text = dict(model_type="qwen2", vocab_size=64, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
         return GotOcr2Config(vision_config=vision, text_config=text)
@@ -360,14 +369,6 @@ EXPERT_IMAGE_SIZE = {"got_ocr2": 32}
 def build_expert(family: str, seed: int = 0, **config_kwargs):
     """A randomly initialised tiny expert encoder of `family`, as `from_generalist` accepts it (for `got_ocr2` the full
     GOT-OCR2 model, whose encoder and convolutions become the expert)."""
-    from transformers import (
-        CLIPVisionModel,
-        GotOcr2ForConditionalGeneration,
-        Pix2StructVisionModel,
-        SiglipVisionModel,
-    )
-    from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2VisionEncoder
-
     config_kwargs.setdefault("image_size", EXPERT_IMAGE_SIZE.get(family, 16))
     config = build_expert_config(family, **config_kwargs)
     classes = {
@@ -394,9 +395,6 @@ def build_tiny_chimera(
     """A tiny Chimera and its processor: `experts` maps domain -> expert family (default: table=Pix2Struct,
     math=CLIP). Images are `image_size` px (`patch_size` px patches) for the generalist and the experts (GOT-OCR2
     experts use twice the size, so its two stride-2 convolutions keep 4 tokens). Returns `(model, processor)`."""
-    from modeling_chimera import ChimeraForConditionalGeneration
-    from processing_chimera import ChimeraProcessor
-
     experts = experts or {"table": "pix2struct_vision_model", "math": "clip_vision_model"}
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family)
     generalist = build_generalist(family, tokenizer, seed=seed, image_size=image_size, patch_size=patch_size,
@@ -431,8 +429,6 @@ def build_tiny_mixpert(
     **mixpert_kwargs,
 ):
     """A tiny Mixpert upcycled from a tiny native base, and the base's processor. Returns `(model, processor)`."""
-    from modeling_mixpert import MixpertForConditionalGeneration
-
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(family)
     base = build_generalist(family, tokenizer, seed=seed, image_size=image_size, patch_size=patch_size,
                             num_vision_layers=num_vision_layers, **(generalist_kwargs or {}))
@@ -445,9 +441,6 @@ def build_tiny_mixpert(
 
 def random_images(n: int, seed: int = 0, sizes=((16, 16),)):
     """`n` random RGB PIL images, cycling through `sizes` (height, width)."""
-    import numpy as np
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     return [
         Image.fromarray(rng.integers(0, 256, (*sizes[i % len(sizes)], 3), dtype=np.uint8)) for i in range(n)
