@@ -8,13 +8,13 @@ from transformers.configuration_utils import SubConfigSpec
 
 
 try:  # loaded as part of a Hub repo through `trust_remote_code` (relative imports) ...
+    from .expert_encoders import get_expert_family
     from .vlm_backbones import SUPPORTED_FAMILIES, unsupported_family_error
 except ImportError:  # ... or as an installed top-level module (`pip install -e .`)
+    from expert_encoders import get_expert_family
     from vlm_backbones import SUPPORTED_FAMILIES, unsupported_family_error
 
 
-# Vision towers whose token 0 is a CLS token that Chimera drops before projecting (official `uni_encode`: `[:, 1:]`).
-_CLS_TOWERS = ("clip_vision_model", "internvl_vision")
 ROUTER_FEATURES = ("auto", "cls", "mean")
 
 
@@ -56,7 +56,9 @@ class ChimeraExpertConfig(PreTrainedConfig):
         if not isinstance(self.domain, str) or not self.domain:
             raise ValueError(f"An expert's `domain` must be a non-empty string, got {self.domain!r}.")
         if self.feature_select_strategy is None:
-            self.feature_select_strategy = "default" if self.vision_config.model_type in _CLS_TOWERS else "full"
+            # Towers with a CLS token drop it before projecting (official `uni_encode`: `[:, 1:]`).
+            cls_token = get_expert_family(self.vision_config.model_type).has_cls_token(self.vision_config)
+            self.feature_select_strategy = "default" if cls_token else "full"
         if self.feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 f"Expert {self.domain!r}: `feature_select_strategy` must be 'default' (drop CLS) or 'full', "
@@ -145,6 +147,18 @@ class ChimeraConfig(PreTrainedConfig):
         ]
         if self._attn_implementation_internal is not None:
             self._attn_implementation = self._attn_implementation_internal  # reach the experts built just now
+        self._check_experts()
+        if self.router_feature not in ROUTER_FEATURES:
+            raise ValueError(f"`router_feature` must be one of {ROUTER_FEATURES}, got {self.router_feature!r}.")
+        if not 0.0 <= float(self.gscm_ratio) < 1.0:
+            raise ValueError(
+                f"`gscm_ratio` must be in [0, 1) (the fraction of generalist image tokens masked), got {self.gscm_ratio}."
+            )
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = bool(getattr(self.generalist_config, "tie_word_embeddings", False))
+
+    def _check_experts(self):
+        """Distinct domain names, and one distinct placeholder token id per expert."""
         domains = [e.domain for e in self.experts]
         duplicates = sorted({d for d in domains if domains.count(d) > 1})
         if duplicates:
@@ -156,14 +170,6 @@ class ChimeraConfig(PreTrainedConfig):
                     f"`expert_token_ids` must hold one distinct id per expert ({len(self.experts)}), got "
                     f"{self.expert_token_ids}."
                 )
-        if self.router_feature not in ROUTER_FEATURES:
-            raise ValueError(f"`router_feature` must be one of {ROUTER_FEATURES}, got {self.router_feature!r}.")
-        if not 0.0 <= float(self.gscm_ratio) < 1.0:
-            raise ValueError(
-                f"`gscm_ratio` must be in [0, 1) (the fraction of generalist image tokens masked), got {self.gscm_ratio}."
-            )
-        if self.tie_word_embeddings is None:
-            self.tie_word_embeddings = bool(getattr(self.generalist_config, "tie_word_embeddings", False))
 
     @property
     def num_experts_with_none(self) -> int:

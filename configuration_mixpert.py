@@ -75,6 +75,22 @@ class MixpertConfig(PreTrainedConfig):
         if model_type not in SUPPORTED_FAMILIES:
             raise unsupported_family_error(model_type)
         family = get_backbone_family(model_type)
+        self._check_domains()
+        depth = family.used_depth(self.base_config)
+        if not isinstance(self.num_expert_layers, int) or not 1 <= self.num_expert_layers < depth:
+            raise ValueError(
+                f"`num_expert_layers` must be between 1 and {depth - 1}: this {model_type} vision tower feeds the LLM "
+                f"from layer {depth}, and at least one layer must stay shared for the router. Got "
+                f"{self.num_expert_layers}."
+            )
+        self._check_routing(family)
+        if self.router_hidden_size is None:
+            self.router_hidden_size = family.tower_hidden_size(self.base_config)
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
+
+    def _check_domains(self):
+        """A non-empty list of distinct names without dots; "versatile" is reserved for the fallback expert."""
         self.domains = list(self.domains) if self.domains is not None else ["chart", "document", "math", "ocr", "general"]
         if not self.domains or not all(isinstance(d, str) and d and "." not in d for d in self.domains):
             raise ValueError(f"`domains` must be a non-empty list of non-empty names without dots, got {self.domains}.")
@@ -83,13 +99,10 @@ class MixpertConfig(PreTrainedConfig):
             raise ValueError(f"Duplicate domain names {duplicates}: every expert needs its own domain name.")
         if "versatile" in self.domains:
             raise ValueError("'versatile' is the name of the fallback expert (expert_labels == 0); pick another domain name.")
-        depth = family.used_depth(self.base_config)
-        if not isinstance(self.num_expert_layers, int) or not 1 <= self.num_expert_layers < depth:
-            raise ValueError(
-                f"`num_expert_layers` must be between 1 and {depth - 1}: this {model_type} vision tower feeds the LLM "
-                f"from layer {depth}, and at least one layer must stay shared for the router. Got "
-                f"{self.num_expert_layers}."
-            )
+
+    def _check_routing(self, family):
+        """The routing rule and granularity (Mixpert §3.3) and what the backbone family allows."""
+        model_type = self.base_config.model_type
         if self.routing_strategy not in ROUTING_STRATEGIES:
             raise ValueError(f"`routing_strategy` must be one of {ROUTING_STRATEGIES}, got {self.routing_strategy!r}.")
         if not 0.0 <= float(self.routing_threshold) <= 1.0:
@@ -105,10 +118,6 @@ class MixpertConfig(PreTrainedConfig):
             raise ValueError(
                 f"{model_type} encodes each image whole at native resolution (no tiles): use routing_granularity='image'."
             )
-        if self.router_hidden_size is None:
-            self.router_hidden_size = family.tower_hidden_size(self.base_config)
-        if self.tie_word_embeddings is None:
-            self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
 
     @property
     def num_domains(self) -> int:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, GenerationMixin
+from transformers import AutoModel, GenerationMixin
 from transformers.activations import ACT2FN
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
@@ -39,6 +39,7 @@ from transformers.utils.generic import can_return_tuple
 
 try:  # loaded as part of a Hub repo through `trust_remote_code` (relative imports) ...
     from .configuration_chimera import ChimeraConfig, ChimeraExpertConfig
+    from .expert_encoders import get_expert_family, load_expert_encoder
     from .modeling_routed_vlm import (
         RoutedCausalLMOutputWithPast,
         RoutedImageFeatures,
@@ -63,6 +64,7 @@ try:  # loaded as part of a Hub repo through `trust_remote_code` (relative impor
     )
 except ImportError:  # ... or as an installed top-level module (`pip install -e .`)
     from configuration_chimera import ChimeraConfig, ChimeraExpertConfig
+    from expert_encoders import get_expert_family, load_expert_encoder
     from modeling_routed_vlm import (
         RoutedCausalLMOutputWithPast,
         RoutedImageFeatures,
@@ -158,57 +160,6 @@ class ChimeraCausalLMOutputWithPast(RoutedCausalLMOutputWithPast):
 # ------------------------------------------------------------------------------------------------------ experts
 
 
-class GotOcr2ExpertBackbone(nn.Module):
-    """GOT-OCR2's SAM-style encoder followed by its two stride-2 convolutions: 256 tokens for a 1024 px image.
-
-    This is the official Chimera GOT expert (`GoTVisionModel` with `net_2` / `net_3`). In transformers the two
-    convolutions live in `GotOcr2MultiModalProjector` (`conv_upsampler1/2`); the final linear of that projector is
-    not part of the expert (Chimera's own expert projector follows).
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2VisionEncoder
-
-        channels = config.vision_config.output_channels
-        hidden = config.text_config.hidden_size
-        self.vision_tower = GotOcr2VisionEncoder(config.vision_config)
-        self.conv_upsampler1 = nn.Conv2d(channels, channels * 2, kernel_size=3, stride=2, padding=1, bias=False)
-        self.conv_upsampler2 = nn.Conv2d(channels * 2, hidden, kernel_size=3, stride=2, padding=1, bias=False)
-
-    def forward(self, pixel_values):
-        features = self.vision_tower(pixel_values).last_hidden_state  # (B, C, H/16, W/16)
-        features = self.conv_upsampler2(self.conv_upsampler1(features))  # (B, hidden, H/64, W/64)
-        return features.flatten(2).transpose(1, 2)
-
-
-def _expert_encoder_class(vision_config) -> type:
-    """The transformers class that runs an expert's vision tower (for GOT-OCR2 experts: its encoder)."""
-    family = vision_config.model_type
-    if family == "pix2struct_vision_model":
-        from transformers import Pix2StructVisionModel
-
-        return Pix2StructVisionModel
-    if family in ("got_ocr2_vision", "got_ocr2"):
-        from transformers.models.got_ocr2.modeling_got_ocr2 import GotOcr2VisionEncoder
-
-        return GotOcr2VisionEncoder
-    if family == "kosmos_2_5_vision_model":
-        # Kosmos-2.5's Pix2Struct-like encoder (attention scaled by 1/sqrt(head_dim)); `AutoModel` has no mapping.
-        from transformers.models.kosmos2_5.modeling_kosmos2_5 import Kosmos2_5VisionModel
-
-        return Kosmos2_5VisionModel
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
-
-    return MODEL_MAPPING[type(vision_config)]
-
-
-def _build_expert_encoder(vision_config) -> nn.Module:
-    if vision_config.model_type == "got_ocr2":
-        return GotOcr2ExpertBackbone(vision_config)
-    return _expert_encoder_class(vision_config)(vision_config)
-
-
 _ATTENTION_SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn"}
 
 
@@ -220,7 +171,7 @@ def _fit_expert_attention(config: ChimeraExpertConfig) -> None:
     if not isinstance(requested, str) or requested == "eager":
         return
     flag = "_supports_flash_attn" if requested.startswith("flash_attention") else _ATTENTION_SUPPORT_FLAGS.get(requested)
-    encoder_class = _expert_encoder_class(config.vision_config)
+    encoder_class = get_expert_family(config.vision_config.model_type).encoder_class(config.vision_config)
     if flag is not None and not getattr(encoder_class, flag, False):
         logger.warning_once(
             f"Expert {config.domain!r} ({encoder_class.__name__}) does not support attn_implementation={requested!r}: "
@@ -230,24 +181,16 @@ def _fit_expert_attention(config: ChimeraExpertConfig) -> None:
         config._attn_implementation = None
 
 
-def expert_hidden_size(vision_config) -> int:
-    """Width of the tokens an expert encoder produces (the expert projector's input)."""
-    family = vision_config.model_type
-    if family == "got_ocr2_vision":
-        return vision_config.output_channels
-    if family == "got_ocr2":
-        return vision_config.text_config.hidden_size
-    return vision_config.hidden_size
-
-
 class ChimeraExpertEncoder(nn.Module):
-    """One frozen expert vision encoder and the rule that turns its output into tokens (official `uni_encode`)."""
+    """One frozen expert vision encoder and the rule that turns its output into tokens (official `uni_encode`); what
+    differs per encoder family is in `expert_encoders.EXPERT_FAMILIES`."""
 
     def __init__(self, config: ChimeraExpertConfig):
         super().__init__()
         self.config = config
+        self.expert_family = get_expert_family(config.vision_config.model_type)
         _fit_expert_attention(config)
-        self.encoder = _build_expert_encoder(config.vision_config)
+        self.encoder = self.expert_family.build(config.vision_config)
 
     @property
     def family(self) -> str:
@@ -255,25 +198,7 @@ class ChimeraExpertEncoder(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """`inputs`: the expert's preprocessed images, `(n, ...)`. Returns `(n, tokens, expert_hidden)`."""
-        family, layer = self.family, self.config.feature_layer
-        if family == "got_ocr2":
-            features = self.encoder(inputs)
-        else:
-            kwargs = {"output_hidden_states": layer is not None}
-            if family in ("pix2struct_vision_model", "kosmos_2_5_vision_model"):
-                # Pix2Struct / Kosmos-2.5 rows are [row, col, pixels]; all-zero rows are padding (their processors'
-                # own mask rule).
-                mask = (inputs.sum(-1) != 0).long()
-                if family == "kosmos_2_5_vision_model" and layer is not None:
-                    # Kosmos2_5VisionModel returns only `last_hidden_state`: read the layers from its encoder.
-                    outputs = self.encoder.encoder(self.encoder.embeddings(inputs), attention_mask=mask, **kwargs)
-                else:
-                    outputs = self.encoder(flattened_patches=inputs, attention_mask=mask, return_dict=True, **kwargs)
-            else:
-                outputs = self.encoder(pixel_values=inputs, return_dict=True, **kwargs)
-            features = outputs.last_hidden_state if layer is None else outputs.hidden_states[layer]
-            if features.dim() == 4:  # GOT-OCR2 maps: (B, C, H, W) neck output or (B, H, W, C) layer outputs
-                features = features.flatten(2).transpose(1, 2) if layer is None else features.flatten(1, 2)
+        features = self.expert_family.encode(self.encoder, inputs, self.config.feature_layer)
         if self.config.feature_select_strategy == "default":
             features = features[:, 1:]
         return features
@@ -437,7 +362,10 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
         self.expert_encoders = nn.ModuleDict({e.domain: ChimeraExpertEncoder(e) for e in config.experts})
         self.expert_projectors = nn.ModuleDict(
             {
-                e.domain: ChimeraExpertProjector(expert_hidden_size(e.vision_config), text_hidden, e.projector_hidden_act)
+                e.domain: ChimeraExpertProjector(
+                    get_expert_family(e.vision_config.model_type).hidden_size(e.vision_config), text_hidden,
+                    e.projector_hidden_act,
+                )
                 for e in config.experts
             }
         )
@@ -505,7 +433,7 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
             if routed.numel() == 0:
                 continue
             inputs = expert_pixel_values[k - 1] if expert_pixel_values is not None and len(expert_pixel_values) >= k else None
-            tokens = self._run_expert(k, self._expert_inputs(k, inputs, routed, num_images))
+            tokens = self._run_expert(k, self._expert_inputs(k, inputs, routed, num_images), tuple(inputs.shape))
             for row, image in enumerate(routed.tolist()):
                 features[image] = tokens[row]
         return tuple(features)
@@ -524,8 +452,9 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
         check_finite_pixels(inputs, f"expert_pixel_values[{k - 1}]")
         return inputs.index_select(0, routed.to(inputs.device))
 
-    def _run_expert(self, k, inputs) -> torch.Tensor:
-        """Expert `k`'s frozen encoder and its projector: `(n, m, llm_hidden)`."""
+    def _run_expert(self, k, inputs, given_shape) -> torch.Tensor:
+        """Expert `k`'s frozen encoder and its projector: `(n, m, llm_hidden)` (`given_shape`: of the caller's
+        `expert_pixel_values[k - 1]`, for the error message)."""
         domain = self.domains[k - 1]
         encoder, projector = self.expert_encoders[domain], self.expert_projectors[domain]
         with torch.set_grad_enabled(torch.is_grad_enabled() and any(p.requires_grad for p in encoder.parameters())):
@@ -536,7 +465,7 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
                     raise
                 raise ValueError(
                     f"Expert {k} ({domain!r}, {encoder.family}) cannot encode `expert_pixel_values[{k - 1}]` of "
-                    f"shape {tuple(inputs.shape)}: pass the list `ChimeraProcessor` returns, in the model's expert "
+                    f"shape {given_shape}: pass the list `ChimeraProcessor` returns, in the model's expert "
                     f"order {self.domains}. ({error})"
                 ) from error
         return projector(tokens.to(projector.linear_1.weight.dtype))
@@ -779,6 +708,12 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
             mm_token_type_ids=layout.mm_token_type_ids, **llm_kwargs,
         )
         # 6. realign: outputs line up with the caller's input_ids again
+        return self._realigned(outputs, layout, image_features, attention)
+
+    @staticmethod
+    def _realigned(outputs, layout, image_features, attention) -> ChimeraModelOutputWithPast:
+        """The LLM's outputs on the expanded sequence, read back at the caller's positions (attentions stay expanded:
+        `expanded_input_ids` says what each position holds)."""
         hidden_states = outputs.hidden_states  # `output_hidden_states=[layer ids]` captures some layers only
         return ChimeraModelOutputWithPast(
             last_hidden_state=layout.realign(outputs.last_hidden_state),
@@ -1015,13 +950,11 @@ class ChimeraForConditionalGeneration(RoutedVLMForConditionalGeneration, Chimera
         generalist_path = generalist if isinstance(generalist, str) else None
         generalist = cls.load_native(generalist, dtype, "generalist")
         expert_specs, expert_modules = _load_experts(experts, dtype)
-        vocab = generalist.config.get_text_config().vocab_size
-        new_rows = 0
-        if expert_token_ids is None:
-            expert_token_ids, new_rows = list(range(vocab, vocab + len(expert_specs))), len(expert_specs)
-        config_kwargs.update(_expert_layout_ids(generalist, generalist_path, expert_layout, image_end_token_id,
-                                                vocab + new_rows, config_kwargs))
-        new_rows += sum(config_kwargs.pop("_new_rows", ()))
+        expert_token_ids, layout_ids, new_rows = _reserve_expert_tokens(
+            generalist, generalist_path, len(expert_specs), expert_token_ids, expert_layout, image_end_token_id,
+            config_kwargs,
+        )
+        config_kwargs.update(layout_ids)
         config = ChimeraConfig(
             generalist_config=generalist.config, experts=expert_specs, expert_token_ids=expert_token_ids,
             router_feature=router_feature, gscm_ratio=gscm_ratio, router_loss_weight=router_loss_weight,
@@ -1032,7 +965,7 @@ class ChimeraForConditionalGeneration(RoutedVLMForConditionalGeneration, Chimera
             model.model.expert_encoders[domain].encoder = module.requires_grad_(False)
         model.materialise([model.model.router, *model.model.expert_projectors.values()], next(generalist.parameters()))
         if new_rows:
-            model.resize_token_embeddings(vocab + new_rows, mean_resizing=True)
+            model.resize_token_embeddings(generalist.config.get_text_config().vocab_size + new_rows, mean_resizing=True)
             generalist.lm_head = model.lm_head  # keep the (now shared) generalist object consistent
         model._suppress_input_only_tokens()
         return model.train(generalist.training)
@@ -1046,6 +979,19 @@ class ChimeraForConditionalGeneration(RoutedVLMForConditionalGeneration, Chimera
 
 
 ChimeraForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+
+def _reserve_expert_tokens(generalist, generalist_path, num_experts, expert_token_ids, layout, image_end_token_id,
+                           config_kwargs) -> tuple[list, dict, int]:
+    """`(expert_token_ids, layout config entries, new vocabulary rows)` for `from_generalist`: one new row per expert
+    unless `expert_token_ids` reuses existing ids, plus the layout's wrapper tokens (see `_expert_layout_ids`)."""
+    vocab = generalist.config.get_text_config().vocab_size
+    new_rows = 0
+    if expert_token_ids is None:
+        expert_token_ids, new_rows = list(range(vocab, vocab + num_experts)), num_experts
+    layout_ids = _expert_layout_ids(generalist, generalist_path, layout, image_end_token_id, vocab + new_rows,
+                                    config_kwargs)
+    return expert_token_ids, layout_ids, new_rows + sum(layout_ids.pop("_new_rows", ()))
 
 
 def _expert_layout_ids(generalist, generalist_path, layout, image_end_token_id, next_id, config_kwargs) -> dict:
@@ -1087,49 +1033,6 @@ def _load_experts(experts: dict, dtype=None) -> tuple[list, dict]:
         specs.append(ChimeraExpertConfig(domain=domain, vision_config=vision_config, **options))
         modules[domain] = module
     return specs, modules
-
-
-def load_expert_encoder(spec, dtype=None):
-    """`(vision_config, module)` for an expert given as a model object or a path / repo id (safetensors only)."""
-    if isinstance(spec, str):
-        config = AutoConfig.from_pretrained(spec)
-        family = config.model_type
-        if family in ("clip", "siglip", "siglip2"):
-            spec = AutoModel.from_pretrained(spec, dtype=dtype, use_safetensors=True)
-        elif family == "pix2struct":
-            from transformers import Pix2StructForConditionalGeneration
-
-            spec = Pix2StructForConditionalGeneration.from_pretrained(spec, dtype=dtype, use_safetensors=True)
-        elif family in ("got_ocr2", "kosmos-2.5"):
-            spec = AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype, use_safetensors=True)
-        elif family == "pix2struct_vision_model":
-            from transformers import Pix2StructVisionModel
-
-            spec = Pix2StructVisionModel.from_pretrained(spec, dtype=dtype, use_safetensors=True)
-        else:
-            spec = AutoModel.from_pretrained(spec, dtype=dtype, use_safetensors=True)
-    if not isinstance(spec, nn.Module) or not hasattr(spec, "config"):
-        raise ValueError(f"An expert must be a transformers vision model or a path to one, got {type(spec).__name__}.")
-    config = spec.config
-    family = config.model_type
-    if family in ("clip", "siglip", "siglip2") and hasattr(spec, "vision_model"):
-        # In transformers 5 a full CLIP / SigLIP model holds its vision half as a `*VisionModel`.
-        return config.vision_config, spec.vision_model
-    if family == "pix2struct" and hasattr(spec, "encoder"):
-        return config.vision_config, spec.encoder
-    if family == "kosmos-2.5" and hasattr(spec, "vision_model"):
-        # A full Kosmos-2.5 (`Kosmos2_5Model` / `...ForConditionalGeneration`): its vision encoder is the expert, as
-        # in the official Chimera table expert.
-        return config.vision_config, spec.vision_model
-    if family == "got_ocr2":
-        inner = spec.model if hasattr(spec, "model") else spec
-        with torch.device("meta"):
-            module = GotOcr2ExpertBackbone(config)
-        module.vision_tower = inner.vision_tower
-        module.conv_upsampler1 = inner.multi_modal_projector.conv_upsampler1
-        module.conv_upsampler2 = inner.multi_modal_projector.conv_upsampler2
-        return config, module
-    return config, spec
 
 
 __all__ = [

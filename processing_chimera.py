@@ -8,16 +8,14 @@ import inspect
 import numpy as np
 import torch
 import transformers
+from PIL import Image
 from transformers import BatchFeature, ProcessorMixin
 
 
-# Which output of an expert's image processor the expert encoder consumes.
-_EXPERT_INPUT_KEY = {
-    "Pix2StructImageProcessor": "flattened_patches",
-    "Pix2StructImageProcessorFast": "flattened_patches",
-    "Kosmos2_5ImageProcessor": "flattened_patches",
-    "Kosmos2_5ImageProcessorFast": "flattened_patches",
-}
+try:  # loaded as part of a Hub repo through `trust_remote_code` (relative imports) ...
+    from .expert_encoders import expert_input_name
+except ImportError:  # ... or as an installed top-level module (`pip install -e .`)
+    from expert_encoders import expert_input_name
 
 
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
@@ -43,26 +41,34 @@ def _to_uint8(array: np.ndarray, what: str, sixteen_bit: bool = False) -> np.nda
     if array.dtype == np.bool_:
         return array.astype(np.uint8) * 255
     if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ValueError(f"{what}: the image holds NaN or infinite pixel values.")
-        low, high = float(array.min()), float(array.max())
-        if low >= 0.0 and high <= 1.0:
-            return np.round(array * 255.0).astype(np.uint8)
-        if low >= 0.0 and high <= 255.0:
-            return np.round(array).astype(np.uint8)
-        raise ValueError(f"{what}: float pixel values in [{low:g}, {high:g}]; expected [0, 1] or [0, 255].")
+        return _float_to_uint8(array, what)
     if np.issubdtype(array.dtype, np.integer):
-        low, high = int(array.min()), int(array.max())
-        if low < 0:
-            raise ValueError(f"{what}: negative pixel values ({low}) in an integer image.")
-        if array.dtype == np.uint16 or sixteen_bit:  # by the bit depth, not the values: a dark 16-bit image stays dark
-            depth = 65535
-        elif high <= 255:
-            return array.astype(np.uint8)
-        else:  # wider integers (e.g. PIL's "I" mode) with values above 255: 16-bit data, or scaled by their maximum
-            depth = 65535 if high <= 65535 else int(np.iinfo(array.dtype).max)
-        return np.round(array.astype(np.float64) * (255.0 / depth)).astype(np.uint8)
+        return _integer_to_uint8(array, what, sixteen_bit)
     raise ValueError(f"{what}: unsupported pixel type {array.dtype}.")
+
+
+def _float_to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what}: the image holds NaN or infinite pixel values.")
+    low, high = float(array.min()), float(array.max())
+    if low >= 0.0 and high <= 1.0:
+        return np.round(array * 255.0).astype(np.uint8)
+    if low >= 0.0 and high <= 255.0:
+        return np.round(array).astype(np.uint8)
+    raise ValueError(f"{what}: float pixel values in [{low:g}, {high:g}]; expected [0, 1] or [0, 255].")
+
+
+def _integer_to_uint8(array: np.ndarray, what: str, sixteen_bit: bool) -> np.ndarray:
+    low, high = int(array.min()), int(array.max())
+    if low < 0:
+        raise ValueError(f"{what}: negative pixel values ({low}) in an integer image.")
+    if array.dtype == np.uint16 or sixteen_bit:  # by the bit depth, not the values: a dark 16-bit image stays dark
+        depth = 65535
+    elif high <= 255:
+        return array.astype(np.uint8)
+    else:  # wider integers (e.g. PIL's "I" mode) with values above 255: 16-bit data, or scaled by their maximum
+        depth = 65535 if high <= 65535 else int(np.iinfo(array.dtype).max)
+    return np.round(array.astype(np.float64) * (255.0 / depth)).astype(np.uint8)
 
 
 def load_rgb_image(image, what: str = "image", max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
@@ -70,58 +76,68 @@ def load_rgb_image(image, what: str = "image", max_pixels: int | None = DEFAULT_
     `what`: a path that is missing or not a readable image; an empty or too large image; NaN / infinite pixels.
     RGBA / LA / P / grayscale become RGB (transparent areas on white); 16-bit and float images are scaled by their
     range; channels-first (CHW) arrays and tensors are moved to HWC. URLs are left to the processor."""
-    from PIL import Image
-
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
         path = image.decode() if isinstance(image, bytes) else str(image)
         if path.startswith(("http://", "https://")):
             return path
-        try:
-            with Image.open(path) as opened:
-                _check_pixels(*opened.size, f"{what} ({path})", max_pixels)
-                opened.load()
-                image = opened.copy()
-        except ValueError:
-            raise
-        except Exception as error:  # PIL raises many kinds (OSError, SyntaxError, DecompressionBombError, ...)
-            raise ValueError(f"{what}: cannot read image file {path}: {type(error).__name__}: {error}") from error
+        image = _open_image(path, what, max_pixels)
     if isinstance(image, Image.Image):
-        _check_pixels(image.width, image.height, what, max_pixels)
-        if image.mode == "RGB":
-            return image
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-            # PIL opens 16-bit PNGs as "I;16" or "I" (int32): both hold 16-bit data
-            array = _to_uint8(np.asarray(image), what, sixteen_bit=image.mode.startswith("I;16"))
-            return Image.fromarray(array).convert("RGB")
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            background = Image.new("RGB", image.size, (255, 255, 255))
-            background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
-            return background
-        return image.convert("RGB")
+        return _pil_to_rgb(image, what, max_pixels)
     if isinstance(image, (np.ndarray, torch.Tensor)):
-        if isinstance(image, torch.Tensor):
-            image = image.detach().cpu()
-            image = image.float() if image.dtype in (torch.bfloat16, torch.float16) else image  # numpy has no bf16
-        array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-        if array.ndim not in (2, 3):
-            raise ValueError(f"{what}: an image array must be HW, HWC or CHW, got shape {tuple(array.shape)}.")
-        if array.size == 0:
-            raise ValueError(f"{what}: empty image array of shape {tuple(array.shape)}.")
-        channels_first = array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4)
-        if channels_first:
-            array = np.moveaxis(array, 0, -1)
-        _check_pixels(array.shape[1], array.shape[0], what, max_pixels)
-        array = _to_uint8(array, what)
-        if array.ndim == 2:
-            array = np.stack([array] * 3, axis=-1)
-        elif array.shape[-1] in (1, 2):
-            array = np.concatenate([array[..., :1]] * 3, axis=-1)
-        elif array.shape[-1] == 4:
-            array = array[..., :3]
-        elif array.shape[-1] != 3:
-            raise ValueError(f"{what}: {array.shape[-1]} channels; expected 1 to 4 (HWC) or a CHW array.")
-        return np.ascontiguousarray(array)
+        return _array_to_rgb(image, what, max_pixels)
     return image
+
+
+def _open_image(path: str, what: str, max_pixels: int | None) -> Image.Image:
+    try:
+        with Image.open(path) as opened:
+            _check_pixels(*opened.size, f"{what} ({path})", max_pixels)
+            opened.load()
+            return opened.copy()
+    except ValueError:
+        raise
+    except Exception as error:  # PIL raises many kinds (OSError, SyntaxError, DecompressionBombError, ...)
+        raise ValueError(f"{what}: cannot read image file {path}: {type(error).__name__}: {error}") from error
+
+
+def _pil_to_rgb(image: Image.Image, what: str, max_pixels: int | None) -> Image.Image:
+    _check_pixels(image.width, image.height, what, max_pixels)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # PIL opens 16-bit PNGs as "I;16" or "I" (int32): both hold 16-bit data
+        array = _to_uint8(np.asarray(image), what, sixteen_bit=image.mode.startswith("I;16"))
+        return Image.fromarray(array).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
+        return background
+    return image.convert("RGB")
+
+
+def _array_to_rgb(image, what: str, max_pixels: int | None) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        image = image.float() if image.dtype in (torch.bfloat16, torch.float16) else image  # numpy has no bf16
+    array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.ndim not in (2, 3):
+        raise ValueError(f"{what}: an image array must be HW, HWC or CHW, got shape {tuple(array.shape)}.")
+    if array.size == 0:
+        raise ValueError(f"{what}: empty image array of shape {tuple(array.shape)}.")
+    channels_first = array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4)
+    if channels_first:
+        array = np.moveaxis(array, 0, -1)
+    _check_pixels(array.shape[1], array.shape[0], what, max_pixels)
+    array = _to_uint8(array, what)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    elif array.shape[-1] in (1, 2):
+        array = np.concatenate([array[..., :1]] * 3, axis=-1)
+    elif array.shape[-1] == 4:
+        array = array[..., :3]
+    elif array.shape[-1] != 3:
+        raise ValueError(f"{what}: {array.shape[-1]} channels; expected 1 to 4 (HWC) or a CHW array.")
+    return np.ascontiguousarray(array)
 
 
 def _flatten_images(images):
@@ -265,7 +281,7 @@ class ChimeraProcessor(ProcessorMixin):
                 if experts is not None and domain not in experts:
                     expert_inputs.append(None)
                     continue
-                key = _EXPERT_INPUT_KEY.get(type(processor).__name__, "pixel_values")
+                key = expert_input_name(processor)
                 expert_inputs.append(processor(images=flat, return_tensors="pt")[key])
             outputs["expert_pixel_values"] = expert_inputs
             # One tensor per expert, of different shapes: never stacked into one tensor.

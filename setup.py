@@ -8,6 +8,7 @@ from setuptools import find_packages, setup
 HUB_MODULES = [
     "vlm_backbones",
     "modeling_routed_vlm",
+    "expert_encoders",
     "configuration_chimera",
     "modeling_chimera",
     "processing_chimera",

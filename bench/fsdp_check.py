@@ -76,7 +76,7 @@ def wrap_classes(model) -> list[str]:
 
 def prepare(model_name: str, work: Path) -> None:
     """A tiny checkpoint with tied input / output embeddings (as the real 0.5B-2B LLMs have), and SFT rows."""
-    from train.common import DataArguments, write_tiny_data
+    from train.common import TinyArguments, write_tiny_data
     from train.tiny import build_tiny_chimera, build_tiny_mixpert
 
     torch.manual_seed(0)
@@ -95,8 +95,8 @@ def prepare(model_name: str, work: Path) -> None:
     model.tie_weights()
     model.save_pretrained(work / "start")
     processor.save_pretrained(work / "start")
-    data = DataArguments(tiny_train_per_domain=2, tiny_eval_per_domain=1)
-    write_tiny_data(str(work / "data"), data, image_size=32)
+    tiny = TinyArguments(tiny_train_per_domain=2, tiny_eval_per_domain=1, tiny_image_size=32)
+    write_tiny_data(str(work / "data"), tiny)
 
 
 def load(model_name: str, folder: Path):

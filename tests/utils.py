@@ -10,6 +10,7 @@ ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT_MODULES = (
     "vlm_backbones",
     "modeling_routed_vlm",
+    "expert_encoders",
     "configuration_chimera",
     "modeling_chimera",
     "processing_chimera",

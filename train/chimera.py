@@ -146,11 +146,10 @@ def routing_features(model, processor, data, labels: dict, cache_dir: str, devic
         if "pixel_values" not in batch:
             continue  # text-only rows
         batch = to_device(batch, device)
-        extra = {k: batch[k] for k in inner.family.image_input_names if k != "pixel_values" and k in batch}
-        images = inner._image_batch(batch["pixel_values"], input_ids=batch["input_ids"], **extra)
-        _, acts = inner.family.encode(inner.generalist, inner.generalist.config, images)
+        features = inner.router_inputs(batch["pixel_values"], input_ids=batch["input_ids"],
+                                       **inner.family.image_inputs(batch))
         keep = batch["expert_labels"] != -100
-        cache.append(inner._route_feature(acts, images)[keep], batch["expert_labels"][keep].tolist())
+        cache.append(features[keep], batch["expert_labels"][keep].tolist())
     if not cache._targets:
         raise ValueError("--stage router found no image with a domain label in the training data.")
     return cache.close()

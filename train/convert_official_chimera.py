@@ -789,7 +789,7 @@ def build_processor(input_dir, config, official_config: dict, trust_remote_code:
     from transformers.image_utils import PILImageResampling
     from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
 
-    from processing_chimera import _EXPERT_INPUT_KEY, ChimeraProcessor
+    from processing_chimera import ChimeraProcessor
 
     input_dir = Path(input_dir)
     metas = _official_expert_processors(input_dir)
@@ -799,10 +799,6 @@ def build_processor(input_dir, config, official_config: dict, trust_remote_code:
         expert_processors = {e.domain: _expert_image_processor(m) for e, m in zip(config.experts, metas)}
     except ValueError as err:
         return None, str(err)
-    flattened = [d for d, p in expert_processors.items() if "Kosmos2_5" in type(p).__name__]
-    if flattened and not any("Kosmos2_5" in name for name in _EXPERT_INPUT_KEY):
-        return None, (f"processing_chimera.ChimeraProcessor does not yet feed Kosmos-2.5 `flattened_patches` "
-                      f"(experts {flattened}); add Kosmos2_5ImageProcessor to its `_EXPERT_INPUT_KEY`")
     named = {"start_image_token": IMAGE_START_TOKEN, "end_image_token": IMAGE_END_TOKEN,
              "context_image_token": IMAGE_CONTEXT_TOKEN, "video_token": "<video>"}
     try:

@@ -150,28 +150,16 @@ def pooled_shared_features(model, processor, data, cache_dir: str, device=None, 
     from train.data.collators import VisionLanguageSFTCollator
 
     collator = VisionLanguageSFTCollator(processor)
-    inner, family = model.model, model.model.family
+    inner = model.model
     device = device if device is not None else next(model.parameters()).device
-    shared = family.used_depth(inner.backbone.config) - inner.config.num_expert_layers
     cache = RouterFeatureCache(cache_dir)
     for start in range(0, len(data), batch_size):
         rows = [data[i] for i in range(start, min(start + batch_size, len(data)))]
         batch = to_device(collator(rows), device)
-        images = family.image_batch(
-            inner.backbone.config, batch["pixel_values"], input_ids=batch["input_ids"],
-            **{k: batch[k] for k in family.image_input_names if k != "pixel_values" and k in batch},
-        )
-        acts = family.run_layers(family.vision_layers(inner.backbone)[:shared], family.embed(inner.backbone, images),
-                                 keep={shared})
-        pooled = family.pool(acts, shared)
+        pooled, routed_image = inner.router_inputs(batch["pixel_values"], input_ids=batch["input_ids"],
+                                                   **inner.family.image_inputs(batch))
         image_domains = [model.domains.index(r["domain"]) for r in rows for _ in r["images"]]
-        if inner.config.routing_granularity == "image":
-            sums = torch.zeros(images.num_images, pooled.shape[-1], dtype=pooled.dtype, device=pooled.device)
-            counts = torch.bincount(acts.unit_image, minlength=images.num_images).clamp(min=1).unsqueeze(-1)
-            pooled = sums.index_add(0, acts.unit_image, pooled) / counts
-            row_domains = image_domains
-        else:
-            row_domains = [image_domains[i] for i in acts.unit_image.tolist()]
+        row_domains = [image_domains[i] for i in routed_image.tolist()]
         cache.append(pooled, row_domains)
     return cache.close()
 
