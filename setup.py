@@ -1,4 +1,5 @@
-"""Chimera + Mixpert for transformers: installs the Hub-repo modules (top level) and the `train` package."""
+"""Chimera + Mixpert for transformers: installs the Hub-repo modules (top level), the `chimera_mixpert` library
+and the `train` entry points (`python -m train.X`)."""
 
 from pathlib import Path
 
@@ -25,7 +26,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     py_modules=HUB_MODULES,
-    packages=find_packages(include=["train", "train.*", "evaluation", "evaluation.*"]),
+    packages=find_packages(
+        include=["chimera_mixpert", "chimera_mixpert.*", "train", "train.*", "evaluation", "evaluation.*"]
+    ),
     package_data={"train": ["configs/*/*.yaml"]},
     # transformers and TRL: the releases CI tests (the README's test command pins the oldest, 5.23.0; a second CI
     # stage runs the newest pip serves). The remote-code files themselves read what differs between releases off the

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from train.tiny import (
+from chimera_mixpert.tiny import (
     FAMILIES,
     build_expert,
     build_expert_image_processor,

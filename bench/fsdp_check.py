@@ -76,8 +76,8 @@ def wrap_classes(model) -> list[str]:
 
 def prepare(model_name: str, work: Path) -> None:
     """A tiny checkpoint with tied input / output embeddings (as the real 0.5B-2B LLMs have), and SFT rows."""
-    from train.common import TinyArguments, write_tiny_data
-    from train.tiny import build_tiny_chimera, build_tiny_mixpert
+    from chimera_mixpert.tiny import build_tiny_chimera, build_tiny_mixpert
+    from chimera_mixpert.training import TinyArguments, write_tiny_data
 
     torch.manual_seed(0)
     if model_name == "chimera":
@@ -115,8 +115,8 @@ def make_batches(model_name: str, model, processor, work: Path, steps: int, worl
     """`steps` global batches of `GLOBAL_BATCH` rows, each split into `world` micro-batches (one per process).
     Chimera stage 2: rows of the model's domains with their expert labels; Mixpert's expert phase: the first
     domain's rows, every image labelled with that expert (as `train.mixpert --phase experts` does)."""
-    from train.data.collators import VisionLanguageSFTCollator, make_domain_labels
-    from train.data.loading import load_vl_dataset
+    from chimera_mixpert.data.collators import VisionLanguageSFTCollator, make_domain_labels
+    from chimera_mixpert.data.loading import load_vl_dataset
 
     domains = list(model.config.domains)
     rows = load_vl_dataset([str(work / "data" / "sft-train.jsonl")], None, domains=None)
@@ -134,7 +134,7 @@ def make_batches(model_name: str, model, processor, work: Path, steps: int, worl
 
 def make_trainable(model_name: str, model) -> None:
     """The parameter groups the training scripts train in that stage (their own functions)."""
-    from train.common import chimera_groups, mixpert_groups, set_trainable
+    from chimera_mixpert.training import chimera_groups, mixpert_groups, set_trainable
 
     if model_name == "chimera":
         from train.chimera import ChimeraScriptArguments, stage_groups

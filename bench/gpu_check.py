@@ -3,7 +3,7 @@
     python -m bench.gpu_check                              # CUDA, real shapes, bf16 (a few minutes on one GPU)
     python -m bench.gpu_check --device cpu --shape tiny    # the same checks on the CPU (the slow test tier runs this)
 
-`--shape real` builds the published models' widths, image sizes and token counts (`train.real_shapes`, two layers
+`--shape real` builds the published models' widths, image sizes and token counts (`chimera_mixpert.real_shapes`, two layers
 per tower, random weights) and trains them with the shipped real configs (`train/configs/real/`); `--shape tiny`
 uses the tiny models and configs. Every stage runs the real training script through its command-line parser, from a
 bf16 checkpoint, with `--bf16 true`, 2 optimizer steps of batch 1, chained as a real run is:
@@ -113,7 +113,7 @@ def check_saved(run: Run, start: str, out: str, router: str, trained: str, froze
 
 
 def check_master_weights(summary: dict, managed: bool = False) -> None:
-    """The trainable bf16 weights trained as fp32 master weights (`train.common.fp32_master_weights`), unless DeepSpeed
+    """The trainable bf16 weights trained as fp32 master weights (`chimera_mixpert.training.fp32_master_weights`), unless DeepSpeed
     kept its own copy."""
     counts = [summary.get("fp32_master_parameters")] + [r.get("fp32_master_parameters") for r in
                                                          summary.get("results", {}).values() if isinstance(r, dict)]
@@ -142,10 +142,10 @@ def check_router(run: Run, summary: dict, out: str, model_class, router_name: st
 
 def prepare(run: Run) -> None:
     """bf16 starting checkpoints (Chimera with two experts; Mixpert with two domains) and the data files."""
-    from train.data.export import export_preference_jsonl, export_sft_jsonl
+    from chimera_mixpert.data.export import export_preference_jsonl, export_sft_jsonl
 
     if run.shape == "real":
-        from train.real_shapes import build_real_chimera, build_real_mixpert, random_image
+        from chimera_mixpert.real_shapes import build_real_chimera, build_real_mixpert, random_image
 
         chimera, chimera_processor = build_real_chimera("internvl2-1b", experts=("got_ocr2", "pix2struct"),
                                                         num_layers=run.num_layers)
@@ -157,7 +157,7 @@ def prepare(run: Run) -> None:
         run.files["pairs"] = export_preference_jsonl([{**r, "chosen": "forty two", "rejected": "seven"} for r in rows],
                                                      str(run.work / "data"), "pairs")
     else:  # the tiny configs write their own synthetic data
-        from train.tiny import build_tiny_chimera, build_tiny_mixpert
+        from chimera_mixpert.tiny import build_tiny_chimera, build_tiny_mixpert
 
         experts = {"table": "pix2struct_vision_model", "chart": "siglip_vision_model", "math": "clip_vision_model"}
         chimera, chimera_processor = build_tiny_chimera("internvl", experts, image_size=32, patch_size=8,
@@ -200,9 +200,9 @@ def chimera_stage_2(run: Run) -> str:
 
 def chimera_dpo(run: Run) -> str:
     """DPO, then the final model generates on the device."""
+    from chimera_mixpert.real_shapes import random_image
+    from chimera_mixpert.tiny import chat_prompt
     from modeling_chimera import ChimeraForConditionalGeneration
-    from train.real_shapes import random_image
-    from train.tiny import chat_prompt
 
     summary = run.script("dpo", "chimera_dpo", "c2", "dpo")
     check_device(summary, run.device)

@@ -22,7 +22,14 @@ import time
 import torch
 
 from bench.chimera_speed import SIZES
-from train.tiny import FAMILIES, build_generalist, build_processor, build_tokenizer, chat_prompt, random_images
+from chimera_mixpert.tiny import (
+    FAMILIES,
+    build_generalist,
+    build_processor,
+    build_tokenizer,
+    chat_prompt,
+    random_images,
+)
 
 
 def make_parser():

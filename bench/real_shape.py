@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from bench.mixpert_speed import _interleaved
-from train.tiny import chat_prompt, random_images
+from chimera_mixpert.tiny import chat_prompt, random_images
 
 PARTS = ("chimera", "mixpert", "dispatch", "memory")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -58,7 +58,7 @@ def _inputs(processor, images):
 
 
 def chimera(dtype_name: str, repeats: int, num_layers) -> dict:
-    from train.real_shapes import build_real_chimera, build_real_generalist
+    from chimera_mixpert.real_shapes import build_real_chimera, build_real_generalist
 
     dtype = DTYPES[dtype_name]
     model, processor = build_real_chimera("internvl2-1b", experts=("got_ocr2",), num_layers=num_layers, dtype=dtype,
@@ -95,7 +95,7 @@ def chimera(dtype_name: str, repeats: int, num_layers) -> dict:
 def mixpert(dtype_name: str, repeats: int, num_layers) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from train.real_shapes import build_real_generalist, build_real_mixpert
+    from chimera_mixpert.real_shapes import build_real_generalist, build_real_mixpert
 
     dtype = DTYPES[dtype_name]
     model, processor = build_real_mixpert("llava-ov-0.5b", num_layers=num_layers, dtype=dtype)
@@ -124,7 +124,7 @@ def mixpert(dtype_name: str, repeats: int, num_layers) -> dict:
 
 
 def dispatch(dtype_name: str, repeats: int, num_layers, images: int) -> dict:
-    from train.real_shapes import build_real_generalist, build_real_mixpert
+    from chimera_mixpert.real_shapes import build_real_generalist, build_real_mixpert
 
     dtype = DTYPES[dtype_name]
     model, processor = build_real_mixpert("qwen2-vl-2b", num_layers=num_layers, dtype=dtype)
@@ -178,7 +178,7 @@ print(json.dumps({"before_mb": before, "loaded_mb": loaded, "peak_mb": rss_mb("V
 
 
 def memory(num_layers) -> dict:
-    from train.real_shapes import build_real_chimera, build_real_generalist, build_real_mixpert
+    from chimera_mixpert.real_shapes import build_real_chimera, build_real_generalist, build_real_mixpert
 
     results = {}
     builders = {

@@ -5,7 +5,7 @@
 
 1. Peak memory of the router feature cache, each way measured in its own process (peak RSS over the process's
    resident memory after imports), as a multiple of the features' own size N x D x 4 bytes:
-   - `cache`: `train.common.RouterFeatureCache` (float32 chunks appended to a file, memory-mapped), then one epoch
+   - `cache`: `chimera_mixpert.training.RouterFeatureCache` (float32 chunks appended to a file, memory-mapped), then one epoch
      through a shuffling `DataLoader` (every row read once);
    - `old`: what the router phases did before: features through `.tolist()` into a `datasets` table (float64 Arrow
      column), then the same epoch.
@@ -53,7 +53,7 @@ def child(kind: str, rows: int, width: int) -> None:
 
     import datasets  # noqa: F401  (imported before the baseline is read, like the rest)
 
-    from train.common import RouterFeatureCache
+    from chimera_mixpert.training import RouterFeatureCache
 
     chunks = lambda: (torch.randn(min(4096, rows - s), width, generator=torch.Generator().manual_seed(s))  # noqa: E731
                       for s in range(0, rows, 4096))

@@ -23,8 +23,8 @@ SETUPS = [(kind, family) for kind in ("chimera", "mixpert") for family in ("llav
 def write_reference(kind: str, family: str, folder: Path) -> Path:
     import transformers
 
+    from chimera_mixpert.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt, random_images
     from tests.remote_code_check import probe
-    from train.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt, random_images
 
     if kind == "chimera":
         model, processor = build_tiny_chimera(family)

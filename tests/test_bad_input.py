@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt
+from chimera_mixpert.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt
 
 EVIL = """
 from pathlib import Path
@@ -42,8 +42,8 @@ def saved(tmp_path_factory):
 
 
 def test_no_code_from_a_folder_runs_without_trust_remote_code(saved):
+    from chimera_mixpert.training import ModelArguments
     from processing_chimera import ChimeraProcessor
-    from train.common import ModelArguments
     from train.evaluate import load_model
 
     chimera, mixpert = plant(saved / "chimera"), plant(saved / "mixpert")
@@ -63,8 +63,8 @@ def test_no_code_from_a_folder_runs_without_trust_remote_code(saved):
 
 
 def test_scripts_refuse_a_folder_of_the_wrong_model_or_without_config(saved, tmp_path):
+    from chimera_mixpert.training import ModelArguments
     from modeling_mixpert import MixpertForConditionalGeneration
-    from train.common import ModelArguments
     from train.evaluate import load_model
     from train.mixpert import MixpertScriptArguments, load_model_and_processor as load_mixpert
 
@@ -85,7 +85,7 @@ def test_scripts_refuse_a_folder_of_the_wrong_model_or_without_config(saved, tmp
 def test_resume_last_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
     from types import SimpleNamespace
 
-    from train.common import last_complete_checkpoint, resume_checkpoint
+    from chimera_mixpert.training import last_complete_checkpoint, resume_checkpoint
 
     for step, state in ((2, "{}"), (4, '{"global_step": 4}'), (6, '{"global_st'), (8, None)):
         folder = tmp_path / f"checkpoint-{step}"
@@ -151,9 +151,9 @@ def test_bad_images_raise_errors_that_name_the_image(saved, tmp_path):
     import torch
     from PIL import Image
 
+    from chimera_mixpert.data.collators import VisionLanguageSFTCollator
     from modeling_chimera import ChimeraForConditionalGeneration
     from processing_chimera import ChimeraProcessor
-    from train.data.collators import VisionLanguageSFTCollator
 
     processor = ChimeraProcessor.from_pretrained(saved / "chimera")
     good = Image.new("RGB", (16, 16))
@@ -196,8 +196,8 @@ def test_bad_images_raise_errors_that_name_the_image(saved, tmp_path):
 def test_data_and_shard_paths_stay_inside_their_root(saved, tmp_path):
     from PIL import Image
 
+    from chimera_mixpert.data.loading import load_vl_dataset
     from modeling_chimera import ChimeraForConditionalGeneration
-    from train.data.loading import load_vl_dataset
     from train.dpo import load_preference_data
 
     (tmp_path / "data").mkdir()
@@ -240,10 +240,10 @@ def test_inputs_of_the_wrong_kind_name_the_argument(saved, tmp_path, kind):
     import torch
     from transformers import AutoProcessor
 
+    from chimera_mixpert.tiny import random_images
     from modeling_chimera import ChimeraForConditionalGeneration
     from modeling_mixpert import MixpertForConditionalGeneration
     from processing_chimera import ChimeraProcessor
-    from train.tiny import random_images
 
     model_class = ChimeraForConditionalGeneration if kind == "chimera" else MixpertForConditionalGeneration
     model = model_class.from_pretrained(saved / kind)
@@ -278,8 +278,8 @@ def test_inputs_of_the_wrong_kind_name_the_argument(saved, tmp_path, kind):
 def test_a_save_killed_halfway_leaves_the_previous_model_whole(saved, tmp_path, monkeypatch):
     import os
 
+    from chimera_mixpert.training import save_atomically
     from modeling_mixpert import MixpertForConditionalGeneration
-    from train.common import save_atomically
 
     model = MixpertForConditionalGeneration.from_pretrained(saved / "mixpert")
     save_atomically(str(tmp_path), model)
@@ -305,10 +305,10 @@ def test_review_edge_cases_dark_16_bit_bf16_tensors_int32_labels_symlinks_stale_
     import torch
     from PIL import Image
 
+    from chimera_mixpert.data.loading import load_vl_dataset
+    from chimera_mixpert.training import save_atomically
     from modeling_mixpert import MixpertForConditionalGeneration
     from processing_chimera import load_rgb_image
-    from train.common import save_atomically
-    from train.data.loading import load_vl_dataset
     from train.evaluate import load_rows
 
     dark = np.full((4, 4), 200, np.uint16)  # a dark 16-bit image: 200 / 65535 of full scale, not 200 / 255
@@ -347,7 +347,7 @@ def test_review_edge_cases_dark_16_bit_bf16_tensors_int32_labels_symlinks_stale_
 def test_assembly_refuses_keywords_it_does_not_know():
     """A config keeps any keyword as an attribute, so a typo or a non-existent option used to be accepted and do
     nothing (`from_base(..., expert_adapter="lora")`)."""
-    from train.tiny import build_tiny_chimera, build_tiny_mixpert
+    from chimera_mixpert.tiny import build_tiny_chimera, build_tiny_mixpert
 
     with pytest.raises(TypeError, match=r"from_base\(\) got unknown keyword argument\(s\) 'expert_adapter'\. .*"
                                         r"MixpertConfig: .*routing_strategy"):

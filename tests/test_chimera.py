@@ -6,8 +6,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from modeling_chimera import ChimeraForConditionalGeneration
-from train.tiny import (
+from chimera_mixpert.tiny import (
     FAMILIES,
     build_generalist,
     build_tiny_chimera,
@@ -15,6 +14,7 @@ from train.tiny import (
     chat_prompt,
     random_images,
 )
+from modeling_chimera import ChimeraForConditionalGeneration
 
 
 # Two expert families per generalist family, rotating so every expert family meets several generalists.
@@ -362,7 +362,7 @@ def test_from_generalist_reuses_modules_and_reserves_expert_tokens():
     tokenizer = build_tokenizer("internvl")
     generalist = build_generalist("internvl", tokenizer)
     vocab = generalist.config.get_text_config().vocab_size
-    from train.tiny import build_expert
+    from chimera_mixpert.tiny import build_expert
 
     experts = {"table": build_expert("pix2struct_vision_model"), "math": build_expert("clip_vision_model")}
     with pytest.raises(ValueError, match=r"needs the id of `</img>`: pass image_end_token_id=processor.end_image_"):
@@ -388,7 +388,7 @@ def test_from_generalist_reuses_modules_and_reserves_expert_tokens():
 
 
 def test_from_generalist_loads_paths(tmp_path):
-    from train.tiny import build_expert
+    from chimera_mixpert.tiny import build_expert
 
     tokenizer = build_tokenizer("llava_onevision")
     build_generalist("llava_onevision", tokenizer).save_pretrained(tmp_path / "generalist")
@@ -443,7 +443,7 @@ def test_config_copies_are_independent_and_deterministic():
 def test_from_generalist_takes_the_vision_half_of_full_clip_and_siglip_models():
     from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 
-    from train.tiny import build_expert_config
+    from chimera_mixpert.tiny import build_expert_config
 
     text = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
     clip = CLIPModel(CLIPConfig(vision_config=build_expert_config("clip_vision_model").to_dict(), text_config=text))

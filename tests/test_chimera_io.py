@@ -8,10 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from configuration_chimera import ChimeraConfig
-from modeling_chimera import ChimeraForConditionalGeneration
-from processing_chimera import ChimeraProcessor
-from train.tiny import (
+from chimera_mixpert.tiny import (
     FAMILIES,
     build_expert_config,
     build_generalist_config,
@@ -20,6 +17,9 @@ from train.tiny import (
     chat_prompt,
     random_images,
 )
+from configuration_chimera import ChimeraConfig
+from modeling_chimera import ChimeraForConditionalGeneration
+from processing_chimera import ChimeraProcessor
 from tests.utils import run_without_project
 
 
@@ -78,7 +78,7 @@ def test_config_rejects_duplicate_domains_and_unsupported_families():
 def test_from_generalist_rejects_unsupported_generalists():
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from train.tiny import build_expert
+    from chimera_mixpert.tiny import build_expert
 
     tokenizer = build_tokenizer("llava_onevision")
     llava = LlavaForConditionalGeneration(LlavaConfig(

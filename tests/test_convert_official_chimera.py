@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from chimera_mixpert.tiny import build_expert_image_processor, build_tokenizer, random_images
 from train.convert_official_chimera import (
     ChimeraTokenIds,
     chat_template_for,
@@ -26,7 +27,6 @@ from train.convert_official_chimera import (
     resolve_token_ids,
     split_internlm2_wqkv,
 )
-from train.tiny import build_expert_image_processor, build_tokenizer, random_images
 
 
 VIT, VIT_HEADS, IMAGE, PATCH = 32, 4, 16, 4

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from train.data.collators import VisionLanguageSFTCollator, make_domain_labels
-from train.data.loading import load_vl_dataset
-from train.tiny import FAMILIES, build_tiny_chimera, build_tiny_mixpert, random_images
+from chimera_mixpert.data.collators import VisionLanguageSFTCollator, make_domain_labels
+from chimera_mixpert.data.loading import load_vl_dataset
+from chimera_mixpert.tiny import FAMILIES, build_tiny_chimera, build_tiny_mixpert, random_images
 
 
 def write(folder, name, rows, images=3):
@@ -120,7 +120,7 @@ def test_collator_forced_label_unknown_domain_and_max_length(tmp_path):
 def test_collator_patches_templates_without_generation_markers():
     from trl.chat_template_utils import has_generation_markers
 
-    from train.data.collators import training_chat_template
+    from chimera_mixpert.data.collators import training_chat_template
 
     _, processor = build_tiny_chimera("qwen2_vl")
     processor.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"

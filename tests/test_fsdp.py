@@ -10,7 +10,7 @@ import pytest
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from bench.fsdp_check import wrap_classes
-from train.tiny import FAMILIES, build_tiny_chimera, build_tiny_mixpert
+from chimera_mixpert.tiny import FAMILIES, build_tiny_chimera, build_tiny_mixpert
 
 ROOT = Path(__file__).resolve().parent.parent
 EVERY_EXPERT = {"table": "pix2struct_vision_model", "math": "clip_vision_model", "ocr": "got_ocr2",

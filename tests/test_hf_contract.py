@@ -7,7 +7,7 @@ regression tests of each defect, in the main suite.
 import pytest
 import torch
 
-from train.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt, random_images
+from chimera_mixpert.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt, random_images
 
 
 SETUPS = [("chimera", "internvl"), ("chimera", "llava_onevision"), ("chimera", "qwen2_vl"),

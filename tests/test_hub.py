@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
+from chimera_mixpert.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt, random_images
 from tests.hub_server import HubServer
 from tests.utils import ROOT_DIR, run_without_project
-from train.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt, random_images
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +97,9 @@ def test_training_script_push_to_hub_uploads_the_whole_model(hub, tmp_path):
     """`--push_to_hub` on a router phase (where `Trainer` holds only the router) uploads the full saved model."""
     from huggingface_hub import HfApi, ModelCard
 
+    from chimera_mixpert.tiny import build_tiny_mixpert
     from modeling_mixpert import MixpertForConditionalGeneration
     from tests.test_training import TINY, run_script
-    from train.tiny import build_tiny_mixpert
 
     model, processor = build_tiny_mixpert("internvl", image_size=32, patch_size=8, seed=0)
     model.save_pretrained(tmp_path / "base")

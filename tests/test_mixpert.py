@@ -3,10 +3,7 @@
 import pytest
 import torch
 
-from configuration_mixpert import MixpertConfig
-from modeling_mixpert import MixpertForConditionalGeneration, route
-from tests.utils import run_without_project
-from train.tiny import (
+from chimera_mixpert.tiny import (
     FAMILIES,
     build_tiny_mixpert,
     build_generalist,
@@ -16,6 +13,9 @@ from train.tiny import (
     chat_prompt,
     random_images,
 )
+from configuration_mixpert import MixpertConfig
+from modeling_mixpert import MixpertForConditionalGeneration, route
+from tests.utils import run_without_project
 
 DOMAINS = ["chart", "document", "math"]
 
@@ -291,7 +291,7 @@ def test_saved_mixpert_loads_in_a_clean_process_with_identical_logits(tmp_path):
 def test_tiny_internvl_processor_caps_tiles_of_a_large_image(max_patches):
     from PIL import Image
 
-    from train.tiny import build_processor
+    from chimera_mixpert.tiny import build_processor
 
     processor = build_processor("internvl", image_size=16, patch_size=4, max_patches=max_patches)
     out = processor(images=[Image.new("RGB", (64, 32), "red")], text=[processor.image_token + " hi"], return_tensors="pt")

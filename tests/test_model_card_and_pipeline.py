@@ -5,8 +5,8 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import pipeline
 
-from train.model_card import main as render_main, make_parser
-from train.tiny import build_tiny_chimera, build_tiny_mixpert, random_images
+from chimera_mixpert.model_card import main as render_main, make_parser
+from chimera_mixpert.tiny import build_tiny_chimera, build_tiny_mixpert, random_images
 
 REPORT = {
     "dataset": "synthetic-six-domain", "split": "test", "num_samples": 20,

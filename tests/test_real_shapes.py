@@ -1,13 +1,13 @@
 """The real-shape tier: published widths, image sizes and token counts, random weights, one layer per tower, bf16
-(`train.real_shapes`). Slow: `python -m pytest -m slow tests/test_real_shapes.py`."""
+(`chimera_mixpert.real_shapes`). Slow: `python -m pytest -m slow tests/test_real_shapes.py`."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from train.real_shapes import random_image as image
-from train.tiny import chat_prompt
+from chimera_mixpert.real_shapes import random_image as image
+from chimera_mixpert.tiny import chat_prompt
 
 pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).resolve().parent.parent / "train" / "configs"
@@ -31,7 +31,7 @@ def round_trip(model, inputs, tmp_path, **forward_kwargs):
 
 
 def test_chimera_on_an_internvl2_1b_generalist_with_got_and_pix2struct_experts(tmp_path):
-    from train.real_shapes import build_real_chimera
+    from chimera_mixpert.real_shapes import build_real_chimera
 
     model, processor = build_real_chimera("internvl2-1b", experts=("got_ocr2", "pix2struct"))
     inputs = processor(images=[[image(896, 1344)]], text=[chat_prompt(processor)], return_tensors="pt")
@@ -48,7 +48,7 @@ def test_chimera_on_an_internvl2_1b_generalist_with_got_and_pix2struct_experts(t
 
 
 def test_chimera_on_a_qwen2_vl_2b_generalist_with_a_clip_l_336_expert(tmp_path):
-    from train.real_shapes import build_real_chimera
+    from chimera_mixpert.real_shapes import build_real_chimera
 
     model, processor = build_real_chimera("qwen2-vl-2b", experts=("clip-l-336",))
     inputs = processor(images=[[image(448, 448)]], text=[chat_prompt(processor)], return_tensors="pt")
@@ -61,7 +61,7 @@ def test_chimera_on_a_qwen2_vl_2b_generalist_with_a_clip_l_336_expert(tmp_path):
 
 
 def test_mixpert_on_a_llava_onevision_0_5b_base_with_anyres_tiles(tmp_path):
-    from train.real_shapes import build_real_mixpert
+    from chimera_mixpert.real_shapes import build_real_mixpert
 
     model, processor = build_real_mixpert("llava-ov-0.5b")
     inputs = processor(images=[[image(384, 768)], [image(384, 384, seed=1)]], text=[chat_prompt(processor)] * 2,
@@ -81,8 +81,8 @@ def test_the_real_dpo_config_max_length_fits_real_internvl_prompts_and_trls_defa
     import yaml
     from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
+    from chimera_mixpert.real_shapes import build_real_chimera
     from train.dpo import check_lengths
-    from train.real_shapes import build_real_chimera
 
     real = yaml.safe_load((CONFIGS / "real" / "chimera_internvl_8b_dpo.yaml").read_text())
     _, processor = build_real_chimera("internvl2-1b", experts=("got_ocr2",))
@@ -102,7 +102,7 @@ def test_the_real_dpo_config_max_length_fits_real_internvl_prompts_and_trls_defa
 
 
 def test_chimera_on_a_llava_onevision_0_5b_generalist_with_a_clip_l_336_expert(tmp_path):
-    from train.real_shapes import build_real_chimera
+    from chimera_mixpert.real_shapes import build_real_chimera
 
     model, processor = build_real_chimera("llava-ov-0.5b", experts=("clip-l-336",))
     inputs = processor(images=[[image(384, 768)]], text=[chat_prompt(processor)], return_tensors="pt")
@@ -118,7 +118,7 @@ def test_chimera_on_a_llava_onevision_0_5b_generalist_with_a_clip_l_336_expert(t
 
 
 def test_mixpert_on_a_qwen2_vl_2b_base(tmp_path):
-    from train.real_shapes import build_real_mixpert
+    from chimera_mixpert.real_shapes import build_real_mixpert
 
     model, processor = build_real_mixpert("qwen2-vl-2b")
     assert len(model.model.vision_experts) == 5

@@ -77,3 +77,19 @@ def test_every_shipped_config_parses_with_its_script(tmp_path):
                                                     "--use_cpu", "true"])  # bf16 configs: no GPU here
         checked += 1
     assert checked >= 10
+
+
+def test_train_holds_entry_points_and_the_library_does_not_import_them():
+    # `train/` is scripts only (`python -m train.X`); what they share lives in the `chimera_mixpert` package.
+    scripts = [path for path in (ROOT / "train").rglob("*.py") if path.name != "__init__.py"]
+    assert len(scripts) >= 9
+    for path in scripts:
+        assert 'if __name__ == "__main__":' in path.read_text(), path
+    library = list((ROOT / "chimera_mixpert").rglob("*.py"))
+    assert {"training.py", "tiny.py", "real_shapes.py", "model_card.py", "loading.py", "collators.py"} <= {
+        path.name for path in library}
+    for path in library:
+        tree = ast.parse(path.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not any(name.split(".")[0] == "train" for name in imported), path

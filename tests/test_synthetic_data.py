@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from train.data.synthetic import (
+from chimera_mixpert.data.synthetic import (
     CATEGORIES,
     CHART_TYPES,
     COLORS,

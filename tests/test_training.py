@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.data.export import export_preference_jsonl, export_sft_jsonl
-from train.tiny import chat_prompt, random_images
+from chimera_mixpert.data.export import export_preference_jsonl, export_sft_jsonl
+from chimera_mixpert.tiny import chat_prompt, random_images
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "train" / "configs" / "tiny"
@@ -48,7 +48,7 @@ def changed(before, model):
 
 
 def test_chimera_stage_1_trains_router_and_projectors_only(data_dir, tmp_path):
-    from train.tiny import build_tiny_chimera
+    from chimera_mixpert.tiny import build_tiny_chimera
 
     experts = {"table": "pix2struct_vision_model", "chart": "siglip_vision_model", "math": "clip_vision_model"}
     initial = snapshot(build_tiny_chimera("internvl", experts, image_size=32, patch_size=8, seed=0,
@@ -77,11 +77,11 @@ def test_chimera_stage_1_trains_router_and_projectors_only(data_dir, tmp_path):
 
 
 def test_chimera_router_phase_fits_the_router_alone_on_cached_features(data_dir, tmp_path):
+    from chimera_mixpert.data.collators import make_domain_labels
+    from chimera_mixpert.data.loading import load_vl_dataset
     from modeling_chimera import ChimeraForConditionalGeneration
     from processing_chimera import ChimeraProcessor
     from train.chimera import routing_features
-    from train.data.collators import make_domain_labels
-    from train.data.loading import load_vl_dataset
 
     run_script("chimera", "chimera_stage1.yaml", "--output_dir", tmp_path / "s1", "--max_steps", 1,
                "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no", "--gscm_ratio", 0.3)
@@ -153,7 +153,7 @@ def test_chimera_stage_2_with_lora_merges_into_a_plain_checkpoint(data_dir, tmp_
 
 
 def test_mixpert_expert_tuning_for_one_domain_changes_only_that_expert(data_dir, tmp_path):
-    from train.tiny import build_tiny_mixpert
+    from chimera_mixpert.tiny import build_tiny_mixpert
 
     initial = snapshot(build_tiny_mixpert("internvl", DOMAINS, image_size=32, patch_size=8, seed=0,
                                           generalist_kwargs={"hidden_size": 32})[0])
@@ -168,7 +168,7 @@ def test_mixpert_expert_tuning_for_one_domain_changes_only_that_expert(data_dir,
 
 def spy_optimizer(monkeypatch):
     """Record, per learning rate, the names of the parameters the trainer's optimizer gives it."""
-    from train.common import GroupLearningRateTrainer
+    from chimera_mixpert.training import GroupLearningRateTrainer
 
     seen = {}
     original = GroupLearningRateTrainer.create_optimizer
@@ -218,7 +218,7 @@ def test_chimera_router_learning_rate_and_optim_flag(data_dir, tmp_path, monkeyp
 
 
 def test_mixpert_router_phase_trains_only_the_router_on_cached_features(data_dir, tmp_path):
-    from train.tiny import build_tiny_mixpert
+    from chimera_mixpert.tiny import build_tiny_mixpert
 
     initial = snapshot(build_tiny_mixpert("internvl", DOMAINS, image_size=32, patch_size=8, seed=0,
                                           generalist_kwargs={"hidden_size": 32})[0])
@@ -232,10 +232,10 @@ def test_mixpert_router_phase_trains_only_the_router_on_cached_features(data_dir
 def test_router_phase_in_a_bf16_model_trains_an_fp32_router_on_the_training_device_and_saves_first(
     data_dir, tmp_path, monkeypatch
 ):
-    import train.common
+    import chimera_mixpert.training
     import train.mixpert
+    from chimera_mixpert.tiny import build_tiny_mixpert
     from modeling_mixpert import MixpertForConditionalGeneration
-    from train.tiny import build_tiny_mixpert
 
     model, processor = build_tiny_mixpert("internvl", DOMAINS, image_size=32, patch_size=8, seed=0,
                                           generalist_kwargs={"hidden_size": 32})
@@ -254,7 +254,7 @@ def test_router_phase_in_a_bf16_model_trains_an_fp32_router_on_the_training_devi
     def broken(router, cache):
         raise RuntimeError("evaluation failed")
 
-    monkeypatch.setattr(train.common, "router_accuracy", broken)
+    monkeypatch.setattr(chimera_mixpert.training, "router_accuracy", broken)
     with pytest.raises(RuntimeError, match="evaluation failed"):
         run_script("mixpert", "mixpert_router.yaml", "--output_dir", tmp_path / "r", "--model_name_or_path",
                    tmp_path / "start", "--dtype", "bfloat16", "--train_file", data_dir / "sft.jsonl",
@@ -267,8 +267,8 @@ def test_router_phase_in_a_bf16_model_trains_an_fp32_router_on_the_training_devi
 
 
 def test_router_samples_per_domain_draws_a_balanced_seeded_subset(data_dir, tmp_path):
-    from train.common import sample_per_domain
-    from train.data.loading import load_vl_dataset
+    from chimera_mixpert.data.loading import load_vl_dataset
+    from chimera_mixpert.training import sample_per_domain
 
     data = load_vl_dataset(str(data_dir / "sft.jsonl"))
     first, again = sample_per_domain(data, 1, seed=0), sample_per_domain(data, 1, seed=0)
@@ -284,7 +284,7 @@ def test_router_samples_per_domain_draws_a_balanced_seeded_subset(data_dir, tmp_
 def test_router_feature_cache_is_float32_memory_mapped_and_exact(tmp_path):
     import numpy as np
 
-    from train.common import RouterFeatureCache
+    from chimera_mixpert.training import RouterFeatureCache
 
     chunks = [torch.randn(5, 7, dtype=torch.float64), torch.randn(3, 7).bfloat16()]
     cache = RouterFeatureCache(str(tmp_path))
@@ -305,7 +305,7 @@ def test_router_feature_cache_is_float32_memory_mapped_and_exact(tmp_path):
 
 @pytest.mark.parametrize("kind", ["chimera", "mixpert"])
 def test_dpo_trains_the_llm_and_leaves_router_and_experts(data_dir, tmp_path, kind):
-    from train.tiny import build_tiny_chimera, build_tiny_mixpert
+    from chimera_mixpert.tiny import build_tiny_chimera, build_tiny_mixpert
 
     kwargs = dict(image_size=32, patch_size=8, seed=0, generalist_kwargs={"hidden_size": 32})
     if kind == "chimera":
@@ -431,14 +431,14 @@ def test_two_process_data_parallel_stage_1(data_dir, tmp_path):
 def test_assemble_cli_builds_loadable_starting_checkpoints(tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from train.assemble import main as assemble, make_parser
-    from train.tiny import (
+    from chimera_mixpert.tiny import (
         build_expert,
         build_expert_image_processor,
         build_generalist,
         build_processor,
         build_tokenizer,
     )
+    from train.assemble import main as assemble, make_parser
 
     tokenizer = build_tokenizer("qwen2_vl")
     build_generalist("qwen2_vl", tokenizer, num_vision_layers=3).save_pretrained(tmp_path / "base")
@@ -466,7 +466,7 @@ def test_assemble_cli_builds_loadable_starting_checkpoints(tmp_path):
 def test_per_group_learning_rates_refuse_optimizer_factories(tmp_path, monkeypatch):
     from transformers import TrainingArguments
 
-    from train.common import GroupLearningRateTrainer
+    from chimera_mixpert.training import GroupLearningRateTrainer
 
     model = torch.nn.Linear(2, 2)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
@@ -483,8 +483,8 @@ def test_dpo_policy_and_reference_see_the_same_inputs_after_a_gscm_stage(tmp_pat
     (with policy = reference the log-probability ratios then differ from 0)."""
     import torch
 
+    from chimera_mixpert.tiny import build_tiny_chimera, chat_prompt, random_images
     from train.dpo import load_models, make_parser
-    from train.tiny import build_tiny_chimera, chat_prompt, random_images
 
     model, processor = build_tiny_chimera("internvl", gscm_ratio=0.5)
     model.save_pretrained(tmp_path / "stage2")
@@ -513,7 +513,7 @@ def test_router_phases_ignore_gradient_checkpointing_from_a_stage_config(data_di
 
 def _small_updates_kept(use_master_weights, training_args, steps=40):
     """Fraction of a bf16 layer's weights changed by `steps` AdamW steps at the real expert phase's rate (2e-6)."""
-    from train.common import fp32_master_weights
+    from chimera_mixpert.training import fp32_master_weights
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
@@ -533,7 +533,7 @@ def _small_updates_kept(use_master_weights, training_args, steps=40):
 def test_fp32_master_weights_keep_the_small_updates_bf16_rounds_away(tmp_path, caplog):
     from transformers import TrainingArguments
 
-    from train.common import fp32_master_weights
+    from chimera_mixpert.training import fp32_master_weights
 
     args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, report_to="none")
     without, kept = _small_updates_kept(False, args), _small_updates_kept(True, args)
@@ -556,9 +556,9 @@ def test_under_deepspeed_or_fsdp_the_gathered_state_is_saved_with_the_router_in_
     `accelerator.get_state_dict` gathers, as `Trainer.save_model` does, with the router back in fp32."""
     from types import SimpleNamespace
 
+    from chimera_mixpert.tiny import build_tiny_chimera
+    from chimera_mixpert.training import gathered_state_dict, save_atomically
     from modeling_chimera import ChimeraForConditionalGeneration
-    from train.common import gathered_state_dict, save_atomically
-    from train.tiny import build_tiny_chimera
 
     model, _ = build_tiny_chimera("internvl")
     gathered = {n: t.to(torch.bfloat16) + 1 for n, t in model.state_dict().items()}  # what DeepSpeed would hold

@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers.models.auto import modeling_auto as _modeling_auto
 
+from chimera_mixpert.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt, random_images
 from tests.transformers_common import load_common_tests
 from tests.generation_common import GenerationTesterMixin
-from train.tiny import build_tiny_chimera, build_tiny_mixpert, chat_prompt, random_images
 
 
 ModelTesterMixin, ConfigTester, _common = load_common_tests()

@@ -17,6 +17,7 @@ PROJECT_MODULES = (
     "configuration_mixpert",
     "modeling_mixpert",
     "train",
+    "chimera_mixpert",
 )
 
 # Prepended to subprocess code: any import of a project module fails, as on a machine where only transformers is

@@ -33,7 +33,9 @@ from peft import get_peft_model
 from transformers import TrainingArguments
 from trl import ModelConfig, TrlParser, get_peft_config
 
-from train.common import (
+from chimera_mixpert.data.collators import VisionLanguageSFTCollator, make_domain_labels
+from chimera_mixpert.data.loading import load_vl_dataset
+from chimera_mixpert.training import (
     GroupLearningRateTrainer,
     ModelArguments,
     SFTDataArguments,
@@ -53,8 +55,6 @@ from train.common import (
     training_device,
     training_files,
 )
-from train.data.collators import VisionLanguageSFTCollator, make_domain_labels
-from train.data.loading import load_vl_dataset
 
 
 @dataclass
@@ -134,8 +134,8 @@ def routing_features(model, processor, data, labels: dict, cache_dir: str, devic
     """The router's input (Chimera §3.2: the generalist tower's CLS / token mean on the whole-image tile) and target
     for every labelled image of `data`, computed once into a `RouterFeatureCache` (on `device`, default: where the
     model is)."""
-    from train.common import RouterFeatureCache, to_device
-    from train.data.collators import VisionLanguageSFTCollator
+    from chimera_mixpert.data.collators import VisionLanguageSFTCollator
+    from chimera_mixpert.training import RouterFeatureCache, to_device
 
     collator = VisionLanguageSFTCollator(processor, labels)
     inner = model.model

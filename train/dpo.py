@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from trl import DPOConfig, DPOTrainer, TrlParser
 from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
 
-from train.common import (
+from chimera_mixpert.data.loading import resolve_image_path
+from chimera_mixpert.training import (
     DataArguments,
     ModelArguments,
     TinyArguments,
@@ -45,7 +46,6 @@ from train.common import (
     set_trainable,
     training_files,
 )
-from train.data.loading import resolve_image_path
 
 
 logger = logging.getLogger(__name__)

@@ -22,6 +22,8 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
+from chimera_mixpert.data.loading import resolve_image_path
+from chimera_mixpert.training import pretrained_classes, read_model_type
 from evaluation.metrics import (
     DEFAULT_DOMAIN_METRICS,
     METRICS,
@@ -30,8 +32,6 @@ from evaluation.metrics import (
     score,
 )
 from processing_chimera import load_rgb_image
-from train.common import pretrained_classes, read_model_type
-from train.data.loading import resolve_image_path
 
 
 logger = logging.getLogger(__name__)

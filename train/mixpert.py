@@ -31,7 +31,9 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 from trl import TrlParser
 
-from train.common import (
+from chimera_mixpert.data.collators import VisionLanguageSFTCollator
+from chimera_mixpert.data.loading import load_vl_dataset
+from chimera_mixpert.training import (
     GroupLearningRateTrainer,
     ModelArguments,
     SFTDataArguments,
@@ -52,8 +54,6 @@ from train.common import (
     training_device,
     training_files,
 )
-from train.data.collators import VisionLanguageSFTCollator
-from train.data.loading import load_vl_dataset
 
 
 @dataclass
@@ -146,8 +146,8 @@ def pooled_shared_features(model, processor, data, cache_dir: str, device=None, 
     """Router inputs (pooled shared-layer features, per image or per tile as the model routes) and domain targets,
     computed once into a `RouterFeatureCache` (on `device`, default: where the model is): the shared layers are frozen
     during router training."""
-    from train.common import RouterFeatureCache, to_device
-    from train.data.collators import VisionLanguageSFTCollator
+    from chimera_mixpert.data.collators import VisionLanguageSFTCollator
+    from chimera_mixpert.training import RouterFeatureCache, to_device
 
     collator = VisionLanguageSFTCollator(processor)
     inner = model.model

@@ -35,7 +35,7 @@ def make_parser(prog: str | None = None):
 def main(args):
     from huggingface_hub import HfApi
 
-    from train.model_card import render_model_card
+    from chimera_mixpert.model_card import render_model_card
 
     config_file = os.path.join(args.model_dir, "config.json")
     if not os.path.isfile(config_file):

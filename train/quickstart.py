@@ -6,7 +6,7 @@
 What it does, through the same classes and scripts as full-size runs (`train.sft`, `train.chimera`, `train.dpo`,
 `train.mixpert`, `train.evaluate`):
 
-1. writes the synthetic data (chart, table, math, document, OCR, general; `train.data.synthetic`) as local files;
+1. writes the synthetic data (chart, table, math, document, OCR, general; `chimera_mixpert.data.synthetic`) as local files;
 2. trains a small native InternVL jointly on all domains: the stand-in for a pretrained generalist ("joint");
 3. trains one higher-resolution vision encoder per Chimera expert domain (chart, table, math, document), each as
    the vision tower of a specialist that shares the joint model's frozen LLM;
@@ -154,8 +154,14 @@ def run(module: str, args: list[str], **kwargs):
 
 
 def write_data(lab: Lab):
-    from train.data.export import export_preference_jsonl, export_sft_jsonl
-    from train.data.synthetic import IMAGE_KINDS, KIND_QUESTIONS, build_dataset, make_preference_pairs, save_dataset
+    from chimera_mixpert.data.export import export_preference_jsonl, export_sft_jsonl
+    from chimera_mixpert.data.synthetic import (
+        IMAGE_KINDS,
+        KIND_QUESTIONS,
+        build_dataset,
+        make_preference_pairs,
+        save_dataset,
+    )
 
     cfg = lab.cfg
     data = build_dataset({"train": cfg.train_per_domain, "validation": 0, "test": cfg.test_per_domain},
@@ -185,7 +191,7 @@ def _text(messages) -> str:
 
 def train_joint(lab: Lab, data):
     """The generalist stand-in: a native InternVL trained jointly on every domain (train.sft)."""
-    from train.tiny import build_generalist, build_processor, build_tokenizer
+    from chimera_mixpert.tiny import build_generalist, build_processor, build_tokenizer
 
     cfg = lab.cfg
     corpus = [f"{r['question']} {r['answer']}" for r in data["train"]]
@@ -207,7 +213,7 @@ def train_specialists(lab: Lab, tokenizer):
     whose LLM is the joint model's, frozen. Returns `{domain: vision tower}`."""
     from transformers import AutoModelForImageTextToText
 
-    from train.tiny import build_generalist, build_processor
+    from chimera_mixpert.tiny import build_generalist, build_processor
 
     cfg = lab.cfg
     joint = AutoModelForImageTextToText.from_pretrained(lab.path("joint"))
@@ -231,9 +237,9 @@ def train_specialists(lab: Lab, tokenizer):
 def assemble_chimera(lab: Lab, towers):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from chimera_mixpert.tiny import build_processor
     from modeling_chimera import ChimeraForConditionalGeneration
     from processing_chimera import ChimeraProcessor
-    from train.tiny import build_processor
 
     cfg = lab.cfg
     joint = AutoModelForImageTextToText.from_pretrained(lab.path("joint"))
@@ -276,8 +282,8 @@ def train_dpo(lab: Lab):
 def train_mixpert(lab: Lab):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from chimera_mixpert.data.synthetic import DOMAINS
     from modeling_mixpert import MixpertForConditionalGeneration
-    from train.data.synthetic import DOMAINS
 
     cfg = lab.cfg
     joint = AutoModelForImageTextToText.from_pretrained(lab.path("joint"))

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
 from trl import TrlParser
 
-from train.common import (
+from chimera_mixpert.data.collators import VisionLanguageSFTCollator
+from chimera_mixpert.data.loading import load_vl_dataset
+from chimera_mixpert.training import (
     ModelArguments,
     SFTDataArguments,
     TinyArguments,
@@ -30,8 +32,6 @@ from train.common import (
     set_trainable,
     training_files,
 )
-from train.data.collators import VisionLanguageSFTCollator
-from train.data.loading import load_vl_dataset
 from vlm_backbones import get_backbone_family
 
 

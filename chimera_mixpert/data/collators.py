@@ -48,7 +48,7 @@ def training_chat_template(processor) -> str:
 
 
 class VisionLanguageSFTCollator:
-    """Rows `{"messages", "images", "domain"}` (see `train.data.loading`) -> a model batch with `labels` on assistant
+    """Rows `{"messages", "images", "domain"}` (see `chimera_mixpert.data.loading`) -> a model batch with `labels` on assistant
     tokens only and `expert_labels` per image.
 
     Args:

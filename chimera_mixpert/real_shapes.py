@@ -3,10 +3,10 @@
 Bugs that only appear at real scale live here (sequence lengths of thousands of tokens, 256-2048-token experts,
 bf16), while the weights stay random and the depth is cut to `num_layers` per tower (a config override, not another
 code path), so every stage runs on a CPU; `num_layers=None` keeps the published depths (`bench/real_shape.py`). Nothing is downloaded: the configs below are written from the published
-`config.json` files of each model (cited per entry); the tokenizer is the tiny one from `train.tiny`, with the
+`config.json` files of each model (cited per entry); the tokenizer is the tiny one from `chimera_mixpert.tiny`, with the
 vocabulary padded to the real size so the embedding and LM-head shapes are real too.
 
-    from train.real_shapes import build_real_chimera, build_real_mixpert
+    from chimera_mixpert.real_shapes import build_real_chimera, build_real_mixpert
     model, processor = build_real_chimera("internvl2-1b", experts=("got_ocr2", "pix2struct"))
 """
 
@@ -35,7 +35,7 @@ from transformers import (
 )
 from transformers.models.pix2struct.configuration_pix2struct import Pix2StructVisionConfig
 
-from train.tiny import build_tokenizer, random_images
+from chimera_mixpert.tiny import build_tokenizer, random_images
 
 # Qwen2-0.5B (the LLM of InternVL2-1B and LLaVA-OneVision-0.5B): Qwen/Qwen2-0.5B config.json.
 QWEN2_0_5B = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,

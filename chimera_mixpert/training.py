@@ -20,12 +20,18 @@ from huggingface_hub import HfApi
 from transformers import AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, Trainer
 from transformers.trainer_optimizer import is_optimizer_factory
 
+from chimera_mixpert.data.export import export_preference_jsonl, export_sft_jsonl
+from chimera_mixpert.model_card import render_model_card
+from chimera_mixpert.tiny import (
+    build_generalist,
+    build_processor,
+    build_tiny_chimera,
+    build_tiny_mixpert,
+    build_tokenizer,
+)
 from modeling_chimera import ChimeraForConditionalGeneration
 from modeling_mixpert import MixpertForConditionalGeneration
 from processing_chimera import ChimeraProcessor
-from train.data.export import export_preference_jsonl, export_sft_jsonl
-from train.model_card import render_model_card
-from train.tiny import build_generalist, build_processor, build_tiny_chimera, build_tiny_mixpert, build_tokenizer
 
 
 logger = logging.getLogger(__name__)
@@ -162,7 +168,7 @@ def pretrained_classes(kind: str) -> tuple:
 def write_tiny_data(folder: str, tiny: TinyArguments, preference: bool = False) -> dict:
     """Write the synthetic six-domain set as local files (the same path real data takes) and return their paths:
     `{"train": [...], "eval": [...]}`. Existing files (same seed and sizes) are reused."""
-    from train.data.synthetic import build_dataset  # matplotlib and fonts: only when synthetic data is written
+    from chimera_mixpert.data.synthetic import build_dataset  # matplotlib and fonts: only when synthetic data is written
 
     kind = "preference" if preference else "sft"
     marker = os.path.join(folder, f"{kind}.json")
@@ -188,7 +194,7 @@ def write_tiny_data(folder: str, tiny: TinyArguments, preference: bool = False) 
 
 
 def _preference_rows(split, seed):
-    from train.data.synthetic import make_preference_pairs
+    from chimera_mixpert.data.synthetic import make_preference_pairs
 
     pairs = make_preference_pairs(split, seed=seed)
     for pair, row in zip(pairs, split):

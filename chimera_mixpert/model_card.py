@@ -1,6 +1,6 @@
 """Render the Hub model card (`README.md`) of a trained Chimera / Mixpert from its config and evaluation report.
 
-    python -m train.model_card --model_dir runs/chimera-8b --report runs/chimera-8b/eval/report.json \\
+    python -m chimera_mixpert.model_card --model_dir runs/chimera-8b --report runs/chimera-8b/eval/report.json \\
         --repo_id org/chimera-8b --base_model OpenGVLab/InternVL3-8B-hf --dataset org/chimera-sft
 
 The template is `model_card.md` at the repository root (Hub YAML front matter + the Hub's model-card sections). The
