@@ -152,7 +152,8 @@ class ChimeraConfig(PreTrainedConfig):
             raise ValueError(f"`router_feature` must be one of {ROUTER_FEATURES}, got {self.router_feature!r}.")
         if not 0.0 <= float(self.gscm_ratio) < 1.0:
             raise ValueError(
-                f"`gscm_ratio` must be in [0, 1) (the fraction of generalist image tokens masked), got {self.gscm_ratio}."
+                f"`gscm_ratio` must be in [0, 1) (the fraction of generalist image tokens masked), got "
+                f"{self.gscm_ratio}."
             )
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(self.generalist_config, "tie_word_embeddings", False))

@@ -74,9 +74,9 @@ class MixpertConfig(PreTrainedConfig):
         model_type = self.base_config.model_type
         if model_type not in SUPPORTED_FAMILIES:
             raise unsupported_family_error(model_type)
-        family = get_backbone_family(model_type)
+        family = get_backbone_family(self.base_config)
         self._check_domains()
-        depth = family.used_depth(self.base_config)
+        depth = family.used_depth
         if not isinstance(self.num_expert_layers, int) or not 1 <= self.num_expert_layers < depth:
             raise ValueError(
                 f"`num_expert_layers` must be between 1 and {depth - 1}: this {model_type} vision tower feeds the LLM "
@@ -85,20 +85,22 @@ class MixpertConfig(PreTrainedConfig):
             )
         self._check_routing(family)
         if self.router_hidden_size is None:
-            self.router_hidden_size = family.tower_hidden_size(self.base_config)
+            self.router_hidden_size = family.tower_hidden_size
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
 
     def _check_domains(self):
         """A non-empty list of distinct names without dots; "versatile" is reserved for the fallback expert."""
-        self.domains = list(self.domains) if self.domains is not None else ["chart", "document", "math", "ocr", "general"]
+        default = ["chart", "document", "math", "ocr", "general"]
+        self.domains = list(self.domains) if self.domains is not None else default
         if not self.domains or not all(isinstance(d, str) and d and "." not in d for d in self.domains):
             raise ValueError(f"`domains` must be a non-empty list of non-empty names without dots, got {self.domains}.")
         duplicates = sorted({d for d in self.domains if self.domains.count(d) > 1})
         if duplicates:
             raise ValueError(f"Duplicate domain names {duplicates}: every expert needs its own domain name.")
         if "versatile" in self.domains:
-            raise ValueError("'versatile' is the name of the fallback expert (expert_labels == 0); pick another domain name.")
+            raise ValueError("'versatile' is the name of the fallback expert (expert_labels == 0); pick another domain "
+                             "name.")
 
     def _check_routing(self, family):
         """The routing rule and granularity (Mixpert §3.3) and what the backbone family allows."""
@@ -116,7 +118,8 @@ class MixpertConfig(PreTrainedConfig):
             )
         if self.routing_granularity == "sub_image" and not family.has_tiles:
             raise ValueError(
-                f"{model_type} encodes each image whole at native resolution (no tiles): use routing_granularity='image'."
+                f"{model_type} encodes each image whole at native resolution (no tiles): use "
+                "routing_granularity='image'."
             )
 
     @property

@@ -117,8 +117,9 @@ class Pix2StructFamily(ExpertFamily):
         return outputs.last_hidden_state if feature_layer is None else outputs.hidden_states[feature_layer]
 
     def load(self, path, model_type, dtype=None):
-        vision_only = model_type == "pix2struct_vision_model"
-        model_class = transformers.Pix2StructVisionModel if vision_only else transformers.Pix2StructForConditionalGeneration
+        model_class = transformers.Pix2StructForConditionalGeneration
+        if model_type == "pix2struct_vision_model":
+            model_class = transformers.Pix2StructVisionModel
         return model_class.from_pretrained(path, dtype=dtype, use_safetensors=True)
 
     def vision_part(self, model):
@@ -154,7 +155,8 @@ class Kosmos25Family(Pix2StructFamily):
 
 
 class GotOcr2VisionFamily(ExpertFamily):
-    """GOT-OCR2's SAM-style encoder alone: its tokens are the neck's `(B, C, H, W)` map (or a layer's `(B, H, W, C)`)."""
+    """GOT-OCR2's SAM-style encoder alone: its tokens are the neck's `(B, C, H, W)` map (or a layer's
+    `(B, H, W, C)`)."""
 
     vision_model_types = ("got_ocr2_vision",)
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin
+from transformers import AutoModel, AutoTokenizer, GenerationMixin
 from transformers.activations import ACT2FN
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
@@ -56,7 +56,6 @@ try:  # loaded as part of a Hub repo through `trust_remote_code` (relative impor
     from .vlm_backbones import (
         cache_kwarg,
         check_image_token_count,
-        get_backbone_family,
         image_token_spans,
         output_cache,
         placeholder_ids,
@@ -81,7 +80,6 @@ except ImportError:  # ... or as an installed top-level module (`pip install -e 
     from vlm_backbones import (
         cache_kwarg,
         check_image_token_count,
-        get_backbone_family,
         image_token_spans,
         output_cache,
         placeholder_ids,
@@ -166,11 +164,13 @@ _ATTENTION_SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flex_attention": "_suppor
 def _fit_expert_attention(config: ChimeraExpertConfig) -> None:
     """An expert that cannot run the requested attention implementation keeps its own default instead of failing the
     whole load: a generalist on flash attention is common, while GOT-OCR2's encoder supports only eager attention and
-    Pix2Struct no flash attention. A warning says so; a dict such as `{"": "sdpa", "ocr": "eager"}` chooses per expert."""
+    Pix2Struct no flash attention. A warning says so; a dict such as `{"": "sdpa", "ocr": "eager"}` chooses per
+    expert."""
     requested = config.vision_config._attn_implementation
     if not isinstance(requested, str) or requested == "eager":
         return
-    flag = "_supports_flash_attn" if requested.startswith("flash_attention") else _ATTENTION_SUPPORT_FLAGS.get(requested)
+    flash = requested.startswith("flash_attention")
+    flag = "_supports_flash_attn" if flash else _ATTENTION_SUPPORT_FLAGS.get(requested)
     encoder_class = get_expert_family(config.vision_config.model_type).encoder_class(config.vision_config)
     if flag is not None and not getattr(encoder_class, flag, False):
         logger.warning_once(
@@ -317,7 +317,8 @@ def _expand_row(row: int, inputs: dict, expanded: dict, inserts: list, offset: i
         expanded["input_ids"][row, start:end] = torch.tensor(block, dtype=ids.dtype, device=device)
         expanded["attention_mask"][row, start:end] = 1
         if "position_ids" in expanded:  # the block continues the positions after its anchor
-            expanded["position_ids"][row, start:end] = positions[row, anchor] + 1 + torch.arange(len(block), device=device)
+            following = torch.arange(1, len(block) + 1, device=device)
+            expanded["position_ids"][row, start:end] = positions[row, anchor] + following
         source[anchor] = end - 1
     return keep, source
 
@@ -355,10 +356,9 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
 
     def __init__(self, config: ChimeraConfig):
         super().__init__(config)
-        self.family = get_backbone_family(config.generalist_config.model_type)
         self.generalist = AutoModel.from_config(config.generalist_config)
         text_hidden = config.get_text_config().hidden_size
-        self.router = nn.Linear(self.family.tower_hidden_size(config.generalist_config), config.num_experts_with_none, bias=False)
+        self.router = nn.Linear(self.family.tower_hidden_size, config.num_experts_with_none, bias=False)
         self.expert_encoders = nn.ModuleDict({e.domain: ChimeraExpertEncoder(e) for e in config.experts})
         self.expert_projectors = nn.ModuleDict(
             {
@@ -385,20 +385,20 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
     # -- images: encode and route (Chimera §3.2)
 
     def _image_batch(self, pixel_values, input_ids=None, **image_inputs):
-        return self.family.image_batch(self.generalist.config, pixel_values, input_ids=input_ids, **image_inputs)
+        return self.family.image_batch(pixel_values, input_ids=input_ids, **image_inputs)
 
     def _route_feature(self, acts, images):
         mode = self.config.router_feature
         if mode == "auto":
             mode = "cls" if self.family.has_cls_token else "mean"
-        return self.family.routing_feature(self.generalist, self.generalist.config, acts, images, mode)
+        return self.family.routing_feature(acts, images, mode)
 
     def router_inputs(self, pixel_values, input_ids=None, **image_inputs) -> torch.Tensor:
         """The router's input, one row per image `(num_images, vision_hidden)`: the generalist tower's CLS token or
         token mean (`config.router_feature`) on the tile that shows the whole image (Chimera §3.2). The router stage
         of `train.chimera` caches these."""
         images = self._image_batch(pixel_values, input_ids=input_ids, **image_inputs)
-        _, acts = self.family.encode(self.generalist, self.generalist.config, images)
+        _, acts = self.family.encode(images)
         return self._route_feature(acts, images)
 
     def choose_experts(self, router_logits, expert_labels=None, input_ids=None, generalist_features=None):
@@ -420,7 +420,7 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
         """Generalist tokens per image, router logits, the image grouping and the tower activations."""
         check_finite_pixels(pixel_values)
         images = self._image_batch(pixel_values, input_ids=input_ids, **image_inputs)
-        features, acts = self.family.encode(self.generalist, self.generalist.config, images)
+        features, acts = self.family.encode(images)
         router_logits = self.router(self._route_feature(acts, images).to(self.router.weight.dtype))
         return features, router_logits, images, acts
 
@@ -432,7 +432,8 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
             routed = (expert_index == k).nonzero().squeeze(-1)
             if routed.numel() == 0:
                 continue
-            inputs = expert_pixel_values[k - 1] if expert_pixel_values is not None and len(expert_pixel_values) >= k else None
+            given = expert_pixel_values is not None and len(expert_pixel_values) >= k
+            inputs = expert_pixel_values[k - 1] if given else None
             tokens = self._run_expert(k, self._expert_inputs(k, inputs, routed, num_images), tuple(inputs.shape))
             for row, image in enumerate(routed.tolist()):
                 features[image] = tokens[row]
@@ -448,7 +449,9 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
                 "expert, one row per image)."
             )
         if inputs.shape[0] != num_images:
-            raise ValueError(f"`expert_pixel_values[{k - 1}]` ({domain!r}) has {inputs.shape[0]} rows for {num_images} images.")
+            raise ValueError(
+                f"`expert_pixel_values[{k - 1}]` ({domain!r}) has {inputs.shape[0]} rows for {num_images} images."
+            )
         check_finite_pixels(inputs, f"expert_pixel_values[{k - 1}]")
         return inputs.index_select(0, routed.to(inputs.device))
 
@@ -461,7 +464,8 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
             try:
                 tokens = encoder(inputs.to(self.dtype))
             except RuntimeError as error:  # e.g. another expert's inputs: a shape error deep in the encoder
-                if isinstance(error, torch.OutOfMemoryError) or not any(w in str(error) for w in ("size", "shape", "dimension")):
+                shape_error = any(word in str(error) for word in ("size", "shape", "dimension"))
+                if isinstance(error, torch.OutOfMemoryError) or not shape_error:
                     raise
                 raise ValueError(
                     f"Expert {k} ({domain!r}, {encoder.family}) cannot encode `expert_pixel_values[{k - 1}]` of "
@@ -505,11 +509,13 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
             expert_index = self.choose_experts(router_logits, expert_labels, input_ids, features)
         else:
             self._validate_expert_labels(expert_labels, images.num_images)
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         tower = None
         if output_hidden_states or output_attentions:
-            tower = self.family.tower_outputs(self.generalist, images, output_hidden_states, output_attentions)
+            tower = self.family.tower_outputs(images, output_hidden_states, output_attentions)
         return ChimeraImageFeatures(
             last_hidden_state=acts.hidden,
             pooler_output=tuple(features),
@@ -564,10 +570,12 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
         if not spans or self.has_expert_tokens(input_ids):
             return inserts
         after = self.config.expert_insert_after_token_id
-        for (row, _, last), k, feats in zip(spans, image_features.expert_index.tolist(), image_features.expert_features):
+        experts = zip(spans, image_features.expert_index.tolist(), image_features.expert_features)
+        for (row, _, last), k, feats in experts:
             if k == 0:
                 continue
-            anchor = last + 1 if after is not None and last + 1 < input_ids.shape[1] and int(input_ids[row, last + 1]) == after else last
+            followed = after is not None and last + 1 < input_ids.shape[1] and int(input_ids[row, last + 1]) == after
+            anchor = last + 1 if followed else last
             inserts[row].append((anchor, self._expert_block(k, int(feats.shape[0]))))
         return inserts
 
@@ -677,10 +685,12 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
         **kwargs,
     ) -> ChimeraModelOutputWithPast:
         cache = take_cache(past_key_values, kwargs)
-        llm_kwargs = dict(image_inputs={"image_grid_thw": image_grid_thw}, use_cache=use_cache, **cache_kwarg(cache), **kwargs)
+        llm_kwargs = dict(image_inputs={"image_grid_thw": image_grid_thw}, use_cache=use_cache, **cache_kwarg(cache),
+                          **kwargs)
         image_features = (mm_encoder_outputs or {}).get("image")
         if pixel_values is None and image_features is None:
-            return self._text_forward(input_ids, inputs_embeds, attention_mask, position_ids, mm_token_type_ids, llm_kwargs)
+            return self._text_forward(input_ids, inputs_embeds, attention_mask, position_ids, mm_token_type_ids,
+                                      llm_kwargs)
         if input_ids is None:
             input_ids = self._placeholder_ids(inputs_embeds)
         self._check_expert_tokens_configured()
@@ -698,13 +708,13 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
         embeds = self.embed(layout, image_features, inputs_embeds)
         position_ids = layout.position_ids
         if position_ids is None:  # from the unmasked attention mask: GSCM must not move positions
-            position_ids = self.family.position_ids(self.generalist, layout.input_ids, layout.attention_mask,
+            position_ids = self.family.position_ids(layout.input_ids, layout.attention_mask,
                                                     {"image_grid_thw": image_grid_thw}, cache, layout.mm_token_type_ids)
         # 4. mask: GSCM hides part of each routed image's generalist tokens while training (Chimera §3.3)
         attention = self._gscm_mask(layout.attention_mask, layout, image_features.expert_index)
         # 5. the generalist's LLM on the expanded sequence
         outputs = self.family.language_forward(
-            self.generalist, embeds, input_ids=layout.input_ids, attention_mask=attention, position_ids=position_ids,
+            embeds, input_ids=layout.input_ids, attention_mask=attention, position_ids=position_ids,
             mm_token_type_ids=layout.mm_token_type_ids, **llm_kwargs,
         )
         # 6. realign: outputs line up with the caller's input_ids again
@@ -714,11 +724,13 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
     def _realigned(outputs, layout, image_features, attention) -> ChimeraModelOutputWithPast:
         """The LLM's outputs on the expanded sequence, read back at the caller's positions (attentions stay expanded:
         `expanded_input_ids` says what each position holds)."""
-        hidden_states = outputs.hidden_states  # `output_hidden_states=[layer ids]` captures some layers only
+        hidden_states = outputs.hidden_states
+        if hidden_states is not None:  # `output_hidden_states=[layer ids]` captures some layers only: the rest are None
+            hidden_states = tuple(h if h is None else layout.realign(h) for h in hidden_states)
         return ChimeraModelOutputWithPast(
             last_hidden_state=layout.realign(outputs.last_hidden_state),
             **cache_kwarg(output_cache(outputs)),
-            hidden_states=None if hidden_states is None else tuple(h if h is None else layout.realign(h) for h in hidden_states),
+            hidden_states=hidden_states,
             attentions=outputs.attentions,
             router_logits=image_features.router_logits,
             expert_index=image_features.expert_index,
@@ -731,7 +743,7 @@ class ChimeraModel(RoutedVLMModel, ChimeraPreTrainedModel):
         if input_ids is not None and self.has_expert_tokens(input_ids):
             raise ValueError("`input_ids` hold expert tokens but no images were given (`pixel_values`).")
         outputs = self.family.language_forward(
-            self.generalist, inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids),
+            inputs_embeds if inputs_embeds is not None else self.get_input_embeddings()(input_ids),
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             mm_token_type_ids=mm_token_type_ids, **llm_kwargs,
         )
@@ -861,8 +873,9 @@ class ChimeraForConditionalGeneration(RoutedVLMForConditionalGeneration, Chimera
         """The prompt with its expert blocks (left-padded, as decoding wants) and the inputs `generate` gets with it."""
         generation_config = kwargs.get("generation_config") or self.generation_config
         layout = self.model.layout(
-            prompt_ids, features, attention_mask=attention_mask, mm_token_type_ids=kwargs.pop("mm_token_type_ids", None),
-            position_ids=kwargs.pop("position_ids", None), padding_side="left",
+            prompt_ids, features, attention_mask=attention_mask,
+            mm_token_type_ids=kwargs.pop("mm_token_type_ids", None), position_ids=kwargs.pop("position_ids", None),
+            padding_side="left",
             pad_token_id=kwargs.get("pad_token_id", generation_config.pad_token_id),
         )
         features.image_rows = torch.tensor(layout.image_rows, dtype=torch.long, device=prompt_ids.device)
@@ -975,7 +988,8 @@ class ChimeraForConditionalGeneration(RoutedVLMForConditionalGeneration, Chimera
         config = self.config
         suppress = list(self.generation_config.suppress_tokens or [])
         inputs_only = [*config.expert_token_ids, config.expert_start_token_id, config.expert_end_token_id]
-        self.generation_config.suppress_tokens = suppress + [t for t in inputs_only if t is not None and t not in suppress]
+        suppress += [token for token in inputs_only if token is not None and token not in suppress]
+        self.generation_config.suppress_tokens = suppress
 
 
 ChimeraForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
@@ -1004,11 +1018,9 @@ def _expert_layout_ids(generalist, generalist_path, layout, image_end_token_id, 
     if layout != "official":
         raise ValueError(f"expert_layout must be 'official' or 'plain', got {layout!r}.")
     if family != "internvl":
-        raise ValueError(f"expert_layout='official' is InternVL's (`</img><domain>...</domain>`); a {family} generalist "
-                         "takes expert_layout='plain'.")
+        raise ValueError(f"expert_layout='official' is InternVL's (`</img><domain>...</domain>`); a {family} "
+                         "generalist takes expert_layout='plain'.")
     if image_end_token_id is None and generalist_path is not None:
-        from transformers import AutoTokenizer
-
         image_end_token_id = getattr(AutoTokenizer.from_pretrained(generalist_path), "end_image_token_id", None)
     if image_end_token_id is None:
         raise ValueError(

@@ -47,7 +47,6 @@ try:  # loaded as part of a Hub repo through `trust_remote_code` (relative impor
     from .vlm_backbones import (
         cache_kwarg,
         check_image_token_count,
-        get_backbone_family,
         output_cache,
         placeholder_ids,
         take_cache,
@@ -71,7 +70,6 @@ except ImportError:  # ... or as an installed top-level module (`pip install -e 
     from vlm_backbones import (
         cache_kwarg,
         check_image_token_count,
-        get_backbone_family,
         output_cache,
         placeholder_ids,
         take_cache,
@@ -148,9 +146,9 @@ class MixpertVisionExpert(nn.Module):
         self.projector = projector
 
     @classmethod
-    def copy_from_backbone(cls, family, backbone, config: MixpertConfig) -> "MixpertVisionExpert":
+    def copy_from_backbone(cls, family, config: MixpertConfig) -> "MixpertVisionExpert":
         """Deep copies of the versatile expert's modules (Mixpert §3.2: experts start from the joint model)."""
-        layers, norm, projector = versatile_modules(family, backbone, config)
+        layers, norm, projector = versatile_modules(family, config)
         expert = cls(
             layers=copy.deepcopy(layers),
             norm=copy.deepcopy(norm) if norm is not None else None,
@@ -166,13 +164,12 @@ class MixpertVisionExpert(nn.Module):
         return expert
 
 
-def versatile_modules(family, backbone, config: MixpertConfig):
+def versatile_modules(family, config: MixpertConfig):
     """The base model's own last `K` layers, final norm (or None) and projector."""
-    depth = family.used_depth(config.base_config)
-    layers = family.vision_layers(backbone)[depth - config.num_expert_layers : depth]
-    _, uses_norm = family.feature_taps(config.base_config)
-    norm = family.final_norm(backbone) if uses_norm else None
-    return layers, norm, family.projector(backbone)
+    depth = family.used_depth
+    layers = family.vision_layers()[depth - config.num_expert_layers : depth]
+    _, uses_norm = family.feature_taps
+    return layers, family.final_norm() if uses_norm else None, family.projector()
 
 
 class MixpertRouter(nn.Module):
@@ -235,24 +232,23 @@ class MixpertModel(RoutedVLMModel, MixpertPreTrainedModel):
 
     def __init__(self, config: MixpertConfig):
         super().__init__(config)
-        self.family = get_backbone_family(config.base_config.model_type)
         self.backbone = AutoModel.from_config(config.base_config)
         self.vision_experts = nn.ModuleDict(
-            {d: MixpertVisionExpert.copy_from_backbone(self.family, self.backbone, config) for d in config.domains}
+            {d: MixpertVisionExpert.copy_from_backbone(self.family, config) for d in config.domains}
         )
         self.vision_router = MixpertRouter(
-            self.family.tower_hidden_size(config.base_config), config.router_hidden_size, config.num_domains
+            self.family.tower_hidden_size, config.router_hidden_size, config.num_domains
         )
         self.finish_init()
 
     @property
     def shared_depth(self) -> int:
         """How many tower layers every image shares (the used depth `D` minus the experts' `K`)."""
-        return self.family.used_depth(self.config.base_config) - self.config.num_expert_layers
+        return self.family.used_depth - self.config.num_expert_layers
 
     def expert_modules(self, index: int):
         """`(layers, norm, projector)` of expert `index` (0 = versatile = the base model's own modules)."""
-        layers, norm, projector = versatile_modules(self.family, self.backbone, self.config)
+        layers, norm, projector = versatile_modules(self.family, self.config)
         if index == 0:
             return layers, norm, projector
         expert = self.vision_experts[self.domains[index - 1]]
@@ -266,9 +262,9 @@ class MixpertModel(RoutedVLMModel, MixpertPreTrainedModel):
 
     def _shared_layers(self, images, keep: set):
         """Patch embedding and the shared layers, keeping hidden states `keep` and the shared output."""
-        family, backbone = self.family, self.backbone
-        acts = family.embed(backbone, images)
-        return family.run_layers(family.vision_layers(backbone)[: self.shared_depth], acts, keep=keep | {self.shared_depth})
+        family = self.family
+        return family.run_layers(family.vision_layers()[: self.shared_depth], family.embed(images),
+                                 keep=keep | {self.shared_depth})
 
     def _pooled(self, acts, images):
         """The router's input: the global average pool of the shared output per routed row, and each row's image."""
@@ -286,7 +282,7 @@ class MixpertModel(RoutedVLMModel, MixpertPreTrainedModel):
         """The router's input and the image of each routed row: `(rows, tower_hidden)` pooled shared-layer features and
         `(rows,)` image indices, a row per image (or per tile with `routing_granularity="sub_image"`). The shared
         layers are frozen while the router trains, so the router phase of `train.mixpert` caches these."""
-        images = self.family.image_batch(self.backbone.config, pixel_values, input_ids=input_ids, **image_inputs)
+        images = self.family.image_batch(pixel_values, input_ids=input_ids, **image_inputs)
         return self._pooled(self._shared_layers(images, set()), images)
 
     def choose_experts(self, router_logits, expert_labels=None, routing_strategy=None, routing_threshold=None):
@@ -305,8 +301,8 @@ class MixpertModel(RoutedVLMModel, MixpertPreTrainedModel):
     def _dispatch(self, acts, unit_expert, keep: set, output_hidden_states: bool):
         """Grouped dispatch: one pass per used expert over the units routed to it. Returns the last tower states,
         the hidden states on request, and each unit's LLM tokens."""
-        family, backbone = self.family, self.backbone
-        depth, shared_depth = family.used_depth(backbone.config), self.shared_depth
+        family = self.family
+        depth, shared_depth = family.used_depth, self.shared_depth
         used = torch.unique(unit_expert).tolist()
         unit_features = [None] * acts.num_units
         expert_states = {i: torch.empty_like(acts.hidden) for i in keep | {depth} if i > shared_depth}
@@ -318,7 +314,7 @@ class MixpertModel(RoutedVLMModel, MixpertPreTrainedModel):
             rows = family.unit_rows(acts, units)
             for i, states in expert_states.items():  # `.to`: an expert trained in fp32 inside a bf16 model
                 states[rows] = (group.hidden if i == depth else group.taps[i]).to(states.dtype)
-            for unit, features in zip(units.tolist(), family.project(backbone, group, backbone.config, norm, projector)):
+            for unit, features in zip(units.tolist(), family.project(group, norm, projector)):
                 unit_features[unit] = features
         hidden_states = None
         if output_hidden_states:
@@ -354,14 +350,14 @@ class MixpertModel(RoutedVLMModel, MixpertPreTrainedModel):
         output_hidden_states = kwargs.pop("output_hidden_states", None)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        family, backbone = self.family, self.backbone
+        family = self.family
         check_finite_pixels(pixel_values)
         images = family.image_batch(
-            backbone.config, pixel_values, input_ids=input_ids, image_sizes=image_sizes,
+            pixel_values, input_ids=input_ids, image_sizes=image_sizes,
             batch_num_images=batch_num_images, image_grid_thw=image_grid_thw, image_num_patches=image_num_patches,
         )
-        taps, _ = family.feature_taps(backbone.config)
-        keep = set(taps) | ({*range(family.used_depth(backbone.config) + 1)} if output_hidden_states else set())
+        taps, _ = family.feature_taps
+        keep = set(taps) | ({*range(family.used_depth + 1)} if output_hidden_states else set())
         acts = self._shared_layers(images, keep)
         pooled, routed_image = self._pooled(acts, images)
         router_logits = self.vision_router(pooled.to(self.vision_router.fc1.weight.dtype))
@@ -373,7 +369,7 @@ class MixpertModel(RoutedVLMModel, MixpertPreTrainedModel):
         last_hidden, hidden_states, unit_features = self._dispatch(acts, unit_expert, keep, output_hidden_states)
         return MixpertImageFeatures(
             last_hidden_state=last_hidden,
-            pooler_output=tuple(family.assemble(backbone, unit_features, images)),
+            pooler_output=tuple(family.assemble(unit_features, images)),
             hidden_states=hidden_states,
             router_logits=router_logits,
             expert_index=expert_index,
@@ -570,8 +566,7 @@ class MixpertForConditionalGeneration(RoutedVLMForConditionalGeneration, Mixpert
         )
         model = cls.around_native(config, base)  # reuses the base model's modules
         for domain in config.domains:
-            model.model.vision_experts[domain] = MixpertVisionExpert.copy_from_backbone(model.model.family, base.model,
-                                                                                        config)
+            model.model.vision_experts[domain] = MixpertVisionExpert.copy_from_backbone(model.model.family, config)
         model.materialise([model.model.vision_router], next(base.parameters()))  # fp32 (`_keep_in_fp32_modules_strict`)
         return model.train(base.training)
 

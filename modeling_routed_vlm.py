@@ -109,7 +109,9 @@ def teacher_forced(choice: torch.LongTensor, labels: torch.LongTensor | None) ->
 # ------------------------------------------------------------------------------------------------------ loss
 
 
-def lm_and_router_loss(model, logits, labels, router_logits, router_targets, num_items_in_batch=None, shift_labels=None):
+def lm_and_router_loss(
+    model, logits, labels, router_logits, router_targets, num_items_in_batch=None, shift_labels=None
+):
     """`(loss, lm_loss, router_loss)` for Chimera and Mixpert.
 
     `lm_loss` is the mean next-token cross-entropy over this micro-batch's label tokens and `router_loss` the mean
@@ -371,6 +373,15 @@ class RoutedVLMModel(RoutedVLMPreTrainedModel):
     native_attr: str = ""
     zero_label: str = ""
 
+    @property
+    def family(self):
+        """The `vlm_backbones` adapter bound to the native model (bound again when the native model is replaced, as
+        `from_generalist` / `from_base` do)."""
+        family = self.__dict__.get("_family")
+        if family is None or family.backbone is not self.native:
+            family = self.__dict__["_family"] = get_backbone_family(self.native)
+        return family
+
     def finish_init(self):
         self.post_init()
         # The nested models' layer classes too, so `device_map="auto"` and FSDP's wrapping by class never split one.
@@ -400,7 +411,7 @@ class RoutedVLMModel(RoutedVLMPreTrainedModel):
     @property
     def image_token_id(self) -> int:
         """The native model's image placeholder token."""
-        return self.family.image_token_id(self.native.config)
+        return self.family.image_token_id
 
     def _validate_expert_labels(self, expert_labels, num_images) -> torch.LongTensor | None:
         """`expert_labels` as a LongTensor of one label per image: 0 = `zero_label`, k = the k-th domain's expert,
@@ -490,7 +501,7 @@ class RoutedVLMForConditionalGeneration(RoutedVLMPreTrainedModel, GenerationMixi
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         text_positions = super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
-        return self.model.family.generation_position_ids(self.model.native, text_positions, inputs_tensor, model_kwargs)
+        return self.model.family.generation_position_ids(text_positions, inputs_tensor, model_kwargs)
 
     def _expand_multimodal_outputs(self, input_ids, mm_encoder_output, expand_size=1, inputs_embeds=None):
         # Beam search / num_return_sequences repeat every row; repeat its images' features with it.
@@ -527,7 +538,7 @@ class RoutedVLMForConditionalGeneration(RoutedVLMPreTrainedModel, GenerationMixi
                 f"`{argument}` must be a native `...ForConditionalGeneration` model (with `.model` and `.lm_head`), "
                 f"got {type(native).__name__}."
             )
-        get_backbone_family(native.config.model_type)  # clear error for unsupported families
+        get_backbone_family(native.config)  # clear error for unsupported families
         return native
 
     @classmethod

@@ -235,7 +235,9 @@ class ChimeraProcessor(ProcessorMixin):
         attributes = set(type(generalist_processor).get_attributes()) | {"self", "chat_template", "kwargs", "args"}
         init_params = inspect.signature(type(generalist_processor).__init__).parameters
         generalist_kwargs = {
-            p: getattr(generalist_processor, p) for p in init_params if p not in attributes and hasattr(generalist_processor, p)
+            p: getattr(generalist_processor, p)
+            for p in init_params
+            if p not in attributes and hasattr(generalist_processor, p)
         }
         preprocessing = []
         for domain, processor in expert_image_processors.items():

@@ -24,8 +24,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields, replace
 
 import torch
+import transformers
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
 
 
 SUPPORTED_FAMILIES = ("llava_onevision", "qwen2_vl", "internvl")
@@ -50,7 +52,8 @@ def take_cache(past_key_values, kwargs: dict):
     for 5.23 `past_key_values=`). Removes `cache` from `kwargs` so it is not passed on twice."""
     cache = kwargs.pop("cache", None)
     if cache is not None and past_key_values is not None:
-        raise ValueError("Pass the KV cache once, as `cache` or as `past_key_values` (its name before transformers 5.24).")
+        raise ValueError("Pass the KV cache once, as `cache` or as `past_key_values` (its name before transformers "
+                         "5.24).")
     return cache if cache is not None else past_key_values
 
 
@@ -124,7 +127,11 @@ class ImageBatch:
 
 
 class BackboneFamily(ABC):
-    """Family-specific knowledge; one stateless instance per family (see `get_backbone_family`)."""
+    """What differs between the native VLM families, bound to one native model (`get_backbone_family(backbone)`).
+
+    Built from a config alone (`get_backbone_family(config)`), it answers the config questions only (`used_depth`,
+    `tower_hidden_size`, `has_tiles`, ...): configurations ask before any model exists.
+    """
 
     model_type: str = ""
     #: name of the tower attribute on the backbone model
@@ -136,45 +143,64 @@ class BackboneFamily(ABC):
     #: whether the tower has a real CLS token at position 0
     has_cls_token: bool = False
 
+    def __init__(self, config, backbone: nn.Module | None = None):
+        self.config = config
+        self._backbone = backbone
+        # Qwen2-VL's generation state (as the native `...ForConditionalGeneration` keeps it): kept here, not written
+        # onto the native model.
+        self.rope_deltas = None
+
+    @property
+    def backbone(self) -> nn.Module:
+        if self._backbone is None:
+            raise RuntimeError(f"This {type(self).__name__} was made from a config: bind it to a model with "
+                               "`get_backbone_family(backbone)` to run it.")
+        return self._backbone
+
     # ----------------------------------------------------------------------------------------------- config
 
-    def image_token_id(self, config) -> int:
-        return config.image_token_id
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
 
-    def vision_config(self, config):
-        return config.vision_config
+    @property
+    def vision_config(self):
+        return self.config.vision_config
 
-    def tower(self, backbone) -> nn.Module:
-        return getattr(backbone, self.tower_attr)
+    @property
+    def num_vision_layers(self) -> int:
+        return self.vision_config.num_hidden_layers
 
-    @abstractmethod
-    def vision_layers(self, backbone) -> nn.ModuleList:
-        """The tower's list of transformer layers."""
-
-    def num_vision_layers(self, config) -> int:
-        return self.vision_config(config).num_hidden_layers
-
-    def tower_hidden_size(self, config) -> int:
+    @property
+    def tower_hidden_size(self) -> int:
         """Width of the tower's layers (router input)."""
-        return self.vision_config(config).hidden_size
+        return self.vision_config.hidden_size
 
+    @property
     @abstractmethod
-    def feature_taps(self, config) -> tuple[tuple[int, ...], bool]:
+    def feature_taps(self) -> tuple[tuple[int, ...], bool]:
         """Hidden-state indices the projector reads (0 = embeddings, i = after layer i) and whether the tower's
         final norm is applied to the last of them."""
 
-    def used_depth(self, config) -> int:
+    @property
+    def used_depth(self) -> int:
         """Number of tower layers whose output reaches the LLM (layers after it are dead weight)."""
-        return max(self.feature_taps(config)[0])
+        return max(self.feature_taps[0])
 
-    def final_norm(self, backbone) -> nn.Module | None:
+    # ---------------------------------------------------------------------------------------------- modules
+
+    def tower(self) -> nn.Module:
+        return getattr(self.backbone, self.tower_attr)
+
+    @abstractmethod
+    def vision_layers(self) -> nn.ModuleList:
+        """The tower's list of transformer layers."""
+
+    def final_norm(self) -> nn.Module | None:
         return None
 
-    def projector(self, backbone) -> nn.Module:
-        return backbone.multi_modal_projector
-
-    def projector_attr(self) -> str:
-        return "multi_modal_projector"
+    def projector(self) -> nn.Module:
+        return self.backbone.multi_modal_projector
 
     # ------------------------------------------------------------------------------------------ vision path
 
@@ -182,28 +208,31 @@ class BackboneFamily(ABC):
         """The family's image inputs besides `pixel_values` (`image_sizes`, `image_grid_thw`, ...) found in `batch`."""
         return {name: batch[name] for name in self.image_input_names if name != "pixel_values" and name in batch}
 
-
     @abstractmethod
-    def image_batch(self, config, pixel_values, input_ids=None, **image_inputs) -> ImageBatch:
+    def image_batch(self, pixel_values, input_ids=None, **image_inputs) -> ImageBatch:
         """Group the processor's image inputs into units and images."""
 
     @abstractmethod
-    def embed(self, backbone, images: ImageBatch) -> VisionActivations:
+    def embed(self, images: ImageBatch) -> VisionActivations:
         """Patch embedding (+ positions): the activations before the first tower layer."""
 
-    def run_layers(self, layers, acts: VisionActivations, keep: tuple[int, ...]) -> VisionActivations:
+    def layer_kwargs(self, layers, acts: VisionActivations) -> dict:
+        """What every tower layer takes besides the hidden states (computed once per `run_layers`)."""
+        return {}
+
+    def run_layers(self, layers, acts: VisionActivations, keep) -> VisionActivations:
         """Apply `layers` (a slice of the tower's layers, continuing at `acts.depth`), keeping hidden states whose
         index is in `keep`."""
+        if len(layers) == 0:
+            return acts
+        kwargs = self.layer_kwargs(layers, acts)
         hidden, taps, depth = acts.hidden, dict(acts.taps), acts.depth
         for layer in layers:
-            hidden = self._call_layer(layer, hidden, acts)
+            hidden = layer(hidden, **kwargs)
             depth += 1
             if depth in keep:
                 taps[depth] = hidden
         return replace(acts, hidden=hidden, taps=taps, depth=depth)
-
-    def _call_layer(self, layer, hidden, acts):
-        return layer(hidden)
 
     def select_units(self, acts: VisionActivations, unit_index: torch.LongTensor) -> VisionActivations:
         """The activations of a subset of units (for grouped expert dispatch)."""
@@ -219,10 +248,11 @@ class BackboneFamily(ABC):
         return unit_index.to(acts.hidden.device)
 
     @abstractmethod
-    def project(self, backbone, acts, config, final_norm=None, projector=None) -> list[torch.Tensor]:
-        """Feature selection + (final norm) + projection: one `(tokens, llm_hidden)` tensor per unit."""
+    def project(self, acts, final_norm=None, projector=None) -> list[torch.Tensor]:
+        """Feature selection + (final norm) + projection: one `(tokens, llm_hidden)` tensor per unit. `final_norm` /
+        `projector` replace the native ones (a Mixpert expert's own)."""
 
-    def assemble(self, backbone, unit_features: list, images: ImageBatch) -> list[torch.Tensor]:
+    def assemble(self, unit_features: list, images: ImageBatch) -> list[torch.Tensor]:
         """Per-unit LLM tokens -> per-image LLM tokens, in the order the processor laid out the placeholders."""
         out, start = [], 0
         for count in images.units_per_image:
@@ -234,18 +264,13 @@ class BackboneFamily(ABC):
         """Global average pool of hidden state `tap` per unit: `(num_units, dim)` (Mixpert §3.3 router input)."""
         return acts.taps[tap].mean(dim=1)
 
-    def cls_or_mean(self, acts: VisionActivations, tap: int) -> torch.Tensor:
-        """CLS token of hidden state `tap` where the tower has one, mean over tokens otherwise: `(num_units, dim)`."""
-        hidden = acts.taps[tap]
-        return hidden[:, 0] if self.has_cls_token else hidden.mean(dim=1)
-
-    def routing_feature(self, backbone, config, acts: VisionActivations, images: ImageBatch, mode: str) -> torch.Tensor:
+    def routing_feature(self, acts: VisionActivations, images: ImageBatch, mode: str) -> torch.Tensor:
         """One vector per image for Chimera's router (§3.2): the CLS token (`mode="cls"`) or the token mean
         (`"mean"`) of the feature layer the projector reads, on the unit that shows the whole image."""
-        taps, uses_norm = self.feature_taps(config)
+        taps, uses_norm = self.feature_taps
         hidden = acts.taps[max(taps)]
-        if uses_norm and self.final_norm(backbone) is not None:
-            hidden = self.final_norm(backbone)(hidden)
+        if uses_norm and self.final_norm() is not None:
+            hidden = self.final_norm()(hidden)
         hidden = hidden.index_select(0, self.overview_unit(images).to(hidden.device))
         if mode == "cls":
             if not self.has_cls_token:
@@ -258,21 +283,17 @@ class BackboneFamily(ABC):
         counts = torch.tensor(images.units_per_image, dtype=torch.long)
         return torch.cumsum(counts, 0) - counts  # first unit of every image
 
-    def tower_outputs(self, backbone, images: ImageBatch, output_hidden_states=False, output_attentions=False):
+    def tower_outputs(self, images: ImageBatch, output_hidden_states=False, output_attentions=False):
         """The native tower's own forward on the batch's units, for the `hidden_states` / `attentions` that
         `get_image_features` returns on request (the layer-by-layer path records neither)."""
-        tower = self.tower(backbone)
+        tower = self.tower()
         return tower(pixel_values=images.pixel_values.to(tower.dtype), output_hidden_states=output_hidden_states,
                      output_attentions=output_attentions, return_dict=True)
 
-    def encode(self, backbone, config, images: ImageBatch) -> tuple[list[torch.Tensor], VisionActivations]:
+    def encode(self, images: ImageBatch) -> tuple[list[torch.Tensor], VisionActivations]:
         """The backbone's own image features (exactly its `get_image_features`), plus the tower activations."""
-        taps, _ = self.feature_taps(config)
-        acts = self.embed(backbone, images)
-        layers = self.vision_layers(backbone)[: self.used_depth(config)]
-        acts = self.run_layers(layers, acts, keep=taps)
-        unit_features = self.project(backbone, acts, config)
-        return self.assemble(backbone, unit_features, images), acts
+        acts = self.run_layers(self.vision_layers()[: self.used_depth], self.embed(images), keep=self.feature_taps[0])
+        return self.assemble(self.project(acts), images), acts
 
     # ----------------------------------------------------------------------------------------- language path
 
@@ -280,16 +301,16 @@ class BackboneFamily(ABC):
         """The `pooler_output` layout the backbone's `forward(mm_encoder_outputs=...)` expects."""
         return tuple(features)
 
-    def language_forward(self, backbone, inputs_embeds, input_ids=None, image_inputs=None, **kwargs):
+    def language_forward(self, inputs_embeds, input_ids=None, image_inputs=None, **kwargs):
         """Run the backbone's language model on `inputs_embeds` (image tokens already filled in)."""
-        return backbone(inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
+        return self.backbone(inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
 
-    def position_ids(self, backbone, input_ids, attention_mask, image_inputs, cache=None, mm_token_type_ids=None):
+    def position_ids(self, input_ids, attention_mask, image_inputs, cache=None, mm_token_type_ids=None):
         """Position ids the backbone would derive itself, or `None` where it uses plain `arange` positions. Chimera
         asks for them before GSCM zeroes parts of the attention mask, which must not move any position."""
         return None
 
-    def generation_position_ids(self, backbone, text_positions, inputs_tensor, model_kwargs):
+    def generation_position_ids(self, text_positions, inputs_tensor, model_kwargs):
         return text_positions
 
 
@@ -309,22 +330,21 @@ class LlavaOnevisionFamily(BackboneFamily):
     model_type = "llava_onevision"
     image_input_names = ("pixel_values", "image_sizes", "batch_num_images")
 
-    def image_token_id(self, config) -> int:
-        return config.image_token_index
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_index
 
-    def vision_layers(self, backbone):
-        return backbone.vision_tower.encoder.layers
+    def vision_layers(self):
+        return self.backbone.vision_tower.encoder.layers
 
-    def feature_taps(self, config):
+    @property
+    def feature_taps(self):
         # LLaVA-OV reads `hidden_states[vision_feature_layer]`, never the tower's `post_layernorm` output.
-        layer = config.vision_feature_layer
+        layer = self.config.vision_feature_layer
         layers = [layer] if isinstance(layer, int) else list(layer)
-        depth = self.num_vision_layers(config)
-        return tuple(l % (depth + 1) for l in layers), False
+        return tuple(i % (self.num_vision_layers + 1) for i in layers), False
 
-    def image_batch(self, config, pixel_values, input_ids=None, image_sizes=None, batch_num_images=None, **_):
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
+    def image_batch(self, pixel_values, input_ids=None, image_sizes=None, batch_num_images=None, **_):
         if image_sizes is None:
             raise ValueError("LLaVA-OneVision needs `image_sizes` next to `pixel_values` (the processor returns it).")
         # Same rule as LlavaOnevisionModel.get_image_features: multi-image samples use only the base crop.
@@ -333,11 +353,10 @@ class LlavaOnevisionFamily(BackboneFamily):
         else:
             need_patching = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
         units = [
-            image_size_to_num_patches(
-                image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
-            )
-            if patch
-            else 1
+            _llava_onevision().image_size_to_num_patches(
+                image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
+                patch_size=self.vision_config.image_size,
+            ) if patch else 1
             for size, patch in zip(image_sizes, need_patching)
         ]
         if pixel_values.dim() == 5:
@@ -346,32 +365,30 @@ class LlavaOnevisionFamily(BackboneFamily):
             raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions.")
         return _tile_image_batch(pixel_values, units, {"image_sizes": image_sizes})
 
-    def embed(self, backbone, images):
-        tower = backbone.vision_tower
+    def embed(self, images):
+        tower = self.backbone.vision_tower
         hidden = tower.embeddings(images.pixel_values.to(tower.dtype))
         return VisionActivations(hidden=hidden, unit_image=images.unit_image(hidden.device), taps={0: hidden})
 
-    def _call_layer(self, layer, hidden, acts):
-        return layer(hidden, None)
+    def layer_kwargs(self, layers, acts):
+        return {"attention_mask": None}  # SigLIP layers take the mask positionally; tiles are never padded
 
-    def project(self, backbone, acts, config, final_norm=None, projector=None):
-        taps, _ = self.feature_taps(config)
-        projector = projector if projector is not None else backbone.multi_modal_projector
+    def project(self, acts, final_norm=None, projector=None):
+        taps, _ = self.feature_taps
+        projector = projector if projector is not None else self.projector()
         feature = torch.cat([acts.taps[t] for t in taps], dim=-1)
-        if config.vision_feature_select_strategy == "default":
+        if self.config.vision_feature_select_strategy == "default":
             feature = feature[:, 1:]
         return list(projector(feature).unbind(0))
 
-    def assemble(self, backbone, unit_features, images):
+    def assemble(self, unit_features, images):
         split, start = [], 0
         for count in images.units_per_image:
             split.append(torch.stack(unit_features[start : start + count], dim=0))
             start += count
-        features, _ = backbone.pack_image_features(
-            split,
-            images.extra["image_sizes"],
-            image_newline=backbone.image_newline,
-            vision_aspect_ratio=backbone.config.vision_aspect_ratio,
+        features, _ = self.backbone.pack_image_features(
+            split, images.extra["image_sizes"], image_newline=self.backbone.image_newline,
+            vision_aspect_ratio=self.config.vision_aspect_ratio,
         )
         return list(features)
 
@@ -383,61 +400,59 @@ class InternVLFamily(BackboneFamily):
     image_input_names = ("pixel_values", "image_num_patches")
     has_cls_token = True
 
-    def vision_layers(self, backbone):
-        return backbone.vision_tower.encoder.layer
+    def vision_layers(self):
+        return self.backbone.vision_tower.encoder.layer
 
-    def feature_taps(self, config):
-        layer = config.vision_feature_layer
+    @property
+    def feature_taps(self):
+        layer = self.config.vision_feature_layer
         if not isinstance(layer, int):
             raise ValueError("InternVL supports a single integer `vision_feature_layer`.")
-        depth = self.num_vision_layers(config)
         # -1 reads `last_hidden_state` (after the tower's final norm); any other index reads hidden_states[i].
-        return (layer % (depth + 1),), layer == -1
+        return (layer % (self.num_vision_layers + 1),), layer == -1
 
-    def final_norm(self, backbone):
-        norm = backbone.vision_tower.layernorm
+    def final_norm(self):
+        norm = self.backbone.vision_tower.layernorm
         return None if isinstance(norm, nn.Identity) else norm
 
-    def tokens_per_tile(self, config) -> int:
-        vc = config.vision_config
+    @property
+    def tokens_per_tile(self) -> int:
+        vc = self.vision_config
         size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
         patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
-        return int((size // patch) ** 2 * config.downsample_ratio**2)
+        return int((size // patch) ** 2 * self.config.downsample_ratio**2)
 
-    def image_batch(self, config, pixel_values, input_ids=None, image_num_patches=None, **_):
+    def image_batch(self, pixel_values, input_ids=None, image_num_patches=None, **_):
         # InternVL packs the tiles of all images into one `pixel_values`: `image_num_patches` (tiles per image) or the
         # prompt's `<img>...</img>` runs tell which tiles form an image. Without either, every row is one image, as in
         # the native `get_image_features`; the image-token count check in `forward` catches a tiled batch.
         if image_num_patches is None and input_ids is not None:
-            image_num_patches = [n // self.tokens_per_tile(config) for n in image_token_runs(input_ids, config.image_token_id)]
+            image_num_patches = [n // self.tokens_per_tile for n in image_token_runs(input_ids, self.image_token_id)]
         if image_num_patches is None:
             image_num_patches = [1] * pixel_values.shape[0]
-        units = [int(n) for n in image_num_patches]
-        return _tile_image_batch(pixel_values, units)
+        return _tile_image_batch(pixel_values, [int(n) for n in image_num_patches])
 
     def overview_unit(self, images):
         # The thumbnail is the last tile of a tiled image (`crop_to_patches` appends it); Chimera's router reads
         # its CLS token (official `chimera_infer.py`: `cur_pixel_value[-1:]`).
         return torch.cumsum(torch.tensor(images.units_per_image, dtype=torch.long), 0) - 1
 
-    def embed(self, backbone, images):
-        tower = backbone.vision_tower
-        hidden = tower.embeddings(images.pixel_values.to(backbone.dtype))
+    def embed(self, images):
+        hidden = self.backbone.vision_tower.embeddings(images.pixel_values.to(self.backbone.dtype))
         return VisionActivations(hidden=hidden, unit_image=images.unit_image(hidden.device), taps={0: hidden})
 
-    def project(self, backbone, acts, config, final_norm=None, projector=None):
-        (tap,), uses_norm = self.feature_taps(config)
-        projector = projector if projector is not None else backbone.multi_modal_projector
+    def project(self, acts, final_norm=None, projector=None):
+        (tap,), uses_norm = self.feature_taps
+        projector = projector if projector is not None else self.projector()
         feature = acts.taps[tap]
         if uses_norm:
-            norm = final_norm if final_norm is not None else backbone.vision_tower.layernorm
-            feature = norm(feature)
-        if config.vision_feature_select_strategy == "default":
+            feature = (final_norm if final_norm is not None else self.backbone.vision_tower.layernorm)(feature)
+        if self.config.vision_feature_select_strategy == "default":
             feature = feature[:, 1:, :]
         units, tokens = feature.shape[:2]
         side = int(tokens**0.5)
-        feature = feature.reshape(units, side, side, -1)
-        feature = backbone.pixel_shuffle(feature, scale_factor=config.downsample_ratio)
+        feature = self.backbone.pixel_shuffle(feature.reshape(units, side, side, -1),
+                                              scale_factor=self.config.downsample_ratio)
         feature = feature.reshape(units, -1, feature.shape[-1])
         return list(projector(feature).unbind(0))
 
@@ -453,33 +468,30 @@ class Qwen2VLFamily(BackboneFamily):
     image_input_names = ("pixel_values", "image_grid_thw")
     has_tiles = False
 
-    def vision_config(self, config):
-        return config.vision_config
+    @property
+    def num_vision_layers(self):
+        return self.vision_config.depth
 
-    def num_vision_layers(self, config):
-        return config.vision_config.depth
+    @property
+    def tower_hidden_size(self):
+        return self.vision_config.embed_dim
 
-    def tower_hidden_size(self, config):
-        return config.vision_config.embed_dim
-
-    def routing_feature(self, backbone, config, acts, images, mode):
+    def routing_feature(self, acts, images, mode):
         if mode == "cls":
             raise ValueError("Qwen2-VL's vision tower has no CLS token: use router_feature='mean'.")
-        return self.pool(acts, self.used_depth(config))
+        return self.pool(acts, self.used_depth)
 
-    def vision_layers(self, backbone):
-        return backbone.visual.blocks
+    def vision_layers(self):
+        return self.backbone.visual.blocks
 
-    def feature_taps(self, config):
-        return (self.num_vision_layers(config),), False
+    @property
+    def feature_taps(self):
+        return (self.num_vision_layers,), False
 
-    def projector(self, backbone):
-        return backbone.visual.merger
+    def projector(self):
+        return self.backbone.visual.merger
 
-    def projector_attr(self):
-        return "merger"
-
-    def image_batch(self, config, pixel_values, input_ids=None, image_grid_thw=None, **_):
+    def image_batch(self, pixel_values, input_ids=None, image_grid_thw=None, **_):
         if image_grid_thw is None:
             raise ValueError("Qwen2-VL needs `image_grid_thw` next to `pixel_values` (the processor returns it).")
         patches = int(image_grid_thw.prod(-1).sum())
@@ -490,33 +502,20 @@ class Qwen2VLFamily(BackboneFamily):
         return ImageBatch(pixel_values=pixel_values, units_per_image=[1] * len(image_grid_thw),
                           extra={"image_grid_thw": image_grid_thw})
 
-    def embed(self, backbone, images):
-        from transformers.vision_utils import get_vision_position_ids
-
-        visual = backbone.visual
+    def embed(self, images):
+        visual = self.backbone.visual
         grid_thw = images.extra["image_grid_thw"]
         hidden = visual.patch_embed(images.pixel_values.type(visual.dtype))
-        position_ids = get_vision_position_ids(grid_thw, visual.spatial_merge_size)
-        rotary = visual.rotary_pos_emb(hidden, position_ids)
+        rotary = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid_thw, visual.spatial_merge_size))
         return VisionActivations(
             hidden=hidden, unit_image=images.unit_image(hidden.device), taps={0: hidden}, grid_thw=grid_thw,
             rotary=rotary,
         )
 
-    def run_layers(self, layers, acts, keep):
-        from transformers.vision_utils import get_vision_attention_seqlens
-
-        if len(layers) == 0:
-            return acts
-        visual_config = layers[0].attn.config
-        cu_seqlens, max_seqlen = get_vision_attention_seqlens(acts.grid_thw, visual_config)
-        hidden, taps, depth = acts.hidden, dict(acts.taps), acts.depth
-        for layer in layers:
-            hidden = layer(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_embeddings=acts.rotary)
-            depth += 1
-            if depth in keep:
-                taps[depth] = hidden
-        return replace(acts, hidden=hidden, taps=taps, depth=depth)
+    def layer_kwargs(self, layers, acts):
+        # The packed units' sequence boundaries, once for all layers (as `Qwen2VisionTransformerPretrainedModel`).
+        cu_seqlens, max_seqlen = get_vision_attention_seqlens(acts.grid_thw, layers[0].attn.config)
+        return {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen, "position_embeddings": acts.rotary}
 
     def _patch_index(self, acts, unit_index):
         """Indices of the packed patches of the units `unit_index`, in that order."""
@@ -540,81 +539,79 @@ class Qwen2VLFamily(BackboneFamily):
             rotary=tuple(r.index_select(0, patches) for r in acts.rotary),
         )
 
-    def tower_outputs(self, backbone, images, output_hidden_states=False, output_attentions=False):
-        visual = backbone.visual
+    def tower_outputs(self, images, output_hidden_states=False, output_attentions=False):
+        visual = self.backbone.visual
         return visual(images.pixel_values.type(visual.dtype), grid_thw=images.extra["image_grid_thw"],
                       output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True)
 
     def unit_rows(self, acts, unit_index):
         return self._patch_index(acts, unit_index)
 
-    def _split_patches(self, acts, tensor):
-        return list(torch.split(tensor, acts.grid_thw.prod(-1).tolist()))
-
     def pool(self, acts, tap):
-        return torch.stack([t.mean(dim=0) for t in self._split_patches(acts, acts.taps[tap])])
+        patches = torch.split(acts.taps[tap], acts.grid_thw.prod(-1).tolist())
+        return torch.stack([t.mean(dim=0) for t in patches])
 
-    def cls_or_mean(self, acts, tap):
-        return self.pool(acts, tap)
-
-    def project(self, backbone, acts, config, final_norm=None, projector=None):
-        (tap,), _ = self.feature_taps(config)
-        projector = projector if projector is not None else backbone.visual.merger
+    def project(self, acts, final_norm=None, projector=None):
+        (tap,), _ = self.feature_taps
+        projector = projector if projector is not None else self.projector()
         merged = projector(acts.taps[tap])
-        merge = backbone.visual.spatial_merge_size**2
+        merge = self.backbone.visual.spatial_merge_size**2
         return list(torch.split(merged, (acts.grid_thw.prod(-1) // merge).tolist()))
 
-    def language_forward(self, backbone, inputs_embeds, input_ids=None, image_inputs=None, **kwargs):
+    def language_forward(self, inputs_embeds, input_ids=None, image_inputs=None, **kwargs):
         # Qwen2VLModel computes 3D RoPE positions from `input_ids` + `mm_token_type_ids` + `image_grid_thw`; with
         # `inputs_embeds` given it embeds nothing itself, and without `pixel_values` it encodes nothing.
-        image_inputs = image_inputs or {}
-        return backbone(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            image_grid_thw=image_inputs.get("image_grid_thw"),
-            return_dict=True,
-            **kwargs,
-        )
+        return self.backbone(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                             image_grid_thw=(image_inputs or {}).get("image_grid_thw"), return_dict=True, **kwargs)
 
-    def position_ids(self, backbone, input_ids, attention_mask, image_inputs, cache=None, mm_token_type_ids=None):
-        return backbone.compute_3d_position_ids(
+    def position_ids(self, input_ids, attention_mask, image_inputs, cache=None, mm_token_type_ids=None):
+        return self.backbone.compute_3d_position_ids(
             input_ids=input_ids, inputs_embeds=None, image_grid_thw=(image_inputs or {}).get("image_grid_thw"),
             attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids, **cache_kwarg(cache),
         )
 
-    def generation_position_ids(self, backbone, text_positions, inputs_tensor, model_kwargs):
+    def generation_position_ids(self, text_positions, inputs_tensor, model_kwargs):
         # Mirrors Qwen2VLForConditionalGeneration._prepare_position_ids_for_generation: [text; t; h; w] rows, or text
         # positions shifted by the stored `rope_deltas` when continuing a cache without new vision tokens.
         cache = model_kwargs.get(CACHE_NAME)
         past_length = cache.get_seq_length() if cache is not None else 0
         mm_types = model_kwargs.get("mm_token_type_ids")
         new_vision = mm_types is not None and bool(mm_types[:, past_length:].any())
-        if past_length and getattr(backbone, "rope_deltas", None) is not None and not new_vision:
-            return text_positions[None, ...] + backbone.rope_deltas
+        if past_length and self.rope_deltas is not None and not new_vision:
+            return text_positions[None, ...] + self.rope_deltas
         ids = model_kwargs.get("input_ids")
         ids = ids if ids is not None and ids.shape[1] > 0 else inputs_tensor
         is_ids = ids is not None and ids.dim() == 2 and ids.dtype in (torch.int, torch.long)
         grid = model_kwargs.get("image_grid_thw")
         if is_ids and mm_types is not None and grid is not None:
-            vision_positions, rope_deltas = backbone.get_rope_index(
+            vision_positions, self.rope_deltas = self.backbone.get_rope_index(
                 ids, mm_token_type_ids=mm_types, image_grid_thw=grid, attention_mask=model_kwargs.get("attention_mask"),
             )
         else:
             vision_positions = text_positions.unsqueeze(0).expand(3, -1, -1)
-            rope_deltas = torch.zeros(text_positions.shape[0], 1, dtype=torch.long, device=text_positions.device)
-        backbone.rope_deltas = rope_deltas
+            self.rope_deltas = torch.zeros(text_positions.shape[0], 1, dtype=torch.long, device=text_positions.device)
         return torch.cat([text_positions[None], vision_positions], dim=0)
 
 
-_FAMILIES = {cls.model_type: cls() for cls in (LlavaOnevisionFamily, Qwen2VLFamily, InternVLFamily)}
+def _llava_onevision():
+    # Read off transformers' lazy module when first needed: importing it at the top would import the whole modeling
+    # stack into every configuration that imports this file.
+    return transformers.models.llava_onevision.modeling_llava_onevision
 
 
-def get_backbone_family(model_type: str) -> BackboneFamily:
-    """The `BackboneFamily` for a native VLM `model_type`; a clear error naming the supported ones otherwise."""
-    try:
-        return _FAMILIES[model_type]
-    except KeyError:
-        raise unsupported_family_error(model_type) from None
+_FAMILIES = {cls.model_type: cls for cls in (LlavaOnevisionFamily, Qwen2VLFamily, InternVLFamily)}
+
+
+def get_backbone_family(backbone_or_config) -> BackboneFamily:
+    """The adapter of a native VLM's family: bound to `backbone_or_config` when it is the native model
+    (`LlavaOnevisionModel` / `Qwen2VLModel` / `InternVLModel`), answering config questions only when it is a config.
+    A clear error naming the supported families otherwise."""
+    is_model = isinstance(backbone_or_config, nn.Module)
+    config = backbone_or_config.config if is_model else backbone_or_config
+    model_type = getattr(config, "model_type", config)
+    if model_type not in _FAMILIES:
+        raise unsupported_family_error(model_type)
+    return _FAMILIES[model_type](config, backbone_or_config if is_model else None)
 
 
 # --------------------------------------------------------------------------------------------------- helpers

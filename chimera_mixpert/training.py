@@ -225,8 +225,8 @@ def chimera_groups(model) -> dict:
         "router": [inner.router],
         "expert_projectors": [inner.expert_projectors],
         "llm": [inner.generalist.language_model, model.lm_head],
-        "generalist_projector": [inner.family.projector(inner.generalist)],
-        "generalist_vision": [inner.family.tower(inner.generalist)],
+        "generalist_projector": [inner.family.projector()],
+        "generalist_vision": [inner.family.tower()],
     }
 
 

@@ -123,8 +123,8 @@ def test_each_used_expert_runs_once_per_batch(monkeypatch):
         model(**inputs, expert_labels=torch.tensor([2, 2, 0]))
     # one shared pass over all tiles, then (in expert order) the versatile expert on image 2's tiles, expert 2 on the
     # tiles of images 0 and 1
-    tiles = model.model.family.image_batch(model.model.backbone.config, inputs.pixel_values,
-                                           image_sizes=inputs.image_sizes, batch_num_images=inputs.batch_num_images)
+    tiles = model.model.family.image_batch(inputs.pixel_values, image_sizes=inputs.image_sizes,
+                                           batch_num_images=inputs.batch_num_images)
     assert calls == [sum(tiles.units_per_image), tiles.units_per_image[2], sum(tiles.units_per_image[:2])]
 
 
@@ -144,8 +144,7 @@ def test_sub_image_routing_routes_each_tile(family):
     inputs = processor(images=[image], text=[chat_prompt(processor)], return_tensors="pt", **kwargs)
     image_keys = {k: inputs[k] for k in ("image_sizes", "batch_num_images") if k in inputs}
     with torch.no_grad():
-        images = tile_routed.model.family.image_batch(tile_routed.model.backbone.config, inputs.pixel_values,
-                                                      input_ids=inputs.input_ids, **image_keys)
+        images = tile_routed.model.family.image_batch(inputs.pixel_values, input_ids=inputs.input_ids, **image_keys)
         tiles = images.units_per_image[0]
         assert tiles >= 3
         tile_experts = [(t % 3) + 1 for t in range(tiles)]
@@ -154,17 +153,16 @@ def test_sub_image_routing_routes_each_tile(family):
         assert out.expert_index.tolist() == tile_experts and out.routed_image.tolist() == [0] * tiles
         # Expected: every tile through its own expert, then the family's usual assembly.
         family_ = image_routed.model.family
-        backbone = image_routed.model.backbone
-        acts = family_.embed(backbone, images)
-        taps, _ = family_.feature_taps(backbone.config)
-        shared = family_.used_depth(backbone.config) - 2
-        acts = family_.run_layers(family_.vision_layers(backbone)[:shared], acts, keep=set(taps) | {shared})
+        acts = family_.embed(images)
+        taps, _ = family_.feature_taps
+        shared = family_.used_depth - 2
+        acts = family_.run_layers(family_.vision_layers()[:shared], acts, keep=set(taps) | {shared})
         unit_features = []
         for t, e in enumerate(tile_experts):
             layers, norm, projector = image_routed.model.expert_modules(e)
             one = family_.run_layers(layers, family_.select_units(acts, torch.tensor([t])), keep=taps)
-            unit_features += family_.project(backbone, one, backbone.config, norm, projector)
-        expected = family_.assemble(backbone, unit_features, images)[0]
+            unit_features += family_.project(one, norm, projector)
+        expected = family_.assemble(unit_features, images)[0]
         assert torch.allclose(out.image_features[0], expected, atol=1e-5)
         # Image-level routing with the same experts per tile would differ: the tiles really are routed one by one.
         whole = image_routed.get_image_features(inputs.pixel_values, input_ids=inputs.input_ids,

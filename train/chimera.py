@@ -117,7 +117,7 @@ def apply_lora(model, script_args: ChimeraScriptArguments):
     script's, since the targets and the fully trained modules are fixed by the stage, not chosen by the user."""
     full = ["router"] + [f"expert_projectors.{d}" for d in model.domains]
     if script_args.train_generalist_projector:
-        projector = model.model.family.projector(model.model.generalist)
+        projector = model.model.family.projector()
         full.append(next(name for name, module in model.named_modules() if module is projector))
     config = get_peft_config(ModelConfig(
         use_peft=True, lora_r=script_args.lora_r, lora_alpha=script_args.lora_alpha,

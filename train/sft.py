@@ -43,12 +43,11 @@ class SFTScriptArguments:
 
 
 def native_groups(model) -> dict:
-    family = get_backbone_family(model.config.model_type)
-    backbone = model.model
+    family = get_backbone_family(model.model)
     return {
-        "vision": [family.tower(backbone)],
-        "projector": [family.projector(backbone)],
-        "llm": [backbone.language_model, model.lm_head],
+        "vision": [family.tower()],
+        "projector": [family.projector()],
+        "llm": [model.model.language_model, model.lm_head],
     }
 
 
