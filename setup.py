@@ -54,6 +54,7 @@ setup(
     ],
     extras_require={
         # parameterized, pytest-timeout: imported by transformers' common model tests (tests/transformers_common.py)
-        "dev": ["pytest>=8", "parameterized>=0.9", "pytest-timeout>=2"],
+        # ruff: `ruff check .` is a test (tests/test_repo.py); pinned so the check is the same on every machine
+        "dev": ["pytest>=8", "parameterized>=0.9", "pytest-timeout>=2", "ruff==0.17.6"],
     },
 )

@@ -32,8 +32,10 @@ from chimera_mixpert.tiny import (
 
 SIZES = {
     # hidden, vision hidden, text layers, vision layers, image px, patch px
-    "tiny": dict(hidden_size=32, vision_hidden_size=32, num_text_layers=2, num_vision_layers=2, image_size=16, patch_size=4),
-    "small": dict(hidden_size=256, vision_hidden_size=192, num_text_layers=4, num_vision_layers=4, image_size=64, patch_size=8),
+    "tiny": dict(hidden_size=32, vision_hidden_size=32, num_text_layers=2, num_vision_layers=2, image_size=16,
+                 patch_size=4),
+    "small": dict(hidden_size=256, vision_hidden_size=192, num_text_layers=4, num_vision_layers=4, image_size=64,
+                  patch_size=8),
     # 224 px / 14 px patches: 256 tokens per tile, where matrix products (not Python) dominate on a CPU
     "medium": dict(hidden_size=512, vision_hidden_size=384, num_text_layers=4, num_vision_layers=6, image_size=224,
                    patch_size=14),
@@ -86,7 +88,8 @@ def bench_family(family: str, size: dict, batch: int, repeats: int) -> dict:
         runs = {
             "generalist": lambda: reference(**native),
             "chimera_general": lambda: model(**inputs),
-            "generalist+expert_encoder": lambda: (reference(**native), projector(encoder(inputs.expert_pixel_values[0]))),
+            "generalist+expert_encoder": lambda: (reference(**native),
+                                                  projector(encoder(inputs.expert_pixel_values[0]))),
             "chimera_expert": lambda: model(**inputs, expert_labels=expert_labels),
         }
         for fn in runs.values():  # warm-up

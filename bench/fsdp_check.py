@@ -108,7 +108,8 @@ def load(model_name: str, folder: Path):
     else:
         from modeling_mixpert import MixpertForConditionalGeneration as model_class
         processor_class = AutoProcessor
-    return model_class.from_pretrained(folder, dtype=torch.float32), processor_class.from_pretrained(folder, trust_remote_code=False)
+    return (model_class.from_pretrained(folder, dtype=torch.float32),
+            processor_class.from_pretrained(folder, trust_remote_code=False))
 
 
 def make_batches(model_name: str, model, processor, work: Path, steps: int, world: int) -> list[list[dict]]:
@@ -314,7 +315,8 @@ def main(args) -> int:
     first = reports[0]
     checks["wrapping by layer class as accelerate does with fsdp.yaml: every layer class of the model is a unit"] = (
         not first["unwrapped_layers"],
-        f"{first['units']} units of {', '.join(first['unit_classes'])}; not listed: {first['unwrapped_layers'] or 'none'}")
+        f"{first['units']} units of {', '.join(first['unit_classes'])}; "
+        f"not listed: {first['unwrapped_layers'] or 'none'}")
     checks["sharded: each process holds about 1/N of the parameters"] = (
         all(r["local_parameters"] < 0.75 * first["total_parameters"] for r in reports),
         ", ".join(f"rank {r['rank']}: {r['local_parameters'] / first['total_parameters']:.2f}" for r in reports))
@@ -329,7 +331,8 @@ def main(args) -> int:
     start, saved = _weights(work / "start"), _weights(work / f"fsdp-{args.model}")
     moved = sorted(n for n in frozen & set(start) if not torch.equal(start[n], saved[n]))
     checks["frozen weights unchanged (one process, and the FSDP folder)"] = (
-        frozen_kept and not moved, f"{len(frozen & set(start))} frozen tensors; changed in the FSDP folder: {moved[:3]}")
+        frozen_kept and not moved,
+        f"{len(frozen & set(start))} frozen tensors; changed in the FSDP folder: {moved[:3]}")
     trained = sorted(set(start) - frozen)
     still = [n for n in trained if torch.equal(start[n], saved[n])]
     checks["every trained tensor changed in the FSDP folder"] = (

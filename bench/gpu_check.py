@@ -3,8 +3,8 @@
     python -m bench.gpu_check                              # CUDA, real shapes, bf16 (a few minutes on one GPU)
     python -m bench.gpu_check --device cpu --shape tiny    # the same checks on the CPU (the slow test tier runs this)
 
-`--shape real` builds the published models' widths, image sizes and token counts (`chimera_mixpert.real_shapes`, two layers
-per tower, random weights) and trains them with the shipped real configs (`train/configs/real/`); `--shape tiny`
+`--shape real` builds the published models' widths, image sizes and token counts (`chimera_mixpert.real_shapes`, two
+layers per tower, random weights) and trains them with the shipped real configs (`train/configs/real/`); `--shape tiny`
 uses the tiny models and configs. Every stage runs the real training script through its command-line parser, from a
 bf16 checkpoint, with `--bf16 true`, 2 optimizer steps of batch 1, chained as a real run is:
 
@@ -15,8 +15,8 @@ bf16 checkpoint, with `--bf16 true`, 2 optimizer steps of batch 1, chained as a 
 and checks what only a real device shows: the model trained on the device (`device` in `run_summary.json`), the
 trainable bf16 weights trained as fp32 master weights (under DeepSpeed: none, it keeps its own copy), the saved model
 is bf16 with an fp32 router, the frozen expert encoders did not move and the trained groups did, and for the router
-phases that the features were computed on the device and the accuracy measured after the save. Prints peak CUDA memory per stage. Exit status
-1 if any stage fails.
+phases that the features were computed on the device and the accuracy measured after the save. Prints peak CUDA memory
+per stage. Exit status 1 if any stage fails.
 """
 
 from __future__ import annotations
@@ -113,8 +113,8 @@ def check_saved(run: Run, start: str, out: str, router: str, trained: str, froze
 
 
 def check_master_weights(summary: dict, managed: bool = False) -> None:
-    """The trainable bf16 weights trained as fp32 master weights (`chimera_mixpert.training.fp32_master_weights`), unless DeepSpeed
-    kept its own copy."""
+    """The trainable bf16 weights trained as fp32 master weights (`chimera_mixpert.training.fp32_master_weights`),
+    unless DeepSpeed kept its own copy."""
     counts = [summary.get("fp32_master_parameters")] + [r.get("fp32_master_parameters") for r in
                                                          summary.get("results", {}).values() if isinstance(r, dict)]
     upcast = sum(c for c in counts if c)
@@ -211,7 +211,8 @@ def chimera_dpo(run: Run) -> str:
     model = ChimeraForConditionalGeneration.from_pretrained(run.work / "dpo", dtype=torch.bfloat16).to(run.device)
     processor = run.processors["chimera"]
     size = (896, 1344) if run.shape == "real" else (32, 32)
-    inputs = processor(images=[[random_image(*size)]], text=[chat_prompt(processor)], return_tensors="pt").to(run.device)
+    inputs = processor(images=[[random_image(*size)]], text=[chat_prompt(processor)],
+                       return_tensors="pt").to(run.device)
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)
     assert generated.shape[1] == inputs["input_ids"].shape[1] + 2, "generate() did not add 2 tokens"

@@ -168,8 +168,8 @@ else:
 before = rss_mb("VmRSS:")
 model = cls.from_pretrained(folder, dtype=torch.bfloat16)
 loaded = rss_mb("VmRSS:")
-# Weights may still be pages of the memory-mapped files: touch every page of every tensor, so all of it is resident (what a
-# first forward does), and take the peak over the load and that.
+# Weights may still be pages of the memory-mapped files: touch every page of every tensor, so all of it is resident
+# (what a first forward does), and take the peak over the load and that.
 with torch.no_grad():
     for tensor in list(model.parameters()) + list(model.buffers()):
         tensor.flatten()[::1024].float().sum()  # one element per 2 KB touches every page, allocates almost nothing
@@ -221,7 +221,8 @@ def main(args) -> dict:
         for name, value in r["ratios"].items():
             print(f"  Mixpert / base, {name:<30}{value:.3f}", flush=True)
         g = r["gflops_per_image"]
-        print(f"  GFLOPs per image: base {g['base']:.1f}, Mixpert {g['mixpert']:.1f} (+{(g['mixpert'] - g['base']) * 1e3:.2f}"
+        print(f"  GFLOPs per image: base {g['base']:.1f}, Mixpert {g['mixpert']:.1f} "
+              f"(+{(g['mixpert'] - g['base']) * 1e3:.2f}"
               f" MFLOPs, ratio {r['flops_ratio']:.6f})")
     if "dispatch" in args.parts:
         r = results["dispatch_fp32"] = dispatch("fp32", max(2, args.repeats - 1), args.num_layers,

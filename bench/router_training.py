@@ -5,8 +5,8 @@
 
 1. Peak memory of the router feature cache, each way measured in its own process (peak RSS over the process's
    resident memory after imports), as a multiple of the features' own size N x D x 4 bytes:
-   - `cache`: `chimera_mixpert.training.RouterFeatureCache` (float32 chunks appended to a file, memory-mapped), then one epoch
-     through a shuffling `DataLoader` (every row read once);
+   - `cache`: `chimera_mixpert.training.RouterFeatureCache` (float32 chunks appended to a file, memory-mapped), then
+     one epoch through a shuffling `DataLoader` (every row read once);
    - `old`: what the router phases did before: features through `.tolist()` into a `datasets` table (float64 Arrow
      column), then the same epoch.
    Goal (the issue's): `cache` at most ~1.2 x N x D x 4 bytes.

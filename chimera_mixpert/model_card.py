@@ -23,7 +23,8 @@ PAPER = {"chimera": "Chimera (arXiv 2412.05983)", "mixpert": "Mixpert (arXiv 250
 
 
 def make_parser(prog: str | None = None):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_dir", required=True, help="saved Chimera / Mixpert folder")
     parser.add_argument("--report", default=None, help="evaluation report.json (python -m train.evaluate)")
     parser.add_argument("--repo_id", default=None, help="Hub repo id used in the usage snippet")
@@ -47,7 +48,8 @@ def _describe(config: dict) -> dict:
         experts = config.get("experts", [])
         rows = [[i, e["domain"], e["vision_config"]["model_type"],
                  "last" if e.get("feature_layer") is None else e["feature_layer"],
-                 "yes" if e.get("feature_select_strategy") == "default" else "no"] for i, e in enumerate(experts, start=1)]
+                 "yes" if e.get("feature_select_strategy") == "default" else "no"]
+                for i, e in enumerate(experts, start=1)]
         architecture = (
             "Router classes: 0 = no expert, then the experts below (router: `Linear(vision_hidden, N+1)` on the "
             f"generalist's {config.get('router_feature', 'auto')} feature, Chimera §3.2). Expert encoders are frozen; "
@@ -81,14 +83,16 @@ def eval_results(report: dict) -> list[EvalResult]:
     for domain, entry in sorted(report.get("per_domain", {}).items()):
         results.append(EvalResult(
             task_type="image-text-to-text", dataset_type=str(dataset), dataset_name=f"{dataset} ({domain})",
-            dataset_config=domain, dataset_split=report.get("split"), metric_type=entry["metric"], metric_value=round(float(entry["score"]), 4),
+            dataset_config=domain, dataset_split=report.get("split"), metric_type=entry["metric"],
+            metric_value=round(float(entry["score"]), 4),
             metric_name=f"{domain}: {entry['metric']}",
         ))
     router = report.get("router")
     if router and router.get("accuracy") is not None:
         results.append(EvalResult(
             task_type="image-text-to-text", dataset_type=str(dataset), dataset_name=f"{dataset} (routing)",
-            dataset_config="routing", dataset_split=report.get("split"), metric_type="accuracy", metric_value=round(float(router["accuracy"]), 4),
+            dataset_config="routing", dataset_split=report.get("split"), metric_type="accuracy",
+            metric_value=round(float(router["accuracy"]), 4),
             metric_name="router accuracy",
         ))
     return results
@@ -125,22 +129,25 @@ def render_model_card(model_dir, report=None, repo_id=None, license="apache-2.0"
         model_name=name, eval_results=eval_results(report) if report else None,
     )
     if report:
-        rows = [[d, e["metric"], f"{e['score']:.4f}", e.get("num_samples", "")] for d, e in sorted(report["per_domain"].items())]
+        rows = [[d, e["metric"], f"{e['score']:.4f}", e.get("num_samples", "")]
+                for d, e in sorted(report["per_domain"].items())]
         results_table = _table(rows, ["domain", "metric", "score", "samples"])
         if report.get("router", {}).get("accuracy") is not None:
             results_table += f"\n\nRouter accuracy: {report['router']['accuracy']:.4f}."
         evaluation_text = (f"On `{report.get('dataset')}` ({report.get('split', 'test')} split, "
-                           f"{report.get('num_samples', '?')} samples), metrics per domain as in `evaluation/metrics.py`.")
+                           f"{report.get('num_samples', '?')} samples), metrics per domain as in "
+                           "`evaluation/metrics.py`.")
     else:
-        results_table, evaluation_text = "", "Not evaluated yet: run `python -m train.evaluate` and re-render this card."
+        results_table = ""
+        evaluation_text = "Not evaluated yet: run `python -m train.evaluate` and re-render this card."
     return ModelCard.from_template(
         data,
         template_path=str(TEMPLATE),
         model_name=name,
         model_summary=f"A {info['kind'].capitalize()} model ({PAPER[info['kind']]}) on a `{info['family']}` backbone, "
                       f"with experts for: {', '.join(info['domains']) or 'none'}.",
-        model_description=("Chimera adds frozen domain-expert vision encoders to a generalist VLM, one chosen per image by "
-                           "a router." if info["kind"] == "chimera" else
+        model_description=("Chimera adds frozen domain-expert vision encoders to a generalist VLM, one chosen per "
+                           "image by a router." if info["kind"] == "chimera" else
                            "Mixpert turns the last vision layers and projector of a VLM into per-domain experts plus a "
                            "versatile fallback, one chosen per image by a router, at almost no extra inference cost."),
         model_type=f"{info['kind']} (image-text-to-text)",
@@ -151,15 +158,15 @@ def render_model_card(model_dir, report=None, repo_id=None, license="apache-2.0"
         repo=repo_id or "(local)",
         repo_id=repo_id or model_dir,
         fallback_name=info["fallback"],
-        out_of_scope=("Anything safety-critical. Domains the experts were not trained for fall back to the generalist / "
-                      "versatile path and gain nothing."),
+        out_of_scope=("Anything safety-critical. Domains the experts were not trained for fall back to the "
+                      "generalist / versatile path and gain nothing."),
         training_data=", ".join(datasets) if datasets else "See the training configs.",
         training_procedure=_training_text(model_dir),
         evaluation_text=evaluation_text,
         results_table=results_table,
-        limitations=("The router decides per image: a wrongly routed image gets the wrong expert (or none). Scores depend "
-                     "on the evaluation protocol: MathVista answers are extracted with rules, not the official GPT judge. "
-                     "Models trained by the mini-lab are tiny demonstrations, not useful assistants."),
+        limitations=("The router decides per image: a wrongly routed image gets the wrong expert (or none). Scores "
+                     "depend on the evaluation protocol: MathVista answers are extracted with rules, not the official "
+                     "GPT judge. Models trained by the mini-lab are tiny demonstrations, not useful assistants."),
     )
 
 

@@ -2,9 +2,10 @@
 
 Bugs that only appear at real scale live here (sequence lengths of thousands of tokens, 256-2048-token experts,
 bf16), while the weights stay random and the depth is cut to `num_layers` per tower (a config override, not another
-code path), so every stage runs on a CPU; `num_layers=None` keeps the published depths (`bench/real_shape.py`). Nothing is downloaded: the configs below are written from the published
-`config.json` files of each model (cited per entry); the tokenizer is the tiny one from `chimera_mixpert.tiny`, with the
-vocabulary padded to the real size so the embedding and LM-head shapes are real too.
+code path), so every stage runs on a CPU; `num_layers=None` keeps the published depths (`bench/real_shape.py`).
+Nothing is downloaded: the configs below are written from the published `config.json` files of each model (cited per
+entry); the tokenizer is the tiny one from `chimera_mixpert.tiny`, with the vocabulary padded to the real size so the
+embedding and LM-head shapes are real too.
 
     from chimera_mixpert.real_shapes import build_real_chimera, build_real_mixpert
     model, processor = build_real_chimera("internvl2-1b", experts=("got_ocr2", "pix2struct"))
@@ -25,17 +26,25 @@ from transformers import (
     InternVLProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
     LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
     Pix2StructImageProcessor,
     Pix2StructVisionModel,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
     Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
     SiglipVisionConfig,
 )
+from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
 from transformers.models.pix2struct.configuration_pix2struct import Pix2StructVisionConfig
 
 from chimera_mixpert.tiny import build_tokenizer, random_images
+from modeling_chimera import ChimeraForConditionalGeneration
+from modeling_mixpert import MixpertForConditionalGeneration
+from processing_chimera import ChimeraProcessor
 
 # Qwen2-0.5B (the LLM of InternVL2-1B and LLaVA-OneVision-0.5B): Qwen/Qwen2-0.5B config.json.
 QWEN2_0_5B = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
@@ -87,7 +96,8 @@ def generalist_config(name: str, tokenizer, num_layers: int | None = 1):
                                     vision_use_head=False)
         pinpoints = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
         return LlavaOnevisionConfig(vision_config=vision, text_config=_text(tokenizer, QWEN2_0_5B, text_layers),
-                                    image_token_index=tokenizer.image_token_id, video_token_index=tokenizer.video_token_id,
+                                    image_token_index=tokenizer.image_token_id,
+                                    video_token_index=tokenizer.video_token_id,
                                     image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9",
                                     vision_feature_layer=-1, tie_word_embeddings=True)
     if name == "qwen2-vl-2b":
@@ -108,7 +118,8 @@ _MODELS = {"internvl": InternVLForConditionalGeneration, "llava_onevision": Llav
            "qwen2_vl": Qwen2VLForConditionalGeneration}
 
 
-def build_real_generalist(name: str, num_layers: int | None = 1, dtype=torch.bfloat16, max_tiles: int = 6, seed: int = 0):
+def build_real_generalist(name: str, num_layers: int | None = 1, dtype=torch.bfloat16, max_tiles: int = 6,
+                          seed: int = 0):
     """`(model, processor)`: a published generalist's shapes with random weights, in `dtype`, eval mode."""
     family = GENERALIST_FAMILY[name]
     tokenizer = build_tokenizer(family)
@@ -125,16 +136,12 @@ def build_real_generalist(name: str, num_layers: int | None = 1, dtype=torch.bfl
 def build_real_processor(name: str, tokenizer, max_tiles: int = 6):
     """The generalist's native processor at its real image sizes."""
     if name == "internvl2-1b":
-        from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
-
         images = GotOcr2ImageProcessor(size={"height": 448, "width": 448}, crop_to_patches=True, min_patches=1,
                                        max_patches=max_tiles, image_mean=MEAN, image_std=STD)
         return InternVLProcessor(image_processor=images, tokenizer=tokenizer,
                                  video_processor=InternVLVideoProcessor(size={"height": 448, "width": 448}),
                                  image_seq_length=256, chat_template=tokenizer.chat_template)
     if name == "llava-ov-0.5b":
-        from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionVideoProcessor
-
         pinpoints = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
         images = LlavaOnevisionImageProcessor(size={"height": 384, "width": 384}, image_grid_pinpoints=pinpoints,
                                               image_mean=HALF, image_std=HALF)
@@ -143,8 +150,6 @@ def build_real_processor(name: str, tokenizer, max_tiles: int = 6):
                                        num_image_tokens=729, vision_feature_select_strategy="full",
                                        vision_aspect_ratio="anyres_max_9", chat_template=tokenizer.chat_template)
     if name == "qwen2-vl-2b":
-        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
-
         images = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 1280, patch_size=14, merge_size=2,
                                        image_mean=HALF, image_std=HALF)
         return Qwen2VLProcessor(image_processor=images, tokenizer=tokenizer,
@@ -192,13 +197,11 @@ def build_real_expert(name: str, num_layers: int | None = 1, dtype=torch.bfloat1
 def build_real_chimera(generalist: str = "internvl2-1b", experts=("got_ocr2", "pix2struct"), num_layers: int | None = 1,
                        dtype=torch.bfloat16, max_tiles: int = 6):
     """A Chimera at real shapes: `experts` maps to domains `ocr` / `table` / `math` (GOT, Pix2Struct, CLIP)."""
-    from modeling_chimera import ChimeraForConditionalGeneration
-    from processing_chimera import ChimeraProcessor
-
     domain = {"got_ocr2": "ocr", "pix2struct": "table", "clip-l-336": "math"}
     base, processor = build_real_generalist(generalist, num_layers, dtype, max_tiles)
     built = {domain[e]: build_real_expert(e, num_layers, dtype, seed=1 + i) for i, e in enumerate(experts)}
-    specs = {d: ({"model": m, "feature_select_strategy": "default"} if d == "math" else m) for d, (m, _) in built.items()}
+    specs = {d: ({"model": m, "feature_select_strategy": "default"} if d == "math" else m)
+             for d, (m, _) in built.items()}
     layout = {}
     if GENERALIST_FAMILY[generalist] == "internvl":
         layout["image_end_token_id"] = processor.tokenizer.convert_tokens_to_ids("</img>")
@@ -212,8 +215,6 @@ def build_real_mixpert(base: str = "llava-ov-0.5b", domains=("chart", "table", "
                        max_tiles: int = 6):
     """A Mixpert upcycled from a real-shape base with `num_layers` shared vision layers + K expert layers (`None`:
     the published depth, its last K layers becoming the experts)."""
-    from modeling_mixpert import MixpertForConditionalGeneration
-
     depth = None if num_layers is None else num_layers + num_expert_layers
     model, processor = build_real_generalist(base, depth, dtype, max_tiles)
     torch.manual_seed(100)

@@ -208,8 +208,10 @@ def build_generalist_config(
         )
     if family == "qwen2_vl":
         head_dim = hidden_size // 4
-        text_config.update(model_type="qwen2_vl_text", rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                         "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]})
+        text_config.update(model_type="qwen2_vl_text", rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+        })
         vision = dict(
             depth=num_vision_layers,
             embed_dim=vision_hidden_size,
@@ -288,7 +290,8 @@ def build_processor(family: str, tokenizer=None, image_size: int = 16, patch_siz
         image_processor = Qwen2VLImageProcessor(
             min_pixels=pixels, max_pixels=pixels, patch_size=patch_size, merge_size=2, image_mean=mean, image_std=std
         )
-        video_processor = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=patch_size, merge_size=2)
+        video_processor = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=patch_size,
+                                                merge_size=2)
         return Qwen2VLProcessor(
             image_processor=image_processor,
             tokenizer=tokenizer,

@@ -21,6 +21,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PretrainedC
 from transformers.trainer_optimizer import is_optimizer_factory
 
 from chimera_mixpert.data.export import export_preference_jsonl, export_sft_jsonl
+from chimera_mixpert.data.synthetic import build_dataset, make_preference_pairs
 from chimera_mixpert.model_card import render_model_card
 from chimera_mixpert.tiny import (
     build_generalist,
@@ -168,14 +169,13 @@ def pretrained_classes(kind: str) -> tuple:
 def write_tiny_data(folder: str, tiny: TinyArguments, preference: bool = False) -> dict:
     """Write the synthetic six-domain set as local files (the same path real data takes) and return their paths:
     `{"train": [...], "eval": [...]}`. Existing files (same seed and sizes) are reused."""
-    from chimera_mixpert.data.synthetic import build_dataset  # matplotlib and fonts: only when synthetic data is written
-
     kind = "preference" if preference else "sft"
     marker = os.path.join(folder, f"{kind}.json")
     image_size = tiny.tiny_image_size
     spec = {"seed": tiny.tiny_data_seed, "train": tiny.tiny_train_per_domain,
             "eval": tiny.tiny_eval_per_domain, "image_size": image_size}
-    paths = {"train": [os.path.join(folder, f"{kind}-train.jsonl")], "eval": [os.path.join(folder, f"{kind}-eval.jsonl")]}
+    paths = {"train": [os.path.join(folder, f"{kind}-train.jsonl")],
+             "eval": [os.path.join(folder, f"{kind}-eval.jsonl")]}
     if os.path.isfile(marker) and json.load(open(marker)) == spec:
         return paths
     data = build_dataset(
@@ -194,8 +194,6 @@ def write_tiny_data(folder: str, tiny: TinyArguments, preference: bool = False) 
 
 
 def _preference_rows(split, seed):
-    from chimera_mixpert.data.synthetic import make_preference_pairs
-
     pairs = make_preference_pairs(split, seed=seed)
     for pair, row in zip(pairs, split):
         yield {"image": row["image"], "question": row["question"], "domain": row["domain"],
@@ -629,6 +627,7 @@ def push_output_dir(training_args, commit_message: str) -> str:
     if not os.path.isfile(card):
         render_model_card(folder, None, repo_id).save(card)
     api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message,
-                      ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "tiny_data/**", "training_args.bin",
-                                       "router-features-*/**", ".saving-*/**"])  # feature caches, save staging
+                      ignore_patterns=["checkpoint-*", "checkpoint-*/**", "runs/**", "tiny_data/**",
+                                       "training_args.bin", "router-features-*/**",
+                                       ".saving-*/**"])  # feature caches, save staging
     return repo_id

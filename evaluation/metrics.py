@@ -495,10 +495,10 @@ def mathvista_score(
 @functools.lru_cache(maxsize=None)
 def _teds_classes():
     """`(TableTree, TableConfig, APTED, lxml.html)`, built on first use so that `apted` / `lxml` stay optional."""
-    try:
-        from apted import APTED, Config
-        from apted.helpers import Tree
-        from lxml import html
+    try:  # optional packages, needed by `teds` only (see the module docstring)
+        from apted import APTED, Config  # noqa: PLC0415 (optional, teds only)
+        from apted.helpers import Tree  # noqa: PLC0415 (optional, teds only)
+        from lxml import html  # noqa: PLC0415 (optional, teds only)
     except ImportError as error:
         raise ImportError("`teds` needs `apted` and `lxml`: pip install 'apted>=1.0.3' 'lxml>=5'") from error
 

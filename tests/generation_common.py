@@ -426,8 +426,8 @@ class GenerationTesterMixin:
             follow["input_ids"] = first.sequences
             if "attention_mask" in follow:
                 grow = first.sequences.shape[1] - follow["attention_mask"].shape[1]
-                follow["attention_mask"] = torch.cat([follow["attention_mask"],
-                                                      follow["attention_mask"].new_ones(first.sequences.shape[0], grow)], 1)
+                grown = follow["attention_mask"].new_ones(first.sequences.shape[0], grow)
+                follow["attention_mask"] = torch.cat([follow["attention_mask"], grown], 1)
             second = model.generate(**follow, max_new_tokens=1, **kwargs)
             second.scores = first.scores + second.scores
             _assert_similar_generate_outputs(full, second)

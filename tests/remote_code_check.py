@@ -100,14 +100,16 @@ def main(argv=None) -> int:
     parser.add_argument("--model_root", default=None,
                         help="where the saved models are: a folder holding `<setup>/` (default: --reference_dir) or "
                         "`hub:<org>` to load the repo ids `<org>/<setup>`")
-    parser.add_argument("--save_dir", default=None, help="re-save each loaded model + processor to `<save_dir>/<setup>`")
+    parser.add_argument("--save_dir", default=None,
+                        help="re-save each loaded model + processor to `<save_dir>/<setup>`")
     args = parser.parse_args(argv)
 
     root = args.model_root or args.reference_dir
     failed = False
     references = sorted(Path(args.reference_dir).glob("*/reference.pt"))
     if not references:
-        raise FileNotFoundError(f"No */reference.pt under {args.reference_dir}: run `python -m tests.remote_code_compat`.")
+        raise FileNotFoundError(f"No */reference.pt under {args.reference_dir}: "
+                                "run `python -m tests.remote_code_compat`.")
     for path in references:
         setup = path.parent.name
         source = f"{root[4:]}/{setup}" if root.startswith("hub:") else str(Path(root) / setup)

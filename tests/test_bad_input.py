@@ -148,7 +148,6 @@ def test_images_of_every_depth_and_layout_become_the_same_8_bit_rgb(saved):
 
 def test_bad_images_raise_errors_that_name_the_image(saved, tmp_path):
     import numpy as np
-    import torch
     from PIL import Image
 
     from chimera_mixpert.data.collators import VisionLanguageSFTCollator
@@ -161,7 +160,8 @@ def test_bad_images_raise_errors_that_name_the_image(saved, tmp_path):
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     cases = [
         ([good, np.full((16, 16, 3), np.nan, np.float32)], r"image 1: the image holds NaN or infinite pixel values"),
-        ([np.full((16, 16, 3), 300.0)], r"image 0: float pixel values in \[300, 300\]; expected \[0, 1\] or \[0, 255\]"),
+        ([np.full((16, 16, 3), 300.0)],
+         r"image 0: float pixel values in \[300, 300\]; expected \[0, 1\] or \[0, 255\]"),
         ([str(corrupt)], rf"image 0: cannot read image file {corrupt}"),
         ([str(tmp_path / "absent.png")], r"image 0: cannot read image file .*absent.png"),
         ([np.zeros((2, 2, 2, 3), np.uint8)], r"must be HW, HWC or CHW, got shape \(2, 2, 2, 3\)"),

@@ -95,7 +95,8 @@ def test_expert_tokens_follow_each_image_and_outputs_stay_aligned(family):
         offset = 3 if family == "internvl" else 1
         assert row0[last_image + offset : last_image + offset + table_tokens] == [table_id] * table_tokens
         if family == "internvl":
-            assert row0[last_image + 1] == config.expert_insert_after_token_id == processor.generalist.end_image_token_id
+            end_image = processor.generalist.end_image_token_id
+            assert row0[last_image + 1] == config.expert_insert_after_token_id == end_image
             assert row0[last_image + 2] == config.expert_start_token_id
             assert row0[last_image + offset + table_tokens] == config.expert_end_token_id
         else:
@@ -298,7 +299,8 @@ def test_gscm_masks_exactly_the_fraction_and_only_in_training(family):
     out = model.model(**inputs, expert_labels=labels)
     features = model.get_image_features(
         inputs.pixel_values, input_ids=inputs.input_ids, expert_pixel_values=inputs.expert_pixel_values,
-        expert_labels=labels, **{k: inputs[k] for k in ("image_sizes", "batch_num_images", "image_grid_thw") if k in inputs},
+        expert_labels=labels,
+        **{k: inputs[k] for k in ("image_sizes", "batch_num_images", "image_grid_thw") if k in inputs},
     )
     counts = [f.shape[0] for f in features.generalist_features]
     layout = model.model.layout(inputs.input_ids, features, inputs.attention_mask, inputs.get("mm_token_type_ids"))
@@ -345,7 +347,8 @@ def test_only_the_routed_experts_encoder_runs(monkeypatch):
     seen = {}
     for domain, encoder in model.model.expert_encoders.items():
         original = encoder.forward
-        monkeypatch.setattr(encoder, "forward", lambda x, d=domain, f=original: (seen.setdefault(d, []).append(x.shape[0]), f(x))[1])
+        monkeypatch.setattr(encoder, "forward",
+                            lambda x, d=domain, f=original: (seen.setdefault(d, []).append(x.shape[0]), f(x))[1])
     with torch.no_grad():
         model(**inputs, expert_labels=torch.tensor([2, 0, 2]))
     assert seen == {"math": [2]}
@@ -417,8 +420,8 @@ def test_from_generalist_takes_a_full_kosmos_2_5_as_an_expert(tmp_path):
     kosmos.save_pretrained(tmp_path / "kosmos")
     tokenizer = build_tokenizer("internvl")
     for spec in (kosmos, str(tmp_path / "kosmos")):
-        model = ChimeraForConditionalGeneration.from_generalist(build_generalist("internvl", tokenizer), {"table": spec},
-                                                                expert_layout="plain")
+        model = ChimeraForConditionalGeneration.from_generalist(build_generalist("internvl", tokenizer),
+                                                                {"table": spec}, expert_layout="plain")
         encoder = model.model.expert_encoders["table"]
         assert model.config.experts[0].vision_config.model_type == "kosmos_2_5_vision_model"
         assert type(encoder.encoder).__name__ == "Kosmos2_5VisionModel"

@@ -29,7 +29,8 @@ def test_config_round_trip_keeps_nested_configs_as_objects(tmp_path):
         generalist_config=build_generalist_config("internvl", tokenizer),
         experts=[
             {"domain": "table", "vision_config": build_expert_config("pix2struct_vision_model")},
-            {"domain": "math", "vision_config": build_expert_config("clip_vision_model").to_dict(), "feature_layer": -2},
+            {"domain": "math", "vision_config": build_expert_config("clip_vision_model").to_dict(),
+             "feature_layer": -2},
         ],
         expert_token_ids=[400, 401],
         gscm_ratio=0.25,
@@ -68,7 +69,8 @@ def test_config_rejects_duplicate_domains_and_unsupported_families():
     expert = {"domain": "table", "vision_config": build_expert_config("clip_vision_model")}
     with pytest.raises(ValueError, match=r"Duplicate expert domain names \['table'\]"):
         ChimeraConfig(generalist_config=build_generalist_config("internvl", tokenizer), experts=[expert, expert])
-    with pytest.raises(ValueError, match="Unsupported backbone model_type 'llava'.*llava_onevision, qwen2_vl, internvl"):
+    with pytest.raises(ValueError,
+                       match="Unsupported backbone model_type 'llava'.*llava_onevision, qwen2_vl, internvl"):
         ChimeraConfig(generalist_config={"model_type": "llava"}, experts=[expert])
     with pytest.raises(ValueError, match="non-empty string"):
         ChimeraConfig(generalist_config=build_generalist_config("internvl", tokenizer),
@@ -220,7 +222,8 @@ def test_saved_chimera_loads_in_a_clean_process_with_identical_logits(tmp_path):
     with trust_remote_code in a process where this project cannot be imported; logits must be identical."""
     for family in FAMILIES:
         folder = tmp_path / family
-        model, processor = build_tiny_chimera(family, {"chart": "siglip_vision_model", "table": "pix2struct_vision_model"})
+        model, processor = build_tiny_chimera(family, {"chart": "siglip_vision_model",
+                                                       "table": "pix2struct_vision_model"})
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         inputs = processor(images=[random_images(1)[0]], text=[chat_prompt(processor)], return_tensors="pt")

@@ -691,6 +691,7 @@ def test_llm_configs_keep_the_official_rope_scaling():
     _, phi3 = official_llm("phi3", 64)
     config, _ = _text_config(phi3)  # "su" (model/phi3/modeling_phi3.py:137-177) is transformers' longrope
     assert config.rope_parameters["rope_type"] == "longrope"
-    assert config.rope_parameters["factor"] == 512 / 64 and config.rope_parameters["original_max_position_embeddings"] == 64
+    assert config.rope_parameters["factor"] == 512 / 64
+    assert config.rope_parameters["original_max_position_embeddings"] == 64
     with pytest.raises(ValueError, match="Unsupported official LLM"):
         _text_config(dict(internlm2, architectures=["MistralForCausalLM"]))

@@ -2,7 +2,6 @@
 (where this project cannot be imported): identical logits, and everything a Hub repo needs is there."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -100,7 +99,7 @@ def test_training_script_push_to_hub_uploads_the_whole_model(hub, tmp_path):
 
     from chimera_mixpert.tiny import build_tiny_mixpert
     from modeling_mixpert import MixpertForConditionalGeneration
-    from tests.test_training import TINY, run_script
+    from tests.test_training import run_script
 
     model, processor = build_tiny_mixpert("internvl", image_size=32, patch_size=8, seed=0)
     model.save_pretrained(tmp_path / "base")

@@ -118,7 +118,8 @@ def test_each_used_expert_runs_once_per_batch(monkeypatch):
     calls = []
     family = model.model.family
     original = family.run_layers
-    monkeypatch.setattr(family, "run_layers", lambda layers, acts, keep: (calls.append(acts.num_units), original(layers, acts, keep))[1])
+    monkeypatch.setattr(family, "run_layers",
+                        lambda layers, acts, keep: (calls.append(acts.num_units), original(layers, acts, keep))[1])
     with torch.no_grad():
         model(**inputs, expert_labels=torch.tensor([2, 2, 0]))
     # one shared pass over all tiles, then (in expert order) the versatile expert on image 2's tiles, expert 2 on the
@@ -263,7 +264,8 @@ def test_saved_mixpert_loads_in_a_clean_process_with_identical_logits(tmp_path):
         inputs = batch(processor)
         with torch.no_grad():
             out = model(**inputs)
-        torch.save({"inputs": dict(inputs), "logits": out.logits, "experts": out.expert_index}, tmp_path / family / "ref.pt")
+        torch.save({"inputs": dict(inputs), "logits": out.logits, "experts": out.expert_index},
+                   tmp_path / family / "ref.pt")
     stdout = run_without_project(
         f"""
         import torch
@@ -292,7 +294,8 @@ def test_tiny_internvl_processor_caps_tiles_of_a_large_image(max_patches):
     from chimera_mixpert.tiny import build_processor
 
     processor = build_processor("internvl", image_size=16, patch_size=4, max_patches=max_patches)
-    out = processor(images=[Image.new("RGB", (64, 32), "red")], text=[processor.image_token + " hi"], return_tensors="pt")
+    out = processor(images=[Image.new("RGB", (64, 32), "red")], text=[processor.image_token + " hi"],
+                    return_tensors="pt")
     # InternVL tiles a large image into up to `max_patches` crops, plus a thumbnail when there is more than one
     expected = 1 if max_patches == 1 else min(max_patches, 2) + 1
     assert out["pixel_values"].shape == (expected, 3, 16, 16)

@@ -1,7 +1,7 @@
 """Every training stage with the shipped real configs (`train/configs/real/`) at real shape, on the CPU: the model
-swapped for a `chimera_mixpert.real_shapes` one with one layer per tower, 2 optimizer steps each, batch 1, bf16 autocast with fp32
-master weights (`python -m bench.gpu_check --device cpu --shape real --num_layers 1`). Too slow for CI's budget:
-marker `real`, run with `python -m pytest -m real -s`; the seconds per step it prints are in the README."""
+swapped for a `chimera_mixpert.real_shapes` one with one layer per tower, 2 optimizer steps each, batch 1, bf16
+autocast with fp32 master weights (`python -m bench.gpu_check --device cpu --shape real --num_layers 1`). Too slow for
+CI's budget: marker `real`, run with `python -m pytest -m real -s`; the seconds per step it prints are in the README."""
 
 import os
 import subprocess

@@ -92,8 +92,9 @@ def test_the_real_dpo_config_max_length_fits_real_internvl_prompts_and_trls_defa
              "images": [image(896, 1344, seed=i)]} for i in range(2)]
 
     def trainer(max_length):
+        collator = DataCollatorForVisionPreference(processor=processor, max_length=max_length)
         return SimpleNamespace(args=SimpleNamespace(max_length=max_length), is_world_process_zero=lambda: True,
-                               data_collator=DataCollatorForVisionPreference(processor=processor, max_length=max_length))
+                               data_collator=collator)
 
     longest = check_lengths(trainer(real["max_length"]), {"training": [dict(r) for r in rows]})
     assert 1792 < longest <= real["max_length"]  # 7 tiles x 256 image tokens + text fit in the real config's 4096

@@ -12,7 +12,8 @@ interpreter where the project is not importable loads it by folder or by repo id
   installed) against references written by the project's venv, named by `COMPAT_REFERENCE_PYTHON`; `.ci/run` runs
   them as its second stage:
 
-      COMPAT_REFERENCE_PYTHON=.venv/bin/python .venv-newest/bin/python -m pytest -m compat tests/test_remote_code_compat.py
+      COMPAT_REFERENCE_PYTHON=.venv/bin/python \\
+          .venv-newest/bin/python -m pytest -m compat tests/test_remote_code_compat.py
 """
 
 import json

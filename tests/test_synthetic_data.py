@@ -54,7 +54,11 @@ def html_rows(html):
 def check_answer(s):
     """Re-derive the answer of a sample from its question and its recorded source data."""
     q, a, kind, data = s["question"], s["answer"], s["question_kind"], json.loads(s["data"])
-    domain = s["domain"]
+    check_answer_format(s, q, a)
+    DOMAIN_CHECKS.get(s["domain"], check_general_answer)(s, q, a, kind, data)
+
+
+def check_answer_format(s, q, a):
     if s["question_type"] == "multi_choice":
         assert a in s["choices"] and len(set(s["choices"])) == len(s["choices"]) >= 2
         assert all(f") {c}" in q for c in s["choices"])
@@ -66,78 +70,95 @@ def check_answer(s):
         assert s["precision"] == 1 and re.fullmatch(r"-?\d+\.\d", a)
     else:
         assert s["precision"] is None
-    if domain == "chart":
-        cats, values = data["categories"], data["values"]
-        assert cats == list(CATEGORIES[:len(values)]) and all(1 <= v <= 9 for v in values)
-        expected = {
-            "max": cats[int(np.argmax(values))], "min": cats[int(np.argmin(values))], "count": str(len(values)),
-            "type": data["chart_type"], "to_table": chart_table_text(data),
-        }
-        if kind == "value":
-            assert data["chart_type"] != "pie"
-            cat = re.fullmatch(r"What is the value of ([A-E])\?", q).group(1)
-            assert a == str(values[cats.index(cat)])
-        else:
-            assert a == expected[kind]
-    elif domain == "table":
-        rows = html_rows(s["html"])
-        assert s["html"] == data["html"] and len(rows) == data["rows"]
-        width = sum(span for _, span in rows[-1])
-        assert all(sum(span for _, span in r) == width for r in rows) and width == data["cols"]
-        if kind == "cell":
-            r, c = map(int, re.fullmatch(r"What is in row (\d+), column (\d+)\?", q).groups())
-            assert rows[r - 1][c - 1] == (a, 1)
-        elif kind == "rows":
-            assert a == str(len(rows))
-        elif kind == "cols":
-            assert a == str(width)
-        elif kind == "top_row":
-            assert rows[0] == [(a, width)] and width > 1
-        else:
-            assert kind == "to_html" and a == s["html"]
-    elif domain == "math":
-        fig = data["figure"]
-        if kind == "triangle_angle":
-            marked_1, marked_2, x = data["angles"]
-            assert marked_1 + marked_2 + x == 180 and a == str(x) and fig == "triangle"
-        elif kind == "polygon_sides":
-            assert a == str(data["sides"]) and 3 <= data["sides"] <= 8
-        elif kind in ("segment_total", "segment_part"):
-            p, r = data["parts"]
-            name = re.search(r"length of (AB|AC|CB)", q).group(1)
-            assert a == str({"AB": p + r, "AC": p, "CB": r}[name])
-        elif kind == "slope_sign":
-            assert a == ("positive" if data["slope"] > 0 else "negative")
-        elif kind == "slope":
-            assert float(a) == data["slope"]
-        elif kind == "intercept":
-            assert a == str(data["intercept"])
-        elif kind == "parabola_direction":
-            assert a == ("upward" if data["a"] > 0 else "downward")
-        else:
-            assert a == str(data["vertex"][0 if kind == "vertex_x" else 1]) and fig == "parabola"
-    elif domain == "document":
-        title = data["title"]
-        assert 1 <= len(title.split()) <= 2 and all(w in WORDS for w in title.split())
-        expected = {"title": title, "title_words": str(len(title.split())), "paragraphs": str(len(data["paragraphs"]))}
-        assert a == expected[kind]
-    elif domain == "ocr":
-        assert kind == "transcribe" and a == data["text"]
-        assert a in WORDS or (a.isdigit() and 0 <= int(a) <= 20)
+
+
+def check_chart_answer(s, q, a, kind, data):
+    cats, values = data["categories"], data["values"]
+    assert cats == list(CATEGORIES[:len(values)]) and all(1 <= v <= 9 for v in values)
+    expected = {
+        "max": cats[int(np.argmax(values))], "min": cats[int(np.argmin(values))], "count": str(len(values)),
+        "type": data["chart_type"], "to_table": chart_table_text(data),
+    }
+    if kind == "value":
+        assert data["chart_type"] != "pie"
+        cat = re.fullmatch(r"What is the value of ([A-E])\?", q).group(1)
+        assert a == str(values[cats.index(cat)])
     else:
-        shapes = data["shapes"]
-        if kind == "count_all":
-            assert a == str(len(shapes))
-        elif kind == "count_shape":
-            shape = re.fullmatch(r"How many (\w+)s are there\?", q).group(1)
-            assert a == str(sum(x["shape"] == shape for x in shapes))
-        elif kind == "count_color_shape":
-            color, shape = re.fullmatch(r"How many (\w+) (\w+)s are there\?", q).groups()
-            assert color in COLORS and a == str(sum(x["shape"] == shape and x["color"] == color for x in shapes))
-        else:
-            shape = re.fullmatch(r"What color is the (\w+)\?", q).group(1)
-            (only,) = [x for x in shapes if x["shape"] == shape]
-            assert a == only["color"]
+        assert a == expected[kind]
+
+
+def check_table_answer(s, q, a, kind, data):
+    rows = html_rows(s["html"])
+    assert s["html"] == data["html"] and len(rows) == data["rows"]
+    width = sum(span for _, span in rows[-1])
+    assert all(sum(span for _, span in r) == width for r in rows) and width == data["cols"]
+    if kind == "cell":
+        r, c = map(int, re.fullmatch(r"What is in row (\d+), column (\d+)\?", q).groups())
+        assert rows[r - 1][c - 1] == (a, 1)
+    elif kind == "rows":
+        assert a == str(len(rows))
+    elif kind == "cols":
+        assert a == str(width)
+    elif kind == "top_row":
+        assert rows[0] == [(a, width)] and width > 1
+    else:
+        assert kind == "to_html" and a == s["html"]
+
+
+def check_math_answer(s, q, a, kind, data):
+    fig = data["figure"]
+    if kind == "triangle_angle":
+        marked_1, marked_2, x = data["angles"]
+        assert marked_1 + marked_2 + x == 180 and a == str(x) and fig == "triangle"
+    elif kind == "polygon_sides":
+        assert a == str(data["sides"]) and 3 <= data["sides"] <= 8
+    elif kind in ("segment_total", "segment_part"):
+        p, r = data["parts"]
+        name = re.search(r"length of (AB|AC|CB)", q).group(1)
+        assert a == str({"AB": p + r, "AC": p, "CB": r}[name])
+    elif kind == "slope_sign":
+        assert a == ("positive" if data["slope"] > 0 else "negative")
+    elif kind == "slope":
+        assert float(a) == data["slope"]
+    elif kind == "intercept":
+        assert a == str(data["intercept"])
+    elif kind == "parabola_direction":
+        assert a == ("upward" if data["a"] > 0 else "downward")
+    else:
+        assert a == str(data["vertex"][0 if kind == "vertex_x" else 1]) and fig == "parabola"
+
+
+def check_document_answer(s, q, a, kind, data):
+    title = data["title"]
+    assert 1 <= len(title.split()) <= 2 and all(w in WORDS for w in title.split())
+    expected = {"title": title, "title_words": str(len(title.split())), "paragraphs": str(len(data["paragraphs"]))}
+    assert a == expected[kind]
+
+
+def check_ocr_answer(s, q, a, kind, data):
+    assert kind == "transcribe" and a == data["text"]
+    assert a in WORDS or (a.isdigit() and 0 <= int(a) <= 20)
+
+
+def check_general_answer(s, q, a, kind, data):
+    shapes = data["shapes"]
+    if kind == "count_all":
+        assert a == str(len(shapes))
+    elif kind == "count_shape":
+        shape = re.fullmatch(r"How many (\w+)s are there\?", q).group(1)
+        assert a == str(sum(x["shape"] == shape for x in shapes))
+    elif kind == "count_color_shape":
+        color, shape = re.fullmatch(r"How many (\w+) (\w+)s are there\?", q).groups()
+        assert color in COLORS and a == str(sum(x["shape"] == shape and x["color"] == color for x in shapes))
+    else:
+        shape = re.fullmatch(r"What color is the (\w+)\?", q).group(1)
+        (only,) = [x for x in shapes if x["shape"] == shape]
+        assert a == only["color"]
+
+
+# The other domain (general) is checked by `check_general_answer`.
+DOMAIN_CHECKS = {"chart": check_chart_answer, "table": check_table_answer, "math": check_math_answer,
+                 "document": check_document_answer, "ocr": check_ocr_answer}
 
 
 # ------------------------------------------------------------------------------------------------- determinism

@@ -87,9 +87,9 @@ def test_chimera_router_phase_fits_the_router_alone_on_cached_features(data_dir,
                "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no", "--gscm_ratio", 0.3)
     initial = ChimeraForConditionalGeneration.from_pretrained(tmp_path / "s1")
     processor = ChimeraProcessor.from_pretrained(tmp_path / "s1")
-    trainer = run_script("chimera", "chimera_stage1.yaml", "--stage", "router", "--output_dir", tmp_path / "r",
-                         "--model_name_or_path", tmp_path / "s1", "--train_file", data_dir / "sft.jsonl",
-                         "--max_steps", -1, "--num_train_epochs", 60, "--learning_rate", 5e-2, "--save_strategy", "no")
+    run_script("chimera", "chimera_stage1.yaml", "--stage", "router", "--output_dir", tmp_path / "r",
+               "--model_name_or_path", tmp_path / "s1", "--train_file", data_dir / "sft.jsonl",
+               "--max_steps", -1, "--num_train_epochs", 60, "--learning_rate", 5e-2, "--save_strategy", "no")
     after = ChimeraForConditionalGeneration.from_pretrained(tmp_path / "r")
     assert changed(snapshot(initial), after) == {"model.router.weight"}
     summary = json.loads((tmp_path / "r" / "run_summary.json").read_text())
@@ -101,7 +101,8 @@ def test_chimera_router_phase_fits_the_router_alone_on_cached_features(data_dir,
     data = load_vl_dataset(str(data_dir / "sft.jsonl"), domains=list(labels)[:-1])
     cache = routing_features(after, processor, data, labels, str(tmp_path / "cache"))
     features, targets = cache.features, cache.targets
-    assert features.dtype == torch.float32 and features.shape == (12, after.config.generalist_config.vision_config.hidden_size)
+    assert features.dtype == torch.float32
+    assert features.shape == (12, after.config.generalist_config.vision_config.hidden_size)
     rows = [data[i] for i in range(4)]
     inputs = processor(images=[r["images"] for r in rows], text=[chat_prompt(processor)] * 4, return_tensors="pt",
                        padding=True)
@@ -111,7 +112,8 @@ def test_chimera_router_phase_fits_the_router_alone_on_cached_features(data_dir,
     assert targets.tolist() == [labels[d] for d in DOMAINS] * 2
     assert (routed.argmax(-1) == targets[:4]).all()
     with pytest.raises(ValueError, match="--stage router trains the router alone; drop --use_lora."):
-        run_script("chimera", "chimera_stage1.yaml", "--stage", "router", "--use_lora", "true", "--output_dir", tmp_path)
+        run_script("chimera", "chimera_stage1.yaml", "--stage", "router", "--use_lora", "true",
+                   "--output_dir", tmp_path)
 
 
 def test_chimera_stage_2_adds_the_llm_and_gscm_and_keeps_experts_frozen(data_dir, tmp_path):
@@ -142,8 +144,9 @@ def test_chimera_stage_2_with_lora_merges_into_a_plain_checkpoint(data_dir, tmp_
     run_script("chimera", "chimera_stage1.yaml", "--output_dir", tmp_path / "s1", "--max_steps", 1,
                "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no")
     before = ChimeraForConditionalGeneration.from_pretrained(tmp_path / "s1")
-    run_script("chimera", "chimera_stage2.yaml", "--output_dir", tmp_path / "s2", "--max_steps", 3, "--use_lora", "true",
-               "--model_name_or_path", tmp_path / "s1", "--train_file", data_dir / "sft.jsonl", "--save_strategy", "no")
+    run_script("chimera", "chimera_stage2.yaml", "--output_dir", tmp_path / "s2", "--max_steps", 3,
+               "--use_lora", "true", "--model_name_or_path", tmp_path / "s1", "--train_file", data_dir / "sft.jsonl",
+               "--save_strategy", "no")
     after = ChimeraForConditionalGeneration.from_pretrained(tmp_path / "s2")  # strict: a plain Chimera state dict
     moved = changed(snapshot(before), after)
     assert "model.router.weight" in moved
@@ -398,11 +401,13 @@ def test_kill_and_resume_reaches_the_same_weights(data_dir, tmp_path):
         from train.chimera import main, make_parser
         main(*make_parser().parse_args_and_config())
     """
-    straight = _train_subprocess(run.format(args=common + ["--output_dir", str(tmp_path / "straight")], kill=False), ROOT)
+    straight = _train_subprocess(run.format(args=common + ["--output_dir", str(tmp_path / "straight")], kill=False),
+                                 ROOT)
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = _train_subprocess(run.format(args=common + ["--output_dir", str(tmp_path / "resumed")], kill=True), ROOT)
     assert killed.returncode == 17, killed.stderr[-3000:]
-    assert (tmp_path / "resumed" / "checkpoint-2").is_dir() and not (tmp_path / "resumed" / "model.safetensors").exists()
+    assert (tmp_path / "resumed" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
     resumed = _train_subprocess(run.format(args=common + ["--output_dir", str(tmp_path / "resumed"),
                                                           "--resume_from_checkpoint", "last"], kill=False), ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -454,7 +459,8 @@ def test_assemble_cli_builds_loadable_starting_checkpoints(tmp_path):
     chimera = AutoModelForImageTextToText.from_pretrained(tmp_path / "chimera", trust_remote_code=True)
     assert chimera.config.domains == ["math", "chart"] and chimera.config.experts[0].feature_layer == -2
     assemble(make_parser().parse_args([
-        "mixpert", "--base", str(tmp_path / "base"), "--domains", "chart", "document", "--output_dir", str(tmp_path / "mixpert"),
+        "mixpert", "--base", str(tmp_path / "base"), "--domains", "chart", "document",
+        "--output_dir", str(tmp_path / "mixpert"),
     ]))
     mixpert = AutoModelForImageTextToText.from_pretrained(tmp_path / "mixpert", trust_remote_code=True)
     assert mixpert.config.domains == ["chart", "document"] and mixpert.config.num_expert_layers == 2

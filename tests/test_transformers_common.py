@@ -170,8 +170,8 @@ def _make_test_class(name, kind, family):
         def setUp(self):
             self.model_tester = RoutedVLMTester(self, kind, family)
             self.all_model_classes = self.model_tester.model_classes
-            self.config_tester = ConfigTester(self, config_class=type(self.model_tester.config), has_text_modality=False,
-                                              **self.model_tester.config_kwargs())
+            self.config_tester = ConfigTester(self, config_class=type(self.model_tester.config),
+                                              has_text_modality=False, **self.model_tester.config_kwargs())
 
         def test_config(self):
             self.config_tester.run_common_tests()

@@ -19,9 +19,12 @@ import argparse
 
 import torch
 
+# `main` imports transformers and the model classes when it runs: at the top they would make `--help` about 4 s slower.
+
 
 def make_parser(prog: str | None = None):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="model", required=True)
     chimera = sub.add_parser("chimera", help="generalist + expert encoders -> Chimera")
     chimera.add_argument("--generalist", required=True, help="native llava_onevision / qwen2_vl / internvl model")
@@ -58,19 +61,20 @@ def _pairs(values: list[str], what: str) -> dict:
 
 
 def main(args):
-    from transformers import AutoImageProcessor, AutoProcessor
+    from transformers import AutoImageProcessor, AutoProcessor  # noqa: PLC0415 (transformers: --help stays fast)
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.model == "chimera":
-        from modeling_chimera import ChimeraForConditionalGeneration
-        from processing_chimera import ChimeraProcessor
+        from modeling_chimera import ChimeraForConditionalGeneration  # noqa: PLC0415 (transformers: --help stays fast)
+        from processing_chimera import ChimeraProcessor  # noqa: PLC0415 (transformers: --help stays fast)
 
         experts = _pairs(args.expert, "--expert")
         layers = {k: int(v) for k, v in _pairs(args.expert_feature_layer, "--expert_feature_layer").items()}
         unknown = sorted(set(layers) - set(experts))
         if unknown:
             raise ValueError(f"--expert_feature_layer for unknown experts {unknown}.")
-        specs = {d: {"model": path, **({"feature_layer": layers[d]} if d in layers else {})} for d, path in experts.items()}
+        specs = {d: {"model": path, **({"feature_layer": layers[d]} if d in layers else {})}
+                 for d, path in experts.items()}
         model = ChimeraForConditionalGeneration.from_generalist(
             args.generalist, specs, router_feature=args.router_feature, dtype=dtype
         )
@@ -79,7 +83,7 @@ def main(args):
             {d: AutoImageProcessor.from_pretrained(path) for d, path in experts.items()},
         )
     else:
-        from modeling_mixpert import MixpertForConditionalGeneration
+        from modeling_mixpert import MixpertForConditionalGeneration  # noqa: PLC0415 (transformers: --help stays fast)
 
         model = MixpertForConditionalGeneration.from_base(
             args.base, domains=args.domains, num_expert_layers=args.num_expert_layers,

@@ -38,6 +38,7 @@ from chimera_mixpert.data.loading import load_vl_dataset
 from chimera_mixpert.training import (
     GroupLearningRateTrainer,
     ModelArguments,
+    RouterFeatureCache,
     SFTDataArguments,
     TRUST_REMOTE_CODE_HELP,
     TinyArguments,
@@ -52,6 +53,7 @@ from chimera_mixpert.training import (
     set_trainable,
     train_router_on_features,
     trainable_summary,
+    to_device,
     training_device,
     training_files,
 )
@@ -134,9 +136,6 @@ def routing_features(model, processor, data, labels: dict, cache_dir: str, devic
     """The router's input (Chimera §3.2: the generalist tower's CLS / token mean on the whole-image tile) and target
     for every labelled image of `data`, computed once into a `RouterFeatureCache` (on `device`, default: where the
     model is)."""
-    from chimera_mixpert.data.collators import VisionLanguageSFTCollator
-    from chimera_mixpert.training import RouterFeatureCache, to_device
-
     collator = VisionLanguageSFTCollator(processor, labels)
     inner = model.model
     device = device if device is not None else next(model.parameters()).device
@@ -166,8 +165,8 @@ def train_router(script_args, training_args, model, processor, data_args, tiny_a
     data = sample_per_domain(data, script_args.router_samples_per_domain, training_args.seed)
     device = training_device(model, training_args)
     start = time.perf_counter()
-    cache = routing_features(model, processor, data, make_domain_labels(domains, none_domains=script_args.no_expert_domains),
-                             training_args.output_dir, device)
+    labels = make_domain_labels(domains, none_domains=script_args.no_expert_domains)
+    cache = routing_features(model, processor, data, labels, training_args.output_dir, device)
     cache_seconds = time.perf_counter() - start
     trainer = train_router_on_features(model.model.router, cache, training_args)
     results = {"cached_rows": len(cache), "feature_cache_seconds": cache_seconds, "device": str(device)}

@@ -84,11 +84,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    CLIPVisionConfig,
+    GotOcr2Config,
+    InternVLConfig,
+    InternVLVisionConfig,
+    Kosmos2_5VisionConfig,
+    Pix2StructVisionConfig,
+    PreTrainedConfig,
+)
+from transformers.initialization import no_init_weights
+from transformers.models.got_ocr2.configuration_got_ocr2 import GotOcr2VisionConfig
+
+from configuration_chimera import ChimeraConfig, ChimeraExpertConfig
+
+# The config classes above cost about a second at import; the image processors, tokenizers and the model class are
+# imported in the functions that use them (about 2 s more), so that `--help` and argument errors stay fast.
 
 
 logger = logging.getLogger(__name__)
@@ -221,8 +241,6 @@ def _rope_parameters(llm: dict, family: str) -> dict:
             "factor": scale,
         }
         if kind == "yarn":
-            import math
-
             params["attention_factor"] = 1.0 if scale <= 1.0 else 0.1 * math.log(scale) + 1.0
         return params
     if family in ("llama", "qwen2") and kind:
@@ -235,8 +253,6 @@ def _rope_parameters(llm: dict, family: str) -> dict:
 
 def _text_config(llm: dict):
     """The LLM's config in transformers' native form, and the official family name."""
-    from transformers import AutoConfig
-
     arch = (llm.get("architectures") or [None])[0]
     if arch not in SUPPORTED_LLMS:
         raise ValueError(f"Unsupported official LLM {arch!r}; supported: {', '.join(SUPPORTED_LLMS)}.")
@@ -266,8 +282,6 @@ def _text_config(llm: dict):
 def _intern_vit_config(vision: dict, image_size: int | None = None):
     """configuration_intern_vit.py fields -> `InternVLVisionConfig` (`use_mean_pooling=True`: InternViT has no final
     norm, model/chimera/modeling_intern_vit.py:297-362)."""
-    from transformers import InternVLVisionConfig
-
     return InternVLVisionConfig(
         hidden_size=vision["hidden_size"],
         num_hidden_layers=vision["num_hidden_layers"],
@@ -291,8 +305,6 @@ def _intern_vit_config(vision: dict, image_size: int | None = None):
 def _own_fields(config_class, values: dict) -> dict:
     """The entries of an official (transformers 4.x) config dict that `config_class` itself defines (drops the 4.x
     generic and generation fields every saved config carried)."""
-    from transformers import PreTrainedConfig
-
     generic = set(PreTrainedConfig.__dataclass_fields__)
     return {k: v for k, v in values.items() if k in config_class.__dataclass_fields__ and k not in generic}
 
@@ -306,18 +318,12 @@ def _expert_configs(entry: dict):
     select_layer = entry.get("select_layer", -1)
     feature_layer = None if select_layer in (-1, None) else int(select_layer)
     if family == "clip_vision_model":
-        from transformers import CLIPVisionConfig
-
         # 142-154: last_hidden_state (or hidden_states[select_layer]) without the CLS token.
         return CLIPVisionConfig(**_own_fields(CLIPVisionConfig, cfg)), feature_layer, "default"
     if family == "pix2struct_vision_model":
-        from transformers import Pix2StructVisionConfig
-
         # 156-171: flattened patches + attention mask, last_hidden_state (after the final norm) or hidden_states[i].
         return Pix2StructVisionConfig(**_own_fields(Pix2StructVisionConfig, cfg)), feature_layer, "full"
     if family == "kosmos_2_5_vision_model":
-        from transformers import Kosmos2_5VisionConfig
-
         # model/kosmos2_5/configuration_kosmos2_5.py: d_ff / d_kv / seq_len are transformers' intermediate_size /
         # head_dim / max_num_patches; the model itself is the same (model/kosmos2_5/modeling_kosmos2_5.py:449-918).
         config = Kosmos2_5VisionConfig(
@@ -330,9 +336,6 @@ def _expert_configs(entry: dict):
         )
         return config, feature_layer, "full"
     if family == "got_vision_model":
-        from transformers import GotOcr2Config
-        from transformers.models.got_ocr2.configuration_got_ocr2 import GotOcr2VisionConfig
-
         # model/got/configuration_got_vit.py:17-31 (SAM ViT-B) -> GotOcr2VisionConfig; GoTVisionModel.forward
         # (model/got/modeling_got_vit.py:471-485) ends with net_2 / net_3 = GOT-OCR2's conv_upsampler1/2, whose output
         # width is the config's `hidden_size` (the expert mlp's LayerNorm width, 69 and 85).
@@ -361,10 +364,6 @@ def _expert_configs(entry: dict):
 def convert_config(official_config: dict, token_ids: ChimeraTokenIds):
     """The official `ChimeraChatConfig` dict (model/chimera/configuration_chimera.py) -> this project's
     `ChimeraConfig`."""
-    from transformers import InternVLConfig
-
-    from configuration_chimera import ChimeraConfig, ChimeraExpertConfig
-
     experts_config = official_config.get("expert_encoder_config")
     if not experts_config or not experts_config.get("config_list"):
         raise ValueError(
@@ -590,9 +589,7 @@ _PROJECTOR_RULES = [
 
 def _target_shapes(config) -> dict:
     """`{key: shape}` of the converted model's state dict (built on the meta device, nothing allocated)."""
-    from transformers.initialization import no_init_weights
-
-    from modeling_chimera import ChimeraForConditionalGeneration
+    from modeling_chimera import ChimeraForConditionalGeneration  # noqa: PLC0415 (modeling: ~2 s more for --help)
 
     with torch.device("meta"), no_init_weights():
         model = ChimeraForConditionalGeneration(config)
@@ -684,8 +681,6 @@ def _check_complete(source: _Source, out: dict, targets: dict):
 
 def load_official_state_dict(input_dir) -> dict:
     """All tensors of an official checkpoint folder (safetensors only)."""
-    from safetensors.torch import load_file
-
     input_dir = Path(input_dir)
     index = input_dir / "model.safetensors.index.json"
     if index.exists():
@@ -741,9 +736,8 @@ def chat_template_for(template: str | None, system_message: str | None = None) -
 def _expert_image_processor(meta: dict):
     """An official expert image processor (model/chimera/processing_chimera.py:12-42) as a transformers image
     processor."""
-    import transformers
-    from transformers import GotOcr2ImageProcessor
-    from transformers.image_utils import PILImageResampling
+    from transformers import GotOcr2ImageProcessor  # noqa: PLC0415 (processors: ~2 s more for --help)
+    from transformers.image_utils import PILImageResampling  # noqa: PLC0415 (processors: ~2 s more for --help)
 
     meta = dict(meta)
     kind = meta.pop("image_processor_type", None)
@@ -785,11 +779,11 @@ def _official_expert_processors(input_dir: Path):
 def build_processor(input_dir, config, official_config: dict, trust_remote_code: bool = False):
     """`(ChimeraProcessor, None)` (InternVLProcessor + expert image processors) for the converted model, or `(None,
     reason)` when the official tokenizer or processor config cannot be used offline."""
-    from transformers import AutoTokenizer, GotOcr2ImageProcessor, InternVLProcessor
-    from transformers.image_utils import PILImageResampling
-    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+    from transformers import AutoTokenizer, GotOcr2ImageProcessor, InternVLProcessor  # noqa: PLC0415 (processors: ~2 s more for --help)
+    from transformers.image_utils import PILImageResampling  # noqa: PLC0415 (processors: ~2 s more for --help)
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor  # noqa: PLC0415 (processors: ~2 s more for --help)
 
-    from processing_chimera import ChimeraProcessor
+    from processing_chimera import ChimeraProcessor  # noqa: PLC0415 (processors: ~2 s more for --help)
 
     input_dir = Path(input_dir)
     metas = _official_expert_processors(input_dir)
@@ -859,8 +853,7 @@ def convert_checkpoint(
 ):
     """Convert the official checkpoint folder `input_dir` and write the converted model (and, when possible, its
     processor) to `output_dir`. Returns `(output_dir, processor written?)`."""
-    from modeling_chimera import ChimeraForConditionalGeneration
-    from transformers.initialization import no_init_weights
+    from modeling_chimera import ChimeraForConditionalGeneration  # noqa: PLC0415 (modeling: ~2 s more for --help)
 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     official_config = json.loads((input_dir / "config.json").read_text())

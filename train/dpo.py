@@ -70,7 +70,8 @@ def load_models(model_args: ModelArguments, script_args: DPOScriptArguments, tru
         return kind, *without_gscm(policy, reference), processor
     kind = read_model_type(model_args.model_name_or_path)
     if kind not in ("chimera", "mixpert"):
-        raise ValueError(f"{model_args.model_name_or_path} holds a {kind!r} model; train.dpo trains Chimera or Mixpert.")
+        raise ValueError(f"{model_args.model_name_or_path} holds a {kind!r} model; "
+                         "train.dpo trains Chimera or Mixpert.")
     model_class, processor_class = pretrained_classes(kind)
     dtype = dtype_from_name(model_args.dtype)
     policy = model_class.from_pretrained(model_args.model_name_or_path, dtype=dtype)

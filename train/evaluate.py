@@ -20,6 +20,7 @@ import os
 
 import datasets
 import torch
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from chimera_mixpert.data.loading import resolve_image_path
@@ -38,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 
 def make_parser(prog: str | None = None):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True)
     parser.add_argument("--dataset", required=True, help="save_to_disk folder, or a .jsonl / .parquet file")
     parser.add_argument("--split", default="test")
@@ -95,7 +97,8 @@ def load_rows(dataset: str, split: str = "test", limit: int | None = None) -> li
             row["image"] = load_rgb_image(row["image"], f"{dataset}, row {i}")
         missing = [k for k in ("image", "question", "answer", "domain") if row.get(k) is None]
         if missing:
-            raise ValueError(f"{dataset}, row {i}: missing {missing} (an image, question, answer and domain are needed).")
+            raise ValueError(f"{dataset}, row {i}: missing {missing} "
+                             "(an image, question, answer and domain are needed).")
         rows.append(row)
     return rows
 
@@ -122,7 +125,8 @@ def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="nati
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc="evaluating", disable=not progress):
             batch = rows[start : start + batch_size]
-            inputs = processor(images=[[r["image"]] for r in batch], text=[prompt_for(processor, r["question"]) for r in batch],
+            inputs = processor(images=[[r["image"]] for r in batch],
+                               text=[prompt_for(processor, r["question"]) for r in batch],
                                return_tensors="pt", padding=True)
             forced = {}
             if expert_labels is not None:
@@ -136,8 +140,9 @@ def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="nati
                 experts += out["expert_index"].tolist()
             if stream is not None:
                 for offset, (row, answer) in enumerate(zip(batch, batch_answers)):
-                    stream.write(json.dumps({"row": start + offset, "domain": row["domain"], "question": row["question"],
-                                             "answer": row["answer"], "prediction": answer}) + "\n")
+                    stream.write(json.dumps({"row": start + offset, "domain": row["domain"],
+                                             "question": row["question"], "answer": row["answer"],
+                                             "prediction": answer}) + "\n")
                 stream.flush()
     finally:
         tokenizer.padding_side = side
@@ -190,7 +195,8 @@ def score_rows(rows, answers, metric_overrides=None) -> dict:
         target = row["html"] if metric == "teds" and row.get("html") else row["answer"]
         extra = {}
         if metric == "mathvista":
-            extra = {k: row.get(k) for k in ("question_type", "answer_type", "choices", "precision") if row.get(k) is not None}
+            extra = {k: row.get(k) for k in ("question_type", "answer_type", "choices", "precision")
+                     if row.get(k) is not None}
             if isinstance(extra.get("choices"), str):
                 extra["choices"] = json.loads(extra["choices"]) if extra["choices"] else None
         try:
@@ -273,14 +279,10 @@ def write_report(report: dict, output_dir: str, title: str = "Evaluation") -> di
 
 def plot_per_domain(reports: dict, path: str, title: str = "Score per domain") -> str:
     """Grouped bars: one group per domain, one bar per report (e.g. joint vs Mixpert)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     domains = sorted({d for r in reports.values() for d in r["per_domain"]})
     width = 0.8 / max(len(reports), 1)
-    fig, ax = plt.subplots(figsize=(1.2 * len(domains) + 2, 3.5))
+    fig = Figure(figsize=(1.2 * len(domains) + 2, 3.5))  # no pyplot: no global backend, no figure to close
+    ax = fig.subplots()
     for i, (name, report) in enumerate(reports.items()):
         values = [report["per_domain"].get(d, {}).get("score", 0.0) for d in domains]
         ax.bar([x + i * width for x in range(len(domains))], values, width, label=name)
@@ -291,20 +293,15 @@ def plot_per_domain(reports: dict, path: str, title: str = "Score per domain") -
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def plot_confusion(router: dict, path: str, data_domains=None) -> str:
     """Router confusion matrix (rows: target expert, columns: chosen expert)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     matrix = router["confusion_matrix"]
     labels = router["labels"]
-    fig, ax = plt.subplots(figsize=(0.6 * len(labels) + 2, 0.6 * len(labels) + 1.5))
+    fig = Figure(figsize=(0.6 * len(labels) + 2, 0.6 * len(labels) + 1.5))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
@@ -316,7 +313,6 @@ def plot_confusion(router: dict, path: str, data_domains=None) -> str:
     ax.set_title(f"Router accuracy {router['accuracy']:.3f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -347,7 +343,8 @@ def main(args):
     output = args.output_dir or os.path.join(args.model_name_or_path, f"eval-{args.split}")
     os.makedirs(output, exist_ok=True)
     report = evaluate(model, processor, rows, kind, args.batch_size, args.max_new_tokens, overrides,
-                      dataset_name=os.path.basename(os.path.normpath(args.dataset)), split=args.split, oracle=args.oracle,
+                      dataset_name=os.path.basename(os.path.normpath(args.dataset)), split=args.split,
+                      oracle=args.oracle,
                       predictions_path=os.path.join(output, "predictions.jsonl"), **generate_kwargs)
     report["model"] = args.model_name_or_path
     write_report(report, output, title=f"{kind} {os.path.basename(os.path.normpath(args.model_name_or_path))}")

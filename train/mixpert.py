@@ -36,6 +36,7 @@ from chimera_mixpert.data.loading import load_vl_dataset
 from chimera_mixpert.training import (
     GroupLearningRateTrainer,
     ModelArguments,
+    RouterFeatureCache,
     SFTDataArguments,
     TRUST_REMOTE_CODE_HELP,
     TinyArguments,
@@ -51,6 +52,7 @@ from chimera_mixpert.training import (
     save_atomically,
     set_trainable,
     train_router_on_features,
+    to_device,
     training_device,
     training_files,
 )
@@ -138,7 +140,8 @@ def _load_weights(model, folder):
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     if [k for k in missing if k not in tied] or unexpected:
-        raise ValueError(f"{folder} does not hold this model's weights (missing {missing[:5]}, unexpected {unexpected[:5]}).")
+        raise ValueError(f"{folder} does not hold this model's weights "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}).")
 
 
 @torch.no_grad()
@@ -146,9 +149,6 @@ def pooled_shared_features(model, processor, data, cache_dir: str, device=None, 
     """Router inputs (pooled shared-layer features, per image or per tile as the model routes) and domain targets,
     computed once into a `RouterFeatureCache` (on `device`, default: where the model is): the shared layers are frozen
     during router training."""
-    from chimera_mixpert.data.collators import VisionLanguageSFTCollator
-    from chimera_mixpert.training import RouterFeatureCache, to_device
-
     collator = VisionLanguageSFTCollator(processor)
     inner = model.model
     device = device if device is not None else next(model.parameters()).device
@@ -192,7 +192,8 @@ def main(script_args, training_args, model_args, data_args, tiny_args: TinyArgum
         _, results = train_router(script_args, training_args, model, processor, data_args, files)
         return model, results
     trainer, results = tune_experts(script_args, training_args, model, processor, data_args, files)
-    finish(trainer, model, processor, training_args, {"script": "mixpert", "phase": script_args.phase, "results": results})
+    finish(trainer, model, processor, training_args,
+           {"script": "mixpert", "phase": script_args.phase, "results": results})
     return model, results
 
 
@@ -200,8 +201,8 @@ def make_parser(prog: str | None = None):
     parser = TrlParser((MixpertScriptArguments, TrainingArguments, ModelArguments, SFTDataArguments, TinyArguments),
                        prog=prog)
     # Paper defaults (Mixpert §4.2) for real runs; tiny configs override them.
-    parser.set_defaults_with_config(learning_rate=2e-6, num_train_epochs=1, lr_scheduler_type="cosine", warmup_ratio=0.03,
-                        adam_beta1=0.9, adam_beta2=0.98, weight_decay=0.01)
+    parser.set_defaults_with_config(learning_rate=2e-6, num_train_epochs=1, lr_scheduler_type="cosine",
+                                    warmup_ratio=0.03, adam_beta1=0.9, adam_beta2=0.98, weight_decay=0.01)
     return parser
 
 

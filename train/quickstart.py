@@ -6,7 +6,8 @@
 What it does, through the same classes and scripts as full-size runs (`train.sft`, `train.chimera`, `train.dpo`,
 `train.mixpert`, `train.evaluate`):
 
-1. writes the synthetic data (chart, table, math, document, OCR, general; `chimera_mixpert.data.synthetic`) as local files;
+1. writes the synthetic data (chart, table, math, document, OCR, general; `chimera_mixpert.data.synthetic`) as local
+   files;
 2. trains a small native InternVL jointly on all domains: the stand-in for a pretrained generalist ("joint");
 3. trains one higher-resolution vision encoder per Chimera expert domain (chart, table, math, document), each as
    the vision tower of a specialist that shares the joint model's frozen LLM;
@@ -32,6 +33,18 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from chimera_mixpert.data.export import export_preference_jsonl, export_sft_jsonl
+from chimera_mixpert.data.synthetic import (
+    DOMAINS,
+    IMAGE_KINDS,
+    KIND_QUESTIONS,
+    build_dataset,
+    make_preference_pairs,
+    save_dataset,
+)
+
+# The stages import transformers, the model classes and `train.evaluate` when they run: at the top they would make
+# `python -m train.quickstart --help` (and importing this module) about 4 s slower.
 
 EXPERT_DOMAINS = ("chart", "table", "math", "document")  # Chimera's experts; OCR and general use none
 # The synthetic table questions ask for a cell / a count, so tables are scored by exact match (TEDS scores the
@@ -105,7 +118,8 @@ SCALES = {
 
 
 def make_parser(prog: str | None = None):
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/quickstart")
     parser.add_argument("--scale", choices=sorted(SCALES), default="lab")
     parser.add_argument("--seed", type=int, default=None, help="override the lab's seed")
@@ -154,15 +168,6 @@ def run(module: str, args: list[str], **kwargs):
 
 
 def write_data(lab: Lab):
-    from chimera_mixpert.data.export import export_preference_jsonl, export_sft_jsonl
-    from chimera_mixpert.data.synthetic import (
-        IMAGE_KINDS,
-        KIND_QUESTIONS,
-        build_dataset,
-        make_preference_pairs,
-        save_dataset,
-    )
-
     cfg = lab.cfg
     data = build_dataset({"train": cfg.train_per_domain, "validation": 0, "test": cfg.test_per_domain},
                          mixed=cfg.mixed, seed=cfg.seed, image_size=cfg.expert_image_size,
@@ -191,7 +196,7 @@ def _text(messages) -> str:
 
 def train_joint(lab: Lab, data):
     """The generalist stand-in: a native InternVL trained jointly on every domain (train.sft)."""
-    from chimera_mixpert.tiny import build_generalist, build_processor, build_tokenizer
+    from chimera_mixpert.tiny import build_generalist, build_processor, build_tokenizer  # noqa: PLC0415 (transformers: --help stays fast)
 
     cfg = lab.cfg
     corpus = [f"{r['question']} {r['answer']}" for r in data["train"]]
@@ -211,9 +216,9 @@ def train_joint(lab: Lab, data):
 def train_specialists(lab: Lab, tokenizer):
     """One higher-resolution InternViT per expert domain, trained as the vision tower (+ projector) of a specialist
     whose LLM is the joint model's, frozen. Returns `{domain: vision tower}`."""
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText  # noqa: PLC0415 (transformers: --help stays fast)
 
-    from chimera_mixpert.tiny import build_generalist, build_processor
+    from chimera_mixpert.tiny import build_generalist, build_processor  # noqa: PLC0415 (transformers: --help stays fast)
 
     cfg = lab.cfg
     joint = AutoModelForImageTextToText.from_pretrained(lab.path("joint"))
@@ -235,11 +240,11 @@ def train_specialists(lab: Lab, tokenizer):
 
 
 def assemble_chimera(lab: Lab, towers):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: PLC0415 (transformers: --help stays fast)
 
-    from chimera_mixpert.tiny import build_processor
-    from modeling_chimera import ChimeraForConditionalGeneration
-    from processing_chimera import ChimeraProcessor
+    from chimera_mixpert.tiny import build_processor  # noqa: PLC0415 (transformers: --help stays fast)
+    from modeling_chimera import ChimeraForConditionalGeneration  # noqa: PLC0415 (transformers: --help stays fast)
+    from processing_chimera import ChimeraProcessor  # noqa: PLC0415 (transformers: --help stays fast)
 
     cfg = lab.cfg
     joint = AutoModelForImageTextToText.from_pretrained(lab.path("joint"))
@@ -280,10 +285,9 @@ def train_dpo(lab: Lab):
 
 
 def train_mixpert(lab: Lab):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: PLC0415 (transformers: --help stays fast)
 
-    from chimera_mixpert.data.synthetic import DOMAINS
-    from modeling_mixpert import MixpertForConditionalGeneration
+    from modeling_mixpert import MixpertForConditionalGeneration  # noqa: PLC0415 (transformers: --help stays fast)
 
     cfg = lab.cfg
     joint = AutoModelForImageTextToText.from_pretrained(lab.path("joint"))
@@ -307,7 +311,7 @@ def train_mixpert(lab: Lab):
 
 
 def evaluate_all(lab: Lab, data):
-    from train.evaluate import evaluate, load_model, plot_confusion, plot_per_domain, write_report
+    from train.evaluate import evaluate, load_model, plot_confusion, plot_per_domain, write_report  # noqa: PLC0415 (transformers: --help stays fast)
 
     test, mixed = list(data["test"]), list(data["mixed"])
     reports = {}
@@ -375,17 +379,19 @@ def _scores(report):
 @torch.no_grad()
 def mixpert_router_accuracy(lab, model, rows) -> float:
     """Share of test images whose router top class is their domain (the direct rule; thresholds aside)."""
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor  # noqa: PLC0415 (transformers: --help stays fast)
+
+    from train.evaluate import prompt_for  # noqa: PLC0415 (transformers: --help stays fast)
 
     processor = AutoProcessor.from_pretrained(lab.path("mixpert"))
-    from train.evaluate import prompt_for
-
     correct = 0
     for start in range(0, len(rows), 32):
         batch = rows[start : start + 32]
-        inputs = processor(images=[[r["image"]] for r in batch], text=[prompt_for(processor, r["question"]) for r in batch],
+        inputs = processor(images=[[r["image"]] for r in batch],
+                           text=[prompt_for(processor, r["question"]) for r in batch],
                            return_tensors="pt", padding=True)
-        features = model.get_image_features(inputs["pixel_values"], input_ids=inputs["input_ids"], routing_strategy="direct")
+        features = model.get_image_features(inputs["pixel_values"], input_ids=inputs["input_ids"],
+                                            routing_strategy="direct")
         predicted = features.router_logits.argmax(-1).tolist()
         correct += sum(model.domains[p] == r["domain"] for p, r in zip(predicted, batch))
     return correct / len(rows)
@@ -396,9 +402,9 @@ def gscm_attention_ratio(lab, rows) -> dict:
     """Chimera §4's attention analysis: the share of attention the answer's first prediction (the last prompt
     position) gives to expert tokens, averaged over layers and heads and over test images of expert domains, for
     stage 2 with GSCM ÷ stage 2 without it (same start, data and steps)."""
-    from modeling_chimera import ChimeraForConditionalGeneration
-    from processing_chimera import ChimeraProcessor
-    from train.evaluate import prompt_for
+    from modeling_chimera import ChimeraForConditionalGeneration  # noqa: PLC0415 (transformers: --help stays fast)
+    from processing_chimera import ChimeraProcessor  # noqa: PLC0415 (transformers: --help stays fast)
+    from train.evaluate import prompt_for  # noqa: PLC0415 (transformers: --help stays fast)
 
     rows = [r for r in rows if r["domain"] in EXPERT_DOMAINS]
     shares = {}
@@ -427,9 +433,9 @@ def gscm_attention_ratio(lab, rows) -> dict:
 def preference_accuracy(lab, folder, pairs, batch_size: int = 16) -> float:
     """Share of held-out pairs where the model gives the chosen answer a higher log-probability (summed over the
     answer's tokens) than the rejected one."""
-    from modeling_chimera import ChimeraForConditionalGeneration
-    from processing_chimera import ChimeraProcessor
-    from train.evaluate import prompt_for
+    from modeling_chimera import ChimeraForConditionalGeneration  # noqa: PLC0415 (transformers: --help stays fast)
+    from processing_chimera import ChimeraProcessor  # noqa: PLC0415 (transformers: --help stays fast)
+    from train.evaluate import prompt_for  # noqa: PLC0415 (transformers: --help stays fast)
 
     model = ChimeraForConditionalGeneration.from_pretrained(lab.path(folder)).eval()
     processor = ChimeraProcessor.from_pretrained(lab.path(folder))

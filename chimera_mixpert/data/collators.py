@@ -12,6 +12,7 @@ and the other templates TRL knows), and an unknown template raises with the fix.
 from __future__ import annotations
 
 import torch
+from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
 from processing_chimera import DEFAULT_MAX_IMAGE_PIXELS, load_rgb_image
 
@@ -29,8 +30,6 @@ def make_domain_labels(model_domains, none_domains=("general", "none")) -> dict[
 
 def training_chat_template(processor) -> str:
     """The processor's chat template if it marks assistant text with `{% generation %}`, else TRL's patched one."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
     template = processor.chat_template
     if template is None:
         raise ValueError("The processor has no chat template; set `processor.chat_template` before training.")
@@ -48,8 +47,8 @@ def training_chat_template(processor) -> str:
 
 
 class VisionLanguageSFTCollator:
-    """Rows `{"messages", "images", "domain"}` (see `chimera_mixpert.data.loading`) -> a model batch with `labels` on assistant
-    tokens only and `expert_labels` per image.
+    """Rows `{"messages", "images", "domain"}` (see `chimera_mixpert.data.loading`) -> a model batch with `labels` on
+    assistant tokens only and `expert_labels` per image.
 
     Args:
         processor: the model's processor (`ChimeraProcessor` or a native one for Mixpert).

@@ -74,10 +74,9 @@ def resolve_image_path(image: str, image_root: str, where: str, allow_outside_ro
     return path
 
 
-def normalize_row(row: dict, index: int, image_root: str, source: str, domains: set | None = None,
-                  allow_outside_root: bool = False) -> dict:
-    """One raw row (either format) -> `{"messages", "images", "domain"}`; raises with `source` and `index` on errors."""
-    where = f"{source}, row {index}"
+def _messages_and_images(row: dict, where: str) -> tuple[list[dict], list]:
+    """A raw row's turns as `[{"role", "content"}]` (LLaVA `conversations` or HF `messages`) and its images as a
+    list (paths or `{"path": ...}`, not resolved yet)."""
     if "conversations" in row and row["conversations"] is not None:
         messages = []
         for turn in row["conversations"]:
@@ -100,6 +99,27 @@ def normalize_row(row: dict, index: int, image_root: str, source: str, domains: 
         images = []
     elif isinstance(images, (str, dict)) or hasattr(images, "size"):
         images = [images]
+    return messages, images
+
+
+def _resolve_images(images: list, image_root: str, where: str, allow_outside_root: bool) -> list[str]:
+    """Each image (a path, or a dict with `path`) as a checked absolute path (see `resolve_image_path`)."""
+    resolved = []
+    for image in images:
+        if isinstance(image, str):
+            resolved.append(resolve_image_path(image, image_root, where, allow_outside_root))
+        elif isinstance(image, dict) and image.get("path"):
+            resolved.append(resolve_image_path(image["path"], image_root, where, allow_outside_root))
+        else:
+            raise ValueError(f"{where}: images must be file paths, got {type(image).__name__}.")
+    return resolved
+
+
+def normalize_row(row: dict, index: int, image_root: str, source: str, domains: set | None = None,
+                  allow_outside_root: bool = False) -> dict:
+    """One raw row (either format) -> `{"messages", "images", "domain"}`; raises with `source` and `index` on errors."""
+    where = f"{source}, row {index}"
+    messages, images = _messages_and_images(row, where)
     if not any(m["role"] == "assistant" and m["content"] for m in messages):
         # Without an answer the row has no label token: a batch of such rows divides the loss by zero (NaN weights).
         raise ValueError(f"{where}: no non-empty assistant turn (the answer to train on); add one or drop the row.")
@@ -115,14 +135,7 @@ def normalize_row(row: dict, index: int, image_root: str, source: str, domains: 
         if first_user is None:
             raise ValueError(f"{where}: images given but no user turn to attach them to.")
         first_user["content"] = [{"type": "image"}] * (len(images) - markers) + first_user["content"]
-    resolved = []
-    for image in images:
-        if isinstance(image, str):
-            resolved.append(resolve_image_path(image, image_root, where, allow_outside_root))
-        elif isinstance(image, dict) and image.get("path"):
-            resolved.append(resolve_image_path(image["path"], image_root, where, allow_outside_root))
-        else:
-            raise ValueError(f"{where}: images must be file paths, got {type(image).__name__}.")
+    resolved = _resolve_images(images, image_root, where, allow_outside_root)
     domain = row.get("domain") or ""
     if domains is not None and domain not in domains:
         raise ValueError(f"{where}: unknown domain {domain!r}; known domains: {sorted(d for d in domains if d)}.")

@@ -302,9 +302,11 @@ def _chart_template(w: int, h: int, chart_type: str, n: int):
     """A reused matplotlib figure for one (size, chart type, number of categories): Agg canvas (no pyplot, no GUI),
     1 point = 1 pixel (dpi 72). Each chart only updates heights, angles and colours, then draws (creating axes and
     ticks per chart would cost ~5x more)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Wedge
+    # matplotlib's figure classes: about 0.5 s (a third of this module's import), paid on the first chart only, so
+    # code that uses only this module's other helpers (domains, questions, preference pairs) never pays it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (first chart only)
+    from matplotlib.figure import Figure  # noqa: PLC0415 (first chart only)
+    from matplotlib.patches import Wedge  # noqa: PLC0415 (first chart only)
 
     label_size = max(4.0, 0.15 * h)
     with matplotlib.rc_context(_MPL_RC):
@@ -993,6 +995,40 @@ def _check_question_kinds(question_kinds):
                              f"{list(QUESTION_KINDS[name])}.")
 
 
+def _mixed_sample(rng: np.random.Generator, image_size: int, layout: str | None):
+    """`generate_sample(domain="mixed")`'s parts: `(image, qa, primary, secondary, data, meta)`."""
+    layout = layout if layout is not None else _pick(rng, tuple(MIXED_LAYOUTS))
+    if layout not in MIXED_LAYOUTS:
+        raise ValueError(f"Unknown mixed layout {layout!r}; known: {sorted(MIXED_LAYOUTS)}.")
+    image, primary, secondary, data, other = _render_mixed(rng, image_size, layout)
+    qa = _ASKERS[primary](rng, data, False, _MIXED_KINDS[primary])
+    return image, qa, primary, secondary, data, {**data, "layout": layout, "secondary": other}
+
+
+def _single_domain_sample(domain: str, rng: np.random.Generator, image_size: int, long_answers: bool,
+                          allowed: Sequence[str] | None):
+    """`(image, data, qa)` for one image of `domain` whose question kind is in `allowed` (any kind when None)."""
+    if allowed is not None and not long_answers and set(allowed) <= {"to_table", "to_html"}:
+        raise ValueError(f"question_kinds[{domain!r}] = {list(allowed)} only has long-answer kinds; pass "
+                         "long_answers=True or allow a short-answer kind.")
+    for _ in range(200):
+        image, data = _RENDERERS[domain](rng, image_size, image_size)
+        # Askers that know the kinds pick among the allowed ones; the others are asked again about the same image
+        # (a few times, before drawing a new image: some figures allow none of the kinds).
+        for _ in range(1 if allowed is None else 8):
+            try:
+                qa = _ASKERS[domain](rng, data, long_answers, allowed)
+            except ValueError:  # no allowed kind for this content
+                qa = None
+                break
+            if allowed is None or qa["question_kind"] in allowed:
+                break
+            qa = None
+        if qa is not None:
+            return image, data, qa
+    raise ValueError(f"No {domain!r} sample with a question kind in {allowed} after 200 images.")
+
+
 def generate_sample(domain: str, rng: np.random.Generator | int, image_size: int = 64, long_answers: bool = False,
                     layout: str | None = None, kind_questions: float = 0.0,
                     question_kinds: Mapping[str, Sequence[str]] | None = None) -> dict:
@@ -1032,34 +1068,10 @@ def generate_sample(domain: str, rng: np.random.Generator | int, image_size: int
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16 pixels, got {image_size}.")
     if domain == "mixed":
-        layout = layout if layout is not None else _pick(rng, tuple(MIXED_LAYOUTS))
-        if layout not in MIXED_LAYOUTS:
-            raise ValueError(f"Unknown mixed layout {layout!r}; known: {sorted(MIXED_LAYOUTS)}.")
-        image, primary, secondary, data, other = _render_mixed(rng, image_size, layout)
-        qa = _ASKERS[primary](rng, data, False, _MIXED_KINDS[primary])
-        meta = {**data, "layout": layout, "secondary": other}
+        image, qa, primary, secondary, data, meta = _mixed_sample(rng, image_size, layout)
     elif domain in _RENDERERS:
-        allowed = (question_kinds or {}).get(domain)
-        if allowed is not None and not long_answers and set(allowed) <= {"to_table", "to_html"}:
-            raise ValueError(f"question_kinds[{domain!r}] = {list(allowed)} only has long-answer kinds; pass "
-                             "long_answers=True or allow a short-answer kind.")
-        for _ in range(200):
-            image, data = _RENDERERS[domain](rng, image_size, image_size)
-            # Askers that know the kinds pick among the allowed ones; the others are asked again about the same image
-            # (a few times, before drawing a new image: some figures allow none of the kinds).
-            for _ in range(1 if allowed is None else 8):
-                try:
-                    qa = _ASKERS[domain](rng, data, long_answers, allowed)
-                except ValueError:  # no allowed kind for this content
-                    qa = None
-                    break
-                if allowed is None or qa["question_kind"] in allowed:
-                    break
-                qa = None
-            if qa is not None:
-                break
-        else:
-            raise ValueError(f"No {domain!r} sample with a question kind in {allowed} after 200 images.")
+        image, data, qa = _single_domain_sample(domain, rng, image_size, long_answers,
+                                                (question_kinds or {}).get(domain))
         if kind_questions > 0 and rng.random() < kind_questions:
             qa = _qa(_pick(rng, KIND_QUESTIONS), IMAGE_KINDS[domain], "image_kind")
         primary, secondary, meta = domain, "", data
