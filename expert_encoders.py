@@ -12,7 +12,8 @@
 Any other vision model that `AutoModel` builds from its config, called with `pixel_values` and returning
 `last_hidden_state` (SigLIP, DINOv2, ...), is served by the base class `ExpertFamily`.
 
-Like `vlm_backbones.py`, this is a Hub file: the configuration, modeling and processing files import it relatively.
+Like `vlm_backbones.py`, this is a Hub file: Chimera's configuration, modeling and processing files import it
+relatively.
 """
 
 from __future__ import annotations
@@ -80,7 +81,21 @@ class ExpertFamily:
     def encode(self, encoder: nn.Module, inputs: torch.Tensor, feature_layer: int | None) -> torch.Tensor:
         """`(n, tokens, hidden)` features of the preprocessed `inputs`: the last output, or `hidden_states[i]`."""
         outputs = encoder(pixel_values=inputs, return_dict=True, output_hidden_states=feature_layer is not None)
-        return outputs.last_hidden_state if feature_layer is None else outputs.hidden_states[feature_layer]
+        return self.selected(outputs, feature_layer)
+
+    @classmethod
+    def selected(cls, outputs, feature_layer: int | None) -> torch.Tensor:
+        """The encoder output the expert reads: `last_hidden_state`, or `hidden_states[feature_layer]`, as tokens."""
+        features = outputs.last_hidden_state if feature_layer is None else outputs.hidden_states[feature_layer]
+        return cls.as_tokens(features, feature_layer)
+
+    @staticmethod
+    def as_tokens(features: torch.Tensor, feature_layer: int | None) -> torch.Tensor:
+        """Feature maps as token sequences: a `(B, C, H, W)` final map (a convolutional neck, as GOT-OCR2's) or a
+        `(B, H, W, C)` layer output becomes `(B, H * W, C)`."""
+        if features.dim() != 4:
+            return features
+        return features.flatten(2).transpose(1, 2) if feature_layer is None else features.flatten(1, 2)
 
     def load(self, path: str, model_type: str, dtype=None) -> nn.Module:
         """A checkpoint of this family (safetensors only)."""
@@ -114,7 +129,7 @@ class Pix2StructFamily(ExpertFamily):
     def encode(self, encoder, inputs, feature_layer):
         outputs = encoder(flattened_patches=inputs, attention_mask=(inputs.sum(-1) != 0).long(), return_dict=True,
                           output_hidden_states=feature_layer is not None)
-        return outputs.last_hidden_state if feature_layer is None else outputs.hidden_states[feature_layer]
+        return self.selected(outputs, feature_layer)
 
     def load(self, path, model_type, dtype=None):
         model_class = transformers.Pix2StructForConditionalGeneration
@@ -145,7 +160,7 @@ class Kosmos25Family(Pix2StructFamily):
         # Kosmos2_5VisionModel returns only `last_hidden_state`: read the layers from its encoder.
         outputs = encoder.encoder(encoder.embeddings(inputs), attention_mask=(inputs.sum(-1) != 0).long(),
                                   output_hidden_states=True)
-        return outputs.hidden_states[feature_layer]
+        return self.as_tokens(outputs.hidden_states[feature_layer], feature_layer)
 
     def load(self, path, model_type, dtype=None):
         return transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True)
@@ -165,10 +180,6 @@ class GotOcr2VisionFamily(ExpertFamily):
 
     def hidden_size(self, vision_config) -> int:
         return vision_config.output_channels
-
-    def encode(self, encoder, inputs, feature_layer):
-        features = super().encode(encoder, inputs, feature_layer)
-        return features.flatten(2).transpose(1, 2) if feature_layer is None else features.flatten(1, 2)
 
 
 class GotOcr2Family(GotOcr2VisionFamily):

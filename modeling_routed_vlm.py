@@ -555,7 +555,8 @@ class RoutedVLMForConditionalGeneration(RoutedVLMPreTrainedModel, GenerationMixi
     def materialise(self, modules, reference: torch.Tensor):
         """Allocate `modules` (still on the meta device) where `reference` lives and initialise them; routers
         (`_keep_in_fp32_modules_strict`) in fp32, the rest in `reference`'s dtype."""
-        fp32 = [getattr(self.model, name) for name in self._keep_in_fp32_modules_strict]
+        # The class's own list: `post_init` adds the nested models' name patterns to the instance's.
+        fp32 = [getattr(self.model, name, None) for name in type(self)._keep_in_fp32_modules_strict]
         for module in modules:
             module.to_empty(device=reference.device)
             for sub in module.modules():

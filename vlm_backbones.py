@@ -109,7 +109,6 @@ class ImageBatch:
     Attributes:
         pixel_values: the family's `pixel_values` (tiles for LLaVA-OV / InternVL, packed patches for Qwen2-VL).
         units_per_image (`list[int]`): tiles per image (all ones for Qwen2-VL).
-        tokens_per_image (`list[int] | None`): LLM image tokens per image when known before encoding.
         extra (`dict`): family inputs needed after encoding (`image_sizes`, `image_grid_thw`, ...).
     """
 
@@ -146,9 +145,6 @@ class BackboneFamily(ABC):
     def __init__(self, config, backbone: nn.Module | None = None):
         self.config = config
         self._backbone = backbone
-        # Qwen2-VL's generation state (as the native `...ForConditionalGeneration` keeps it): kept here, not written
-        # onto the native model.
-        self.rope_deltas = None
 
     @property
     def backbone(self) -> nn.Module:
@@ -371,7 +367,7 @@ class LlavaOnevisionFamily(BackboneFamily):
         return VisionActivations(hidden=hidden, unit_image=images.unit_image(hidden.device), taps={0: hidden})
 
     def layer_kwargs(self, layers, acts):
-        return {"attention_mask": None}  # SigLIP layers take the mask positionally; tiles are never padded
+        return {"attention_mask": None}  # SigLIP layers require the argument; tiles are never padded
 
     def project(self, acts, final_norm=None, projector=None):
         taps, _ = self.feature_taps
@@ -475,6 +471,17 @@ class Qwen2VLFamily(BackboneFamily):
     @property
     def tower_hidden_size(self):
         return self.vision_config.embed_dim
+
+    @property
+    def rope_deltas(self):
+        """Qwen2-VL's generation state: where the 3D positions after the images stand relative to the text positions.
+        It lives on the native model, as with `Qwen2VLForConditionalGeneration`: the native forward reads it to continue
+        a KV cache without `position_ids`, so a cache left by `generate` continues the same way through `forward`."""
+        return getattr(self.backbone, "rope_deltas", None)
+
+    @rope_deltas.setter
+    def rope_deltas(self, value):
+        self.backbone.rope_deltas = value
 
     def routing_feature(self, acts, images, mode):
         if mode == "cls":

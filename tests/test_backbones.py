@@ -98,7 +98,7 @@ def test_language_forward_with_the_features_is_the_native_forward(family):
     assert torch.allclose(ours.last_hidden_state, theirs.last_hidden_state, atol=1e-5)
 
 
-def test_qwen2_vl_generation_state_stays_on_the_adapter():
+def test_qwen2_vl_generation_state_is_the_native_models():
     model, inputs = _model_and_inputs("qwen2_vl")
     adapter = get_backbone_family(model.model)
     text_positions = torch.arange(inputs["input_ids"].shape[1]).expand(2, -1)
@@ -110,4 +110,6 @@ def test_qwen2_vl_generation_state_stays_on_the_adapter():
                                                 image_grid_thw=inputs["image_grid_thw"],
                                                 attention_mask=inputs["attention_mask"])
     assert torch.equal(positions[1:], vision) and torch.equal(adapter.rope_deltas, deltas)
-    assert model.model.rope_deltas is None  # the native model is not written to
+    # where the native forward reads it to continue a cache without `position_ids`, and a re-bound adapter finds it
+    assert model.model.rope_deltas is adapter.rope_deltas
+    assert get_backbone_family(model.model).rope_deltas is adapter.rope_deltas

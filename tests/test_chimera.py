@@ -489,3 +489,17 @@ def test_kv_cache_is_honoured_under_either_name(cache_name):
                 model(**inputs, expert_labels=torch.tensor([0]), use_cache=True), CACHE_NAME)})
     with pytest.raises(ValueError, match="Pass the KV cache once"):
         take_cache(object(), {"cache": object()})
+
+
+def test_assembly_keeps_only_the_router_in_fp32_when_a_nested_model_lists_fp32_modules(monkeypatch):
+    # `post_init` adds every nested model's `_keep_in_fp32_modules_strict` name patterns to the instance's list (some
+    # text models declare such names); assembly must still find the router alone, by the class's own list.
+    from chimera_mixpert.tiny import build_tiny_mixpert
+    from transformers import Qwen2Model
+
+    monkeypatch.setattr(Qwen2Model, "_keep_in_fp32_modules_strict", ["some_norm"], raising=False)
+    chimera, _ = build_tiny_chimera("llava_onevision")
+    mixpert, _ = build_tiny_mixpert("llava_onevision")
+    for model, router in ((chimera, chimera.model.router), (mixpert, mixpert.model.vision_router)):
+        assert "some_norm" in model._keep_in_fp32_modules_strict  # what the old code looked up on `model.model`
+        assert {p.dtype for p in router.parameters()} == {torch.float32}
