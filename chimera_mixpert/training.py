@@ -74,6 +74,14 @@ class SFTDataArguments(DataArguments):
     max_length: int | None = field(default=None, metadata={"help": "Raise on longer samples (never truncate)."})
 
 
+# The model flags of TinyArguments that only one kind of tiny model reads (the others serve every kind).
+_TINY_FLAGS_OF = {
+    "native": (),
+    "chimera": ("tiny_experts",),
+    "mixpert": ("tiny_domains", "tiny_num_vision_layers", "tiny_num_expert_layers"),
+}
+
+
 @dataclass
 class TinyArguments:
     """The offline stand-ins: the tiny model built without `--model_name_or_path` and the synthetic data written
@@ -96,6 +104,17 @@ class TinyArguments:
     tiny_train_per_domain: int = field(default=8, metadata={"help": "Synthetic data: training rows per domain."})
     tiny_eval_per_domain: int = field(default=2, metadata={"help": "Synthetic data: evaluation rows per domain."})
     tiny_data_seed: int = field(default=0, metadata={"help": "Synthetic data: seed."})
+
+    def refuse_flags_of_other_models(self, kind: str, script: str) -> None:
+        """Every script takes this one group, so a flag of another script's tiny model would parse and do nothing
+        (`train.sft --tiny_experts ...`): refuse it, as the parser refuses an unknown flag."""
+        own = set(_TINY_FLAGS_OF[kind]) | ({"tiny_model"} if script == "train.dpo" else set())
+        others = {name for names in _TINY_FLAGS_OF.values() for name in names} | {"tiny_model"}
+        given = [f"--{f.name}" for f in dataclasses.fields(self)
+                 if f.name in others - own and getattr(self, f.name) != f.default]
+        if given:
+            raise ValueError(f"{script} builds a tiny {kind} model, which does not read {', '.join(given)}: drop "
+                             f"{'it' if len(given) == 1 else 'them'}.")
 
 
 TRUST_REMOTE_CODE_HELP = ("Let code in the model folder run (a tokenizer or processor with custom code). Off by "

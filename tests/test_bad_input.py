@@ -358,3 +358,22 @@ def test_assembly_refuses_keywords_it_does_not_know():
         build_tiny_chimera("internvl", gscm_ration=0.1)
     model, _ = build_tiny_mixpert("internvl", routing_strategy="direct", routing_granularity="sub_image")
     assert (model.config.routing_strategy, model.config.routing_granularity) == ("direct", "sub_image")
+
+
+@pytest.mark.parametrize("script, argv, flag", [
+    ("sft", ["--tiny_experts", "chart=clip_vision_model"], "--tiny_experts"),
+    ("chimera", ["--tiny_domains", "chart,table", "--tiny_num_expert_layers", "1"],
+     "--tiny_domains, --tiny_num_expert_layers"),
+    ("mixpert", ["--tiny_model", "mixpert"], "--tiny_model"),
+    ("dpo", ["--bf16", "false", "--tiny_model", "mixpert", "--tiny_experts", "chart=clip_vision_model"],
+     "--tiny_experts"),
+])
+def test_scripts_refuse_the_tiny_flags_of_another_script(tmp_path, script, argv, flag):
+    # One TinyArguments group serves every script; a flag of another script's tiny model must not parse and do nothing.
+    import importlib
+
+    module = importlib.import_module(f"train.{script}")
+    args = module.make_parser().parse_args_and_config(["--output_dir", str(tmp_path), *argv])
+    with pytest.raises(ValueError, match=rf"train.{script} builds a tiny \w+ model, which does not read {flag}: drop"):
+        module.main(*args)
+    assert not any(tmp_path.iterdir())  # refused before anything was built or written

@@ -178,6 +178,7 @@ def train_router(script_args, training_args, model, processor, data_args, tiny_a
 
 def main(script_args, training_args, model_args, data_args, tiny_args: TinyArguments | None = None):
     tiny_args = tiny_args or TinyArguments()
+    tiny_args.refuse_flags_of_other_models("chimera", "train.chimera")
     prepare_training_args(training_args)
     model, processor = load_model_and_processor(model_args, script_args, tiny_args)
     groups = stage_groups(script_args)

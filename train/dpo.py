@@ -117,6 +117,9 @@ def load_preference_data(files, image_root=None, allow_outside_root=False):
 
 def main(script_args, training_args, model_args, data_args, tiny_args: TinyArguments | None = None):
     tiny_args = tiny_args or TinyArguments()
+    if tiny_args.tiny_model not in ("chimera", "mixpert"):
+        raise ValueError(f"--tiny_model must be chimera or mixpert, got {tiny_args.tiny_model!r}.")
+    tiny_args.refuse_flags_of_other_models(tiny_args.tiny_model, "train.dpo")
     prepare_training_args(training_args, label_names=None)  # label names left as DPOTrainer has them
     kind, policy, reference, processor = load_models(model_args, script_args, training_args.trust_remote_code,
                                                      tiny_args)

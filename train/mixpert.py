@@ -185,6 +185,7 @@ def main(script_args, training_args, model_args, data_args, tiny_args: TinyArgum
     if script_args.phase not in ("experts", "router"):
         raise ValueError(f"--phase must be 'experts' or 'router', got {script_args.phase!r}.")
     tiny_args = tiny_args or TinyArguments()
+    tiny_args.refuse_flags_of_other_models("mixpert", "train.mixpert")
     prepare_training_args(training_args)
     model, processor = load_model_and_processor(model_args, script_args, tiny_args)
     files = training_files(data_args, training_args.output_dir, tiny_args)

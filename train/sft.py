@@ -64,6 +64,7 @@ def main(script_args, training_args, model_args, data_args, tiny_args: TinyArgum
          processor=None):
     """Train; `model` / `processor` may be passed in directly (the mini-lab does) instead of being loaded."""
     tiny_args = tiny_args or TinyArguments()
+    tiny_args.refuse_flags_of_other_models("native", "train.sft")
     prepare_training_args(training_args, label_names=("labels",))
     if model is None:
         model, processor = load_model_and_processor(model_args, tiny_args)
