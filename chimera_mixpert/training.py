@@ -31,7 +31,7 @@ from chimera_mixpert.tiny import (
     build_tokenizer,
 )
 from modeling_chimera import ChimeraForConditionalGeneration
-from modeling_mixpert import MixpertForConditionalGeneration
+from modeling_mixpert import MixpertForConditionalGeneration, versatile_modules
 from processing_chimera import ChimeraProcessor
 
 
@@ -248,9 +248,12 @@ def chimera_groups(model) -> dict:
 
 
 def mixpert_groups(model) -> dict:
-    """Named parameter groups of a Mixpert: `router`, `llm`, and `expert:<domain>` per domain."""
+    """Named parameter groups of a Mixpert: `router`, `llm`, `versatile` (the base model's own last K vision layers,
+    final norm and projector: the versatile expert) and `expert:<domain>` per domain."""
     inner = model.model
-    groups = {"router": [inner.vision_router], "llm": [inner.backbone.language_model, model.lm_head]}
+    layers, norm, projector = versatile_modules(inner.family, model.config)
+    groups = {"router": [inner.vision_router], "llm": [inner.backbone.language_model, model.lm_head],
+              "versatile": [*layers, *([norm] if norm is not None else []), projector]}
     for domain, expert in inner.vision_experts.items():
         groups[f"expert:{domain}"] = [expert]
     return groups
@@ -470,6 +473,9 @@ def sample_per_domain(data, per_domain: int | None, seed: int, domain_of=lambda 
         rows = by_domain[domain]
         if len(rows) > per_domain:
             rows = [rows[j] for j in torch.randperm(len(rows), generator=generator)[:per_domain].tolist()]
+        elif len(rows) < per_domain:  # kept whole: a data-size sweep point past this size is not balanced any more
+            logger.warning("router data: domain %r has %d rows, fewer than --router_samples_per_domain %d; all are "
+                           "used.", domain, len(rows), per_domain)
         logger.info("router data: %d rows of domain %r", len(rows), domain)
         keep.extend(rows)
     return data.select(sorted(keep))

@@ -76,7 +76,7 @@ def test_evaluate_cli_oracle_forces_each_domains_expert(toy_run, tmp_path):
     folder, _ = toy_run
     args = ["--dataset", str(folder / "data"), "--split", "test", "--output_dir", str(tmp_path), "--oracle"]
     report = evaluate(evaluate_parser().parse_args(["--model_name_or_path", str(folder / "chimera-stage2"), *args]))
-    assert report["experts"] == "oracle" and report["router"]["accuracy"] == 1.0
+    assert report["experts"] == "oracle" and report["router"]["routed_to_own_expert_rate"] == 1.0
     expert_domains = set(report["router"]["labels"][1:])
     expected = sum(p["domain"] in expert_domains for p in report["predictions"]) / report["num_samples"]
     assert report["router"]["expert_share"] == pytest.approx(expected) and 0 < expected < 1

@@ -116,9 +116,10 @@ def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="nati
             expert_labels=None, predictions_path=None, **generate_kwargs):
     """Greedy answers for `rows`; for Chimera / Mixpert also the expert each image used (`expert_labels`: one per row,
     to force experts instead of routing). With `predictions_path`, each batch's answers are appended to that JSONL
-    file as soon as they exist, so a failure later loses nothing generated. Returns `(answers, expert_index or
-    None)`."""
-    answers, experts = [], []
+    file as soon as they exist, so a failure later loses nothing generated. Returns `(answers, routing or None)`,
+    `routing = {"expert_index": [...], "argmax": [...]}`: per routed row, the expert used and the router's own top
+    choice as an expert index (`router_argmax`)."""
+    answers, experts, argmax = [], [], []
     stream = open(predictions_path, "w") if predictions_path else None
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -138,6 +139,7 @@ def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="nati
             answers += batch_answers
             if kind != "native":
                 experts += out["expert_index"].tolist()
+                argmax += router_argmax(kind, out["router_logits"]).tolist()
             if stream is not None:
                 for offset, (row, answer) in enumerate(zip(batch, batch_answers)):
                     stream.write(json.dumps({"row": start + offset, "domain": row["domain"],
@@ -148,7 +150,14 @@ def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="nati
         tokenizer.padding_side = side
         if stream is not None:
             stream.close()
-    return answers, (experts if kind != "native" else None)
+    return answers, ({"expert_index": experts, "argmax": argmax} if kind != "native" else None)
+
+
+def router_argmax(kind: str, router_logits: torch.Tensor) -> torch.LongTensor:
+    """The router's top class as an expert index, whatever the routing rule did with it: Chimera's class `k` is
+    expert `k` (0 = no expert); Mixpert's class `k - 1` is domain `k` (0, the versatile expert, is no class)."""
+    top = router_logits.argmax(-1).cpu()
+    return top + 1 if kind == "mixpert" else top
 
 
 # ------------------------------------------------------------------------------------------------------- scoring
@@ -214,13 +223,63 @@ def score_rows(rows, answers, metric_overrides=None) -> dict:
     return per_domain
 
 
-def router_report(rows, experts, targets: dict, labels: list[str]) -> dict:
-    truth = [targets[r["domain"]] for r in rows]
+ROUTER_COUNTING = (
+    "accuracy (= argmax_accuracy): share of routed rows whose router top class is their domain's expert, as Mixpert "
+    "Table 3 and Chimera report router accuracy; Chimera's class 0 (no expert) is a class, Mixpert rows of a domain "
+    "without an expert have no router class and are left out. routed_to_own_expert_rate: share of rows whose expert "
+    "after the routing rule is their domain's (the versatile expert / no expert for a domain without one). "
+    "fallback_rate (Mixpert, routed): share of rows the rule sent to the versatile expert although the top class is a "
+    "domain; a fallback is not a router error."
+)
+
+
+def _share(flags) -> float | None:
+    flags = list(flags)
+    return sum(map(bool, flags)) / len(flags) if flags else None
+
+
+def _domain_confusion(domains, chosen, labels: list[str]) -> list[list[int]]:
+    """Rows: the data domains (sorted), columns: `labels` (the experts, incl. versatile / none)."""
+    rows = sorted(set(domains))
+    union = list(labels) + [d for d in rows if d not in labels]
+    matrix = confusion_matrix([labels[c] for c in chosen], list(domains), union)
+    return [[int(v) for v in matrix[union.index(d)][: len(labels)]] for d in rows]
+
+
+def router_report(domains, experts, argmax, targets: dict, labels: list[str], kind: str, oracle: bool = False) -> dict:
+    """Routing of each routed row (an image, or a tile with Mixpert's `sub_image` granularity): `domains` its data
+    domain, `experts` the expert it used, `argmax` the router's top class as an expert index (`router_argmax`),
+    `targets` domain -> its expert index, `labels` the expert names (index 0 = "none" / "versatile"). How each rate
+    counts: `ROUTER_COUNTING` (kept in the report as `counting`)."""
+    truth = [targets[d] for d in domains]
+    has_class = [kind == "chimera" or t != 0 for t in truth]
+    fallback = [None if oracle or kind != "mixpert" else (e == 0 and a != 0) for e, a in zip(experts, argmax)]
+
+    def rates(index):
+        scored = [i for i in index if has_class[i]]
+        return {
+            "argmax_accuracy": router_accuracy([argmax[i] for i in scored], [truth[i] for i in scored])
+            if scored else None,
+            "routed_to_own_expert_rate": _share(experts[i] == truth[i] for i in index),
+            "fallback_rate": None if fallback[index[0]] is None else _share(fallback[i] for i in index),
+            "num_rows": len(index), "num_argmax_scored": len(scored),
+        }
+
+    overall = rates(list(range(len(truth))))
+    per_domain = {d: {"target": labels[targets[d]], **rates([i for i, x in enumerate(domains) if x == d])}
+                  for d in sorted(set(domains))}
     return {
-        "accuracy": router_accuracy(experts, truth),
+        "accuracy": overall["argmax_accuracy"], **overall,
         "expert_share": sum(e != 0 for e in experts) / max(len(experts), 1),
         "labels": labels,
         "confusion_matrix": [list(map(int, row)) for row in confusion_matrix(experts, truth, list(range(len(labels))))],
+        "argmax_confusion_matrix": [list(map(int, row))
+                                    for row in confusion_matrix(argmax, truth, list(range(len(labels))))],
+        "domains": sorted(set(domains)),
+        "domain_confusion_matrix": _domain_confusion(domains, experts, labels),
+        "domain_argmax_confusion_matrix": _domain_confusion(domains, argmax, labels),
+        "per_domain": per_domain,
+        "counting": ROUTER_COUNTING,
     }
 
 
@@ -235,7 +294,7 @@ def evaluate(model, processor, rows, kind="native", batch_size=16, max_new_token
     if oracle:
         targets = domain_targets(kind, model, sorted({r["domain"] for r in rows}))
         forced = [targets[r["domain"]] for r in rows]
-    answers, experts = predict(model, processor, rows, batch_size, max_new_tokens, kind, progress,
+    answers, routing = predict(model, processor, rows, batch_size, max_new_tokens, kind, progress,
                                expert_labels=forced, predictions_path=predictions_path, **generate_kwargs)
     per_domain = score_rows(rows, answers, metric_overrides)
     report = {
@@ -246,10 +305,15 @@ def evaluate(model, processor, rows, kind="native", batch_size=16, max_new_token
         "predictions": [{"domain": r["domain"], "question": r["question"], "answer": r["answer"], "prediction": a}
                         for r, a in zip(rows, answers)],
     }
-    if experts is not None:
+    if routing is not None:
         targets = domain_targets(kind, model, sorted({r["domain"] for r in rows}))
         names = ["none" if kind == "chimera" else "versatile"] + list(model.config.domains)
-        report["router"] = router_report(rows, experts, targets, names)
+        if len(routing["expert_index"]) != len(rows):  # sub_image routing: one decision per tile, not per row
+            raise ValueError(f"{len(routing['expert_index'])} routing decisions for {len(rows)} rows (Mixpert routes "
+                             "tiles with routing_granularity='sub_image'): use python -m train.evaluate_router for "
+                             "its per-tile router report.")
+        report["router"] = router_report([r["domain"] for r in rows], routing["expert_index"], routing["argmax"],
+                                         targets, names, kind, oracle=oracle)
     return report
 
 
@@ -268,13 +332,27 @@ def write_report(report: dict, output_dir: str, title: str = "Evaluation") -> di
         lines.append(f"| {domain} | {e['metric']} | {e['score']:.3f} | {e['num_samples']} |")
     lines.append(f"| **mean** | | {report['overall']:.3f} | |")
     if "router" in report:
-        lines += ["", f"Router accuracy: {report['router']['accuracy']:.3f}"]
+        lines += ["", *router_summary_lines(report["router"])]
     with open(os.path.join(output_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot_per_domain({"model": report}, os.path.join(output_dir, "per_domain.png"))
     if "router" in report:
         plot_confusion(report["router"], os.path.join(output_dir, "router_confusion.png"), sorted(report["per_domain"]))
     return report
+
+
+def _rate(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def router_summary_lines(router: dict) -> list[str]:
+    """Markdown lines: router (argmax) accuracy, routed-to-own-expert rate, fallback rate, and how they count."""
+    lines = [f"Router accuracy: {_rate(router['accuracy'])} (the router's top class; {router['num_argmax_scored']} "
+             f"of {router['num_rows']} rows have a router class)",
+             f"Routed to their own expert: {_rate(router['routed_to_own_expert_rate'])}"]
+    if router.get("fallback_rate") is not None:
+        lines.append(f"Versatile fallback rate: {_rate(router['fallback_rate'])}")
+    return lines
 
 
 def plot_per_domain(reports: dict, path: str, title: str = "Score per domain") -> str:
@@ -310,7 +388,7 @@ def plot_confusion(router: dict, path: str, data_domains=None) -> str:
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("routed to")
     ax.set_ylabel("target expert")
-    ax.set_title(f"Router accuracy {router['accuracy']:.3f}")
+    ax.set_title(f"Router accuracy {_rate(router['accuracy'])}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path

@@ -4,6 +4,11 @@ Phase `experts`: for each domain `d` in turn, only expert `d` (its last `K` visi
 trains, on domain `d`'s data alone, with every image routed to it; the LLM, the shared vision layers and the other
 experts are frozen. Vision layers and projector get their own learning rates (paper: 2e-6 and 1e-5).
 
+`--domains all-as-one` (Mixpert Table 7's baseline): one shared expert for every domain instead, the same trainable
+size as one domain expert and no routing. The base model's own last `K` vision layers, final norm and projector (the
+versatile expert) train on every domain's rows together, and the result is saved as the native base model in
+`--output_dir`: a plain VLM that `train.evaluate` scores as it scores the joint model.
+
 Phase `router`: the router (a 2-layer MLP on the pooled shared-layer features) is trained with cross-entropy on the
 images' domains. The shared layers are frozen, so their pooled features are computed once and reused for every
 epoch; only the MLP runs in the training loop.
@@ -13,6 +18,12 @@ Tiny, offline:
     python -m train.mixpert --config train/configs/tiny/mixpert_experts.yaml --output_dir runs/mixpert-experts
     python -m train.mixpert --config train/configs/tiny/mixpert_router.yaml --output_dir runs/mixpert-router \\
         --model_name_or_path runs/mixpert-experts
+
+The all-as-one baseline, and the router data-size sweep of Mixpert Table 3 (`train.evaluate_router` documents it):
+
+    python -m train.mixpert --config train/configs/tiny/mixpert_experts.yaml --domains all-as-one \
+        --output_dir runs/mixpert-all-as-one
+    python -m train.evaluate --model_name_or_path runs/mixpert-all-as-one --dataset DATA --split test
 
 Real run (paper hyper-parameters, 8 GPUs; see train/configs/real/):
 
@@ -28,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file
-from transformers import TrainingArguments
+from transformers import AutoModelForImageTextToText, TrainingArguments
 from trl import TrlParser
 
 from chimera_mixpert.data.collators import VisionLanguageSFTCollator
@@ -48,14 +59,18 @@ from chimera_mixpert.training import (
     load_model_to_train,
     mixpert_groups,
     prepare_training_args,
+    push_output_dir,
+    resume_checkpoint,
     sample_per_domain,
     save_atomically,
+    save_run_summary,
     set_trainable,
     train_router_on_features,
     to_device,
     training_device,
     training_files,
 )
+from modeling_mixpert import versatile_modules
 
 
 @dataclass
@@ -65,13 +80,20 @@ class MixpertScriptArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": TRUST_REMOTE_CODE_HELP})
 
     phase: str = field(default="experts", metadata={"help": "experts (disentangled expert tuning) or router."})
-    domains: list[str] | None = field(default=None, metadata={"help": "experts phase: tune only these domains."})
+    domains: list[str] | None = field(default=None, metadata={
+        "help": "experts phase: tune only these domains; `all-as-one`: Mixpert Table 7's baseline, the base model's "
+                "own last K layers + projector tuned on every domain's data, saved as the native base model."})
     projector_learning_rate: float = field(default=1e-5, metadata={"help": "experts phase: projector learning rate "
                                                                           "(paper 1e-5); vision layers use "
                                                                           "--learning_rate (paper 2e-6)."})
     router_samples_per_domain: int | None = field(
         default=None, metadata={"help": "router phase: train on at most this many data rows per domain, drawn at "
-                                        "random with --seed (Mixpert §4.2: 200K per domain; default: every row)."})
+                                        "random with --seed (Mixpert §4.2: 200K per domain; default: every row). A "
+                                        "domain with fewer rows keeps them all, with a warning; run_summary.json "
+                                        "records the rows drawn per domain (router_rows_per_domain)."})
+
+
+ALL_AS_ONE = "all-as-one"
 
 
 def load_model_and_processor(model_args: ModelArguments, script_args: MixpertScriptArguments,
@@ -127,6 +149,66 @@ def tune_experts(script_args, training_args, model, processor, data_args, files)
     return trainer, results
 
 
+def tune_all_as_one(script_args, training_args, model, processor, data_args, files):
+    """Mixpert Table 7's all-as-one baseline: the versatile expert (the base model's own last `K` vision layers, final
+    norm and projector: the size of one domain expert) tuned on the rows of every expert domain together, every image
+    through it, with the two learning rates of the expert phase. Returns the trainer and the results; `finish_native`
+    saves the tuned base model."""
+    data = load_vl_dataset(files["train"], data_args.image_root, domains=list(model.domains) + ["versatile"],
+                           allow_outside_root=data_args.allow_images_outside_root)
+    rows = data.filter(lambda row: row["domain"] in model.domains)  # the expert data; "versatile" rows tune no expert
+    if len(rows) == 0:
+        raise ValueError(f"No training rows with a domain of this model ({model.domains}): --domains {ALL_AS_ONE} "
+                         "tunes on every expert domain's data.")
+    summary = set_trainable(model, mixpert_groups(model), ["versatile"])
+    _, _, projector = versatile_modules(model.model.family, model.config)
+    args = prepare_training_args(training_args)
+    collator = VisionLanguageSFTCollator(processor, force_expert_label=0, max_length=data_args.max_length)
+    trainer = GroupLearningRateTrainer(
+        model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor,
+        lr_groups=[(list(projector.parameters()), script_args.projector_learning_rate)],
+    )
+    with fp32_master_weights(model, args) as upcast:
+        trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
+    per_domain = {d: rows["domain"].count(d) for d in model.domains}
+    return trainer, {ALL_AS_ONE: {"trainable": summary, "rows": len(rows), "rows_per_domain": per_domain,
+                                  "steps": trainer.state.global_step,
+                                  "fp32_master_parameters": sum(p.numel() for p in upcast)}}
+
+
+def native_model(model):
+    """The native `...ForConditionalGeneration` a Mixpert was upcycled from, holding the Mixpert's own modules (the
+    base model, versatile expert included, and the LM head): what `--domains all-as-one` saves."""
+    with torch.device("meta"):  # the native model's modules are replaced by the Mixpert's: nothing to allocate
+        native = AutoModelForImageTextToText.from_config(model.config.base_config)
+    native.model, native.lm_head = model.model.native, model.lm_head
+    native.generation_config = model.generation_config
+    left = [name for name, p in native.state_dict().items() if p.is_meta]
+    if left:
+        raise ValueError(f"The native model has weights the Mixpert does not hold: {left[:5]}.")
+    return native
+
+
+def finish_native(trainer, model, processor, training_args, summary: dict) -> dict:
+    """Save the tuned base model as a native VLM (+ the processor) in `output_dir`, the run summary, push if asked.
+    Under DeepSpeed / FSDP the gathered Mixpert state dict is renamed to the native model's names."""
+    native = native_model(model)
+    state = gathered_state_dict(trainer, model)  # every process: a collective under ZeRO-3 / FSDP
+    if state is not None:
+        prefix = f"model.{type(model.model).native_attr}."
+        state = {("model." + k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()
+                 if k.startswith((prefix, "lm_head."))}
+    steps = trainer.state.global_step
+    summary = {**summary, "global_step": steps, "saved_as": type(native).__name__,
+               "device": str(next(model.parameters()).device)}
+    if trainer.is_world_process_zero():
+        save_atomically(training_args.output_dir, native, processor, state_dict=state)
+        save_run_summary(training_args.output_dir, summary)
+        if training_args.push_to_hub:
+            push_output_dir(training_args, "mixpert all-as-one finished")
+    return summary
+
+
 def _wants_resume(training_args) -> bool:
     value = training_args.resume_from_checkpoint
     return value is not None and str(value).lower() not in ("", "false", "none")
@@ -168,6 +250,7 @@ def train_router(script_args, training_args, model, processor, data_args, files)
     data = load_vl_dataset(files["train"], data_args.image_root, domains=list(model.domains),
                            allow_outside_root=data_args.allow_images_outside_root)
     data = sample_per_domain(data, script_args.router_samples_per_domain, training_args.seed)
+    rows_per_domain = {d: data["domain"].count(d) for d in sorted(set(data["domain"]))}
     device = training_device(model, training_args)
     start = time.perf_counter()
     cache = pooled_shared_features(model, processor, data, training_args.output_dir, device)
@@ -175,7 +258,8 @@ def train_router(script_args, training_args, model, processor, data_args, files)
     summary = set_trainable(model, mixpert_groups(model), ["router"])
     trainer = train_router_on_features(model.model.vision_router, cache, training_args)
     results = {"trainable": summary, "cached_rows": len(cache), "feature_cache_seconds": cache_seconds,
-               "device": str(device)}
+               "device": str(device), "router_rows_per_domain": rows_per_domain,
+               "router_samples_per_domain": script_args.router_samples_per_domain}
     summary = finish_router(trainer, model, processor, training_args, {"script": "mixpert", "phase": "router",
                             "results": results}, model.model.vision_router, cache)
     return trainer, summary["results"]
@@ -184,6 +268,11 @@ def train_router(script_args, training_args, model, processor, data_args, files)
 def main(script_args, training_args, model_args, data_args, tiny_args: TinyArguments | None = None):
     if script_args.phase not in ("experts", "router"):
         raise ValueError(f"--phase must be 'experts' or 'router', got {script_args.phase!r}.")
+    all_as_one = ALL_AS_ONE in (script_args.domains or [])
+    if all_as_one and (len(script_args.domains) > 1 or script_args.phase != "experts"):
+        raise ValueError(f"--domains {ALL_AS_ONE} (Mixpert Table 7's baseline: one shared expert tuned on every "
+                         f"domain's data) stands alone and belongs to --phase experts; got --phase "
+                         f"{script_args.phase} --domains {' '.join(script_args.domains)}.")
     tiny_args = tiny_args or TinyArguments()
     tiny_args.refuse_flags_of_other_models("mixpert", "train.mixpert")
     prepare_training_args(training_args)
@@ -191,6 +280,11 @@ def main(script_args, training_args, model_args, data_args, tiny_args: TinyArgum
     files = training_files(data_args, training_args.output_dir, tiny_args)
     if script_args.phase == "router":
         _, results = train_router(script_args, training_args, model, processor, data_args, files)
+        return model, results
+    if all_as_one:
+        trainer, results = tune_all_as_one(script_args, training_args, model, processor, data_args, files)
+        finish_native(trainer, model, processor, training_args,
+                      {"script": "mixpert", "phase": script_args.phase, "domains": ALL_AS_ONE, "results": results})
         return model, results
     trainer, results = tune_experts(script_args, training_args, model, processor, data_args, files)
     finish(trainer, model, processor, training_args,
