@@ -337,7 +337,7 @@ def evaluate_all(lab: Lab, data):
     joint_mixed = run_eval("joint-mixed", "joint", mixed, split="mixed")[3]["overall"]
 
     chimera_router = reports["chimera"]["router"]
-    mixpert_router = mixpert_router_accuracy(lab, mixpert, test)
+    mixpert_router = reports["mixpert"]["router"]["argmax_accuracy"]  # the router's top class, thresholds aside
     attention = gscm_attention_ratio(lab, test)
     dpo = {"before": preference_accuracy(lab, "chimera-stage2", lab.test_pairs),
            "after": preference_accuracy(lab, "chimera-dpo", lab.test_pairs)}
@@ -374,27 +374,6 @@ def evaluate_all(lab: Lab, data):
 
 def _scores(report):
     return {d: e["score"] for d, e in report["per_domain"].items()}
-
-
-@torch.no_grad()
-def mixpert_router_accuracy(lab, model, rows) -> float:
-    """Share of test images whose router top class is their domain (the direct rule; thresholds aside)."""
-    from transformers import AutoProcessor  # noqa: PLC0415 (transformers: --help stays fast)
-
-    from train.evaluate import prompt_for  # noqa: PLC0415 (transformers: --help stays fast)
-
-    processor = AutoProcessor.from_pretrained(lab.path("mixpert"))
-    correct = 0
-    for start in range(0, len(rows), 32):
-        batch = rows[start : start + 32]
-        inputs = processor(images=[[r["image"]] for r in batch],
-                           text=[prompt_for(processor, r["question"]) for r in batch],
-                           return_tensors="pt", padding=True)
-        features = model.get_image_features(inputs["pixel_values"], input_ids=inputs["input_ids"],
-                                            routing_strategy="direct")
-        predicted = features.router_logits.argmax(-1).tolist()
-        correct += sum(model.domains[p] == r["domain"] for p, r in zip(predicted, batch))
-    return correct / len(rows)
 
 
 @torch.no_grad()
