@@ -16,6 +16,7 @@ except ImportError:
 
 ROUTING_STRATEGIES = ("direct", "score_threshold", "score_difference")
 ROUTING_GRANULARITIES = ("image", "sub_image")
+EXPERT_ADAPTERS = ("full", "lora")
 
 
 class MixpertConfig(PreTrainedConfig):
@@ -32,9 +33,27 @@ class MixpertConfig(PreTrainedConfig):
             k`; `expert_labels == 0` selects the versatile expert, which is the router's fallback, not a class.
         num_expert_layers (`int`, *optional*, defaults to 2):
             `K`, how many of the last vision layers each expert owns (paper: 2). The layers before them are shared.
-            Must satisfy `1 <= K < D`, `D` the number of tower layers whose output reaches the LLM.
+            Must satisfy `0 <= K <= D`, `D` the number of tower layers whose output reaches the LLM (Mixpert Table 2
+            scans `K` over that range). `K = 0`: the whole tower is shared and each expert owns only what turns the
+            tower output into LLM tokens (its projector, plus the tower's final norm where the family applies one,
+            e.g. InternVL with `vision_feature_layer=-1`), which needs `expert_projector=True`. `K = D`: every tower
+            layer is in the experts, only the patch embedding (+ positions) stays shared, and the router pools the
+            embedding output.
         expert_projector (`bool`, *optional*, defaults to `True`):
             Whether each expert has its own copy of the projector (paper: yes); if not, experts share the base one.
+        expert_adapter (`str`, *optional*, defaults to `"full"`):
+            What a domain expert holds. `"full"`: its own copy of the modules it replaces (Mixpert §3.2). `"lora"`: a
+            low-rank update of them (LoRA, Hu et al. 2021, arXiv 2106.09685; not in the paper): every `nn.Linear`
+            weight `W` of the replaced layers / projector stays the versatile expert's (shared, stored once) and the
+            expert runs with `W + (expert_lora_alpha / expert_lora_rank) * B @ A`, `A` (rank x in) and `B` (out x
+            rank) its own; its other parameters (norms, biases, layer scales: vectors) are its own trainable copies.
+        expert_lora_rank (`int`, *optional*):
+            LoRA rank `r` of every expert matrix with `expert_adapter="lora"` (defaults to 16 there); a positive
+            integer. A rank above `min(in, out)` of a layer is allowed (the update's rank is capped by that) but wastes
+            parameters: a warning names the layer. Must stay unset with `expert_adapter="full"`.
+        expert_lora_alpha (`float`, *optional*):
+            LoRA `alpha`, positive; the update is scaled by `alpha / r` (PEFT's `lora_alpha`). Defaults to
+            `2 * expert_lora_rank` with `expert_adapter="lora"`; must stay unset with `expert_adapter="full"`.
         router_hidden_size (`int`, *optional*):
             Hidden width of the 2-layer router MLP (paper §3.3). Defaults to the vision tower's width.
         routing_strategy (`str`, *optional*, defaults to `"score_difference"`):
@@ -61,6 +80,9 @@ class MixpertConfig(PreTrainedConfig):
     domains: list | None = None
     num_expert_layers: int = 2
     expert_projector: bool = True
+    expert_adapter: str = "full"
+    expert_lora_rank: int | None = None
+    expert_lora_alpha: float | None = None
     router_hidden_size: int | None = None
     routing_strategy: str = "score_difference"
     routing_threshold: float = 0.6
@@ -77,17 +99,29 @@ class MixpertConfig(PreTrainedConfig):
         family = get_backbone_family(self.base_config)
         self._check_domains()
         depth = family.used_depth
-        if not isinstance(self.num_expert_layers, int) or not 1 <= self.num_expert_layers < depth:
-            raise ValueError(
-                f"`num_expert_layers` must be between 1 and {depth - 1}: this {model_type} vision tower feeds the LLM "
-                f"from layer {depth}, and at least one layer must stay shared for the router. Got "
-                f"{self.num_expert_layers}."
-            )
+        self._check_num_expert_layers(depth)
         self._check_routing(family)
+        self._check_expert_adapter()
         if self.router_hidden_size is None:
             self.router_hidden_size = family.tower_hidden_size
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(self.base_config, "tie_word_embeddings", False))
+
+    def _check_num_expert_layers(self, depth: int):
+        """`0 <= K <= D` (Mixpert Table 2's scan), and experts that own something."""
+        k = self.num_expert_layers
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= depth:
+            raise ValueError(
+                f"`num_expert_layers` must be an integer between 0 and {depth} (0: experts own only the projector; "
+                f"{depth}: every layer of this {self.base_config.model_type} vision tower whose output reaches the "
+                f"LLM, whose used depth is {depth}). Got {k!r}."
+            )
+        if k == 0 and not self.expert_projector:
+            raise ValueError(
+                "`num_expert_layers=0` with `expert_projector=False` gives the experts no layer and no projector of "
+                "their own: every expert would be the versatile one. Set `expert_projector=True` or "
+                "`num_expert_layers >= 1`."
+            )
 
     def _check_domains(self):
         """A non-empty list of distinct names without dots; "versatile" is reserved for the fallback expert."""
@@ -101,6 +135,26 @@ class MixpertConfig(PreTrainedConfig):
         if "versatile" in self.domains:
             raise ValueError("'versatile' is the name of the fallback expert (expert_labels == 0); pick another domain "
                              "name.")
+
+    def _check_expert_adapter(self):
+        """`expert_adapter` is "full" or "lora"; the LoRA rank / alpha are positive and only set for LoRA experts."""
+        if self.expert_adapter not in EXPERT_ADAPTERS:
+            raise ValueError(f"`expert_adapter` must be one of {EXPERT_ADAPTERS}, got {self.expert_adapter!r}.")
+        lora = {"expert_lora_rank": self.expert_lora_rank, "expert_lora_alpha": self.expert_lora_alpha}
+        if self.expert_adapter == "full":
+            given = [name for name, value in lora.items() if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(f'`{n}`' for n in given)} only apply to LoRA experts: full-copy experts "
+                                 "(expert_adapter='full') have no rank. Pass expert_adapter='lora' or drop them.")
+            return
+        rank = 16 if self.expert_lora_rank is None else self.expert_lora_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"`expert_lora_rank` must be a positive integer (the LoRA rank r), got {rank!r}.")
+        alpha = 2 * rank if self.expert_lora_alpha is None else self.expert_lora_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"`expert_lora_alpha` must be a positive number (the update is scaled by alpha / r), got "
+                             f"{alpha!r}.")
+        self.expert_lora_rank, self.expert_lora_alpha = rank, alpha
 
     def _check_routing(self, family):
         """The routing rule and granularity (Mixpert §3.3) and what the backbone family allows."""

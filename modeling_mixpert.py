@@ -7,7 +7,8 @@
   first `D - K` layers are *shared*; its last `K` layers, final norm and projector are the *versatile* expert;
 * `vision_experts[domain]` — per domain, a copy of those last `K` layers (+ the final norm where the family applies
   one, + the projector when `config.expert_projector`), fine-tuned on that domain alone (Mixpert §3.2, disentangled
-  tuning);
+  tuning); with `config.expert_adapter="lora"` (not in the paper) a LoRA update of them instead, the versatile
+  matrices shared (`MixpertLoraMirror`);
 * `vision_router` — a 2-layer MLP on the global-average-pooled output of the shared layers (Mixpert §3.3),
 
 and `lm_head` is the base model's LM head. Every image (or, with `routing_granularity="sub_image"`, every tile) goes
@@ -19,12 +20,16 @@ the router.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModel, GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 
@@ -45,6 +50,7 @@ try:  # loaded as part of a Hub repo through `trust_remote_code` (relative impor
         teacher_forced,
     )
     from .vlm_backbones import (
+        ImageBatch,
         cache_kwarg,
         check_image_token_count,
         output_cache,
@@ -68,12 +74,16 @@ except ImportError:  # ... or as an installed top-level module (`pip install -e 
         teacher_forced,
     )
     from vlm_backbones import (
+        ImageBatch,
         cache_kwarg,
         check_image_token_count,
         output_cache,
         placeholder_ids,
         take_cache,
     )
+
+
+logger = logging.get_logger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------------- outputs
@@ -136,14 +146,159 @@ class MixpertCausalLMOutputWithPast(RoutedCausalLMOutputWithPast):
 # ------------------------------------------------------------------------------------------------------ modules
 
 
-class MixpertVisionExpert(nn.Module):
-    """One domain expert: its own last `K` tower layers, final norm (when the family applies one) and projector."""
+class MixpertLoraLinear(nn.Module):
+    """A LoRA expert's update of one shared `nn.Linear` (LoRA, Hu et al. 2021, arXiv 2106.09685): the expert runs the
+    layer with `W + scaling * lora_B @ lora_A`, `W` the versatile weight (not copied). PEFT's initialisation: `lora_A`
+    Kaiming-uniform, `lora_B` zeros, so the update is exactly 0 at creation. `bias` is the expert's own copy of the
+    layer's bias (None without one)."""
 
-    def __init__(self, layers: nn.ModuleList, norm: nn.Module | None = None, projector: nn.Module | None = None):
+    def __init__(self, linear: nn.Linear, rank: int):
+        super().__init__()
+        like = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, **like))
+        self.lora_B = nn.Parameter(torch.empty(linear.out_features, rank, **like))
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as PEFT's `LoraLayer.reset_lora_parameters`
+        nn.init.zeros_(self.lora_B)
+
+    def merged_weight(self, weight: torch.Tensor, scaling: float) -> torch.Tensor:
+        """`weight + scaling * B @ A`, summed in the wider of the two dtypes (fp32 LoRA master weights over a bf16
+        `W` round once), returned in `W`'s dtype. Autograd reaches `lora_A` / `lora_B`."""
+        delta = (self.lora_B @ self.lora_A) * scaling
+        dtype = torch.promote_types(weight.dtype, delta.dtype)
+        return (weight.to(dtype) + delta.to(dtype)).to(weight.dtype)
+
+
+class MixpertLoraMirror(nn.Module):
+    """A LoRA expert's part for one versatile module (a layer, the final norm, the projector), laid out as that module
+    is: a `MixpertLoraLinear` where it has an `nn.Linear`, and its own trainable copy of every other parameter (norm
+    scales and shifts, InternViT's layer scales: vectors). Copying the vectors costs under 0.1% of a full copy at
+    LLaVA-OneVision-7B's shape and lets each domain re-tune its normalisation and biases (as BitFit, Ben Zaken et al.
+    2022), which low-rank matrices alone cannot; the matrices are what a full copy spends its parameters on. Its
+    state-dict keys read like the module's: `layers.0.self_attn.q_proj.lora_A`, `layers.0.layer_norm1.weight`.
+    """
+
+    def __init__(self, source: nn.Module, rank: int):
+        super().__init__()
+        for name, param in source.named_parameters(recurse=False):
+            self.register_parameter(name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+        for name, child in source.named_children():
+            if isinstance(child, nn.Linear):
+                self.add_module(name, MixpertLoraLinear(child, rank))
+            elif next(child.parameters(), None) is not None:
+                self.add_module(name, MixpertLoraMirror(child, rank))
+
+    def parameters_for(self, source: nn.Module, scaling: float, prefix: str = "") -> dict:
+        """Every parameter of `source` (by its name there) as this expert computes it, for `functional_call`."""
+        out = {}
+        for name, param in source.named_parameters(recurse=False):
+            out[prefix + name] = getattr(self, name).to(param.dtype)
+        for name, child in source.named_children():
+            part = self._modules.get(name)
+            if isinstance(part, MixpertLoraLinear):
+                out[f"{prefix}{name}.weight"] = part.merged_weight(child.weight, scaling)
+                if part.bias is not None:
+                    out[f"{prefix}{name}.bias"] = part.bias.to(child.bias.dtype)
+            elif part is not None:
+                out.update(part.parameters_for(child, scaling, f"{prefix}{name}."))
+        return out
+
+
+class _LoraBound:
+    """A versatile module run as a LoRA expert: calling it calls the module through `torch.func.functional_call` with
+    the expert's parameters (`MixpertLoraMirror.parameters_for`), so the module's own forward and buffers compute the
+    expert and nothing is copied. Not an `nn.Module`: it is built per pass and must not register the versatile module
+    a second time. Other attributes read through to the module (Qwen2-VL's dispatch reads `layers[0].attn.config`)."""
+
+    def __init__(self, module: nn.Module, mirror: MixpertLoraMirror, scaling: float):
+        self.module, self.mirror, self.scaling = module, mirror, scaling
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["module"], name)
+
+    def _call(self, *args, **kwargs):
+        return torch.func.functional_call(self.module, self.mirror.parameters_for(self.module, self.scaling), args,
+                                          kwargs)
+
+    def _call_unchecked(self, *args, **kwargs):
+        module = self.module
+        module.gradient_checkpointing = False
+        try:
+            return self._call(*args, **kwargs)
+        finally:
+            module.gradient_checkpointing = True
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+            # A checkpointed layer recomputes its forward during backward, after `functional_call` has put `W` back:
+            # it would recompute with the versatile weights. Checkpoint the merge and the call as one function
+            # instead (non-reentrant: the frozen shared features need no grad), the layer's own checkpointing off.
+            return checkpoint(self._call_unchecked, *args, use_reentrant=False, **kwargs)
+        return self._call(*args, **kwargs)
+
+
+class MixpertVisionExpert(nn.Module):
+    """One domain expert: its own last `K` tower layers, final norm (when the family applies one) and projector, as
+    full copies (`lora_scaling=None`), or as `MixpertLoraMirror`s of the versatile ones (`expert_adapter="lora"`:
+    low-rank updates of the versatile matrices, scaled by `lora_scaling = alpha / r`)."""
+
+    def __init__(self, layers: nn.ModuleList, norm: nn.Module | None = None, projector: nn.Module | None = None,
+                 lora_scaling: float | None = None):
         super().__init__()
         self.layers = layers
         self.norm = norm
         self.projector = projector
+        self.lora_scaling = lora_scaling
+
+    @classmethod
+    def from_backbone(cls, family, config: MixpertConfig) -> "MixpertVisionExpert":
+        """A new expert equal to the versatile one, of the config's `expert_adapter` kind."""
+        if config.expert_adapter == "lora":
+            return cls.lora_from_backbone(family, config)
+        return cls.copy_from_backbone(family, config)
+
+    @classmethod
+    def lora_from_backbone(cls, family, config: MixpertConfig) -> "MixpertVisionExpert":
+        """LoRA experts (not in the paper): low-rank updates of the versatile modules, zero at creation (B = 0)."""
+        layers, norm, projector = versatile_modules(family, config)
+        rank = config.expert_lora_rank
+        sources = {**{f"layers.{i}": layer for i, layer in enumerate(layers)}, "norm": norm,
+                   "projector": projector if config.expert_projector else None}
+        wasteful = sorted(f"{key}.{name}" for key, module in sources.items() if module is not None
+                          for name, sub in module.named_modules() if isinstance(sub, nn.Linear)
+                          and rank > min(sub.in_features, sub.out_features))
+        if wasteful:
+            logger.warning_once(
+                f"expert_lora_rank={rank} exceeds min(in, out) of {wasteful[:5]}{'...' if len(wasteful) > 5 else ''}: "
+                "their low-rank update cannot use that rank and its extra parameters are wasted. Lower the rank.")
+        return cls(
+            layers=nn.ModuleList(MixpertLoraMirror(layer, rank) for layer in layers),
+            norm=MixpertLoraMirror(norm, rank) if norm is not None else None,
+            projector=MixpertLoraMirror(projector, rank) if config.expert_projector else None,
+            lora_scaling=config.expert_lora_alpha / rank,
+        )
+
+    def bind(self, layers, norm, projector):
+        """`(layers, norm, projector)` that compute this expert, given the versatile ones (which it replaces: a full
+        copy's own modules, or the versatile modules run with this expert's LoRA weights)."""
+        if self.lora_scaling is None:
+            return (self.layers, self.norm if self.norm is not None else norm,
+                    self.projector if self.projector is not None else projector)
+        scaling = self.lora_scaling
+        return (
+            [_LoraBound(layer, mirror, scaling) for layer, mirror in zip(layers, self.layers)],
+            _LoraBound(norm, self.norm, scaling) if self.norm is not None else norm,
+            _LoraBound(projector, self.projector, scaling) if self.projector is not None else projector,
+        )
+
+    def added_activated_parameters(self) -> int:
+        """Parameters this expert adds to an image's path beyond the versatile expert's: 0 for a full copy (it
+        replaces them), the LoRA matrices for a LoRA expert (its vector copies replace the versatile ones)."""
+        return sum(m.lora_A.numel() + m.lora_B.numel() for m in self.modules() if isinstance(m, MixpertLoraLinear))
 
     @classmethod
     def copy_from_backbone(cls, family, config: MixpertConfig) -> "MixpertVisionExpert":
@@ -165,7 +320,13 @@ class MixpertVisionExpert(nn.Module):
 
 
 def versatile_modules(family, config: MixpertConfig):
-    """The base model's own last `K` layers, final norm (or None) and projector."""
+    """The base model's own last `K` layers, final norm (or None) and projector.
+
+    `K = 0` gives an empty `ModuleList`: the expert is then only what turns the tower output into LLM tokens. The
+    final norm (where the family applies one after the last used layer) always goes with the projector, whatever `K`:
+    it acts on the features the projector reads, after the last shared layer, so sharing it would leave an expert's
+    tokens depending on weights outside the expert. `K = D` gives every used layer; the patch embedding stays shared.
+    """
     depth = family.used_depth
     layers = family.vision_layers()[depth - config.num_expert_layers : depth]
     _, uses_norm = family.feature_taps
@@ -208,6 +369,38 @@ def route(probabilities: torch.Tensor, strategy: str, threshold: float) -> torch
     return torch.where(confident, choice, torch.zeros_like(choice))
 
 
+class _FlopsProbe(nn.Module):
+    """One image's vision path through a Mixpert (`path="mixpert"`: shared layers, router, domain expert 1) or through
+    its base model (`path="base"`: the native tower and projector), returning its LLM tokens; `path="llm"`: the LLM over
+    those tokens and the LM head on the last one. For `FlopCounterMode`: a wrapper so that `torch.func.functional_call`
+    can run it with every weight swapped for a meta tensor of the same shape (no arithmetic, no copy of the model,
+    whatever device it is on)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # a MixpertForConditionalGeneration
+
+    def forward(self, inputs, path: str) -> torch.Tensor:
+        inner = self.model.model
+        family = inner.family
+        taps, _ = family.feature_taps
+        if path == "base":
+            acts = family.run_layers(family.vision_layers()[: family.used_depth], family.embed(inputs), keep=taps)
+            return family.project(acts)[0]
+        if path == "mixpert":
+            acts = inner._shared_layers(inputs, set(taps))
+            pooled, _ = inner._pooled(acts, inputs)
+            inner.vision_router(pooled.to(inner.vision_router.fc1.weight.dtype))
+            # A CPU index: the dispatch reads which experts are used on the host, which a meta tensor cannot tell.
+            return inner._dispatch(acts, torch.ones(1, dtype=torch.long), set(taps), False)[2][0]
+        language_model = inner.backbone.language_model
+        # A ready 4D mask (values unused on meta): transformers' mask builder would read data (padding checks).
+        mask = torch.zeros(1, 1, inputs.shape[0], inputs.shape[0], dtype=language_model.dtype, device=inputs.device)
+        hidden = language_model(inputs_embeds=inputs[None].to(language_model.dtype), attention_mask=mask,
+                                use_cache=False).last_hidden_state
+        return self.model.lm_head(hidden[:, -1:])
+
+
 # ------------------------------------------------------------------------------------------------------- models
 
 
@@ -234,7 +427,7 @@ class MixpertModel(RoutedVLMModel, MixpertPreTrainedModel):
         super().__init__(config)
         self.backbone = AutoModel.from_config(config.base_config)
         self.vision_experts = nn.ModuleDict(
-            {d: MixpertVisionExpert.copy_from_backbone(self.family, config) for d in config.domains}
+            {d: MixpertVisionExpert.from_backbone(self.family, config) for d in config.domains}
         )
         self.vision_router = MixpertRouter(
             self.family.tower_hidden_size, config.router_hidden_size, config.num_domains
@@ -243,7 +436,8 @@ class MixpertModel(RoutedVLMModel, MixpertPreTrainedModel):
 
     @property
     def shared_depth(self) -> int:
-        """How many tower layers every image shares (the used depth `D` minus the experts' `K`)."""
+        """How many tower layers every image shares (the used depth `D` minus the experts' `K`): from `D` (`K = 0`,
+        projector-only experts) down to 0 (`K = D`, only the patch embedding is shared)."""
         return self.family.used_depth - self.config.num_expert_layers
 
     def expert_modules(self, index: int):
@@ -251,31 +445,30 @@ class MixpertModel(RoutedVLMModel, MixpertPreTrainedModel):
         layers, norm, projector = versatile_modules(self.family, self.config)
         if index == 0:
             return layers, norm, projector
-        expert = self.vision_experts[self.domains[index - 1]]
-        return (
-            expert.layers,
-            expert.norm if expert.norm is not None else norm,
-            expert.projector if expert.projector is not None else projector,
-        )
+        return self.vision_experts[self.domains[index - 1]].bind(layers, norm, projector)
 
     # -- routing (Mixpert §3.3)
 
     def _shared_layers(self, images, keep: set):
-        """Patch embedding and the shared layers, keeping hidden states `keep` and the shared output."""
+        """Patch embedding and the shared layers, keeping hidden states `keep` and the shared output (hidden state
+        `shared_depth`: the embedding output itself when `K = D`)."""
         family = self.family
         return family.run_layers(family.vision_layers()[: self.shared_depth], family.embed(images),
                                  keep=keep | {self.shared_depth})
 
     def _pooled(self, acts, images):
-        """The router's input: the global average pool of the shared output per routed row, and each row's image."""
+        """The router's input: the global average pool of the shared output per routed row, and each row's image.
+        With `K = D` the shared output is the patch embedding's (+ positions): the router then sees no transformer
+        layer, the only input every expert shares (Mixpert §3.3 pools "the shared layers' output")."""
         pooled = self.family.pool(acts, self.shared_depth)  # (units, tower_hidden)
         if self.config.routing_granularity != "image":
             return pooled, acts.unit_image
         # Per image, the mean over its tiles (all tiles of a family have the same token count, so the mean of tile
         # means is the mean over all the image's tokens).
+        # The tile counts are known on the host: no device sync, and the pool also runs on meta tensors (FLOPs).
         sums = torch.zeros(images.num_images, pooled.shape[-1], dtype=pooled.dtype, device=pooled.device)
-        counts = torch.bincount(acts.unit_image, minlength=images.num_images).clamp(min=1).unsqueeze(-1)
-        pooled = sums.index_add(0, acts.unit_image, pooled) / counts.to(pooled.dtype)
+        counts = torch.tensor(images.units_per_image, dtype=pooled.dtype, device=pooled.device).clamp(min=1)
+        pooled = sums.index_add(0, acts.unit_image, pooled) / counts.unsqueeze(-1)
         return pooled, torch.arange(images.num_images, device=pooled.device)
 
     def router_inputs(self, pixel_values, input_ids=None, **image_inputs):
@@ -553,11 +746,14 @@ class MixpertForConditionalGeneration(RoutedVLMForConditionalGeneration, Mixpert
                 repo id of one (safetensors only). Its modules are reused (not copied) as the shared layers, the
                 versatile expert and the LLM.
             domains: the domain experts, in order (expert `k` = `domains[k-1]`).
-            num_expert_layers: `K`, the last vision layers each expert owns (paper: 2).
-            **config_kwargs: the other `MixpertConfig` fields (routing strategy, threshold, granularity...).
+            num_expert_layers: `K`, the last vision layers each expert owns (paper: 2), `0 <= K <= D` (`D`: the tower
+                layers whose output reaches the LLM). `K = 0`: experts own only the projector (+ the final norm where
+                the family applies one); `K = D`: every used layer, the router then pools the patch embedding's output.
+            **config_kwargs: the other `MixpertConfig` fields (routing strategy, threshold, granularity...;
+                `expert_adapter="lora"`, `expert_lora_rank`, `expert_lora_alpha` for low-rank experts).
 
-        Every domain expert starts as an exact copy of the versatile one, so right after upcycling every routing
-        decision gives the base model's outputs.
+        Every domain expert starts as an exact copy of the versatile one (a LoRA expert: a zero update, `B = 0`), so
+        right after upcycling every routing decision gives the base model's outputs.
         """
         check_config_kwargs(MixpertConfig, config_kwargs, "MixpertForConditionalGeneration.from_base")
         base = cls.load_native(base, dtype, "base")
@@ -566,31 +762,89 @@ class MixpertForConditionalGeneration(RoutedVLMForConditionalGeneration, Mixpert
         )
         model = cls.around_native(config, base)  # reuses the base model's modules
         for domain in config.domains:
-            model.model.vision_experts[domain] = MixpertVisionExpert.copy_from_backbone(model.model.family, config)
+            model.model.vision_experts[domain] = MixpertVisionExpert.from_backbone(model.model.family, config)
         model.materialise([model.model.vision_router], next(base.parameters()))  # fp32 (`_keep_in_fp32_modules_strict`)
         return model.train(base.training)
 
     # ---------------------------------------------------------------------------------------------- accounting
 
-    def parameter_counts(self) -> dict:
+    def parameter_counts(self, image_size: int | None = None) -> dict:
         """Parameter accounting in the style of Mixpert Table 6.
 
         Returns a dict with `total`, `base` (what the upcycled model had), `added_by_experts` (the domain experts'
-        copies), `router`, `activated` (parameters one image, or one tile, actually runs through: the shared layers,
-        one expert, the LLM and the router) and `added_activated` (`activated - base`: the router).
+        copies; LoRA experts: their LoRA matrices and vector copies), `router`, `activated` (parameters one image, or
+        one tile, actually runs through: the shared layers, one expert, the LLM and the router; a full-copy expert
+        replaces the versatile modules, a LoRA expert adds its matrices, counted for the largest expert) and
+        `added_activated` (`activated - base`: the router, + those LoRA matrices), plus the FLOPs of
+        one image, `flops_per_image`, `base_flops_per_image` and `added_flops_per_image` (see `flops_per_image`,
+        which `image_size` is passed to).
         """
         total = sum(p.numel() for p in self.parameters())
         experts = sum(p.numel() for p in self.model.vision_experts.parameters())
         router = sum(p.numel() for p in self.model.vision_router.parameters())
         base = total - experts - router
+        lora = max((e.added_activated_parameters() for e in self.model.vision_experts.values()), default=0)
         return {
             "total": total,
             "base": base,
             "added_by_experts": experts,
             "router": router,
-            "activated": base + router,
-            "added_activated": router,
+            "activated": base + router + lora,
+            "added_activated": router + lora,
+            **self.flops_per_image(image_size),
         }
+
+    def flops_per_image(self, image_size: int | None = None) -> dict:
+        """FLOPs of one image, counted from the modules by `torch.utils.flop_counter.FlopCounterMode` (Mixpert Table 6).
+
+        One image is one unit at the tower's native size: a single `image_size` x `image_size` tile for LLaVA-OneVision
+        and InternVL (default: the tower's `image_size`, so no anyres / dynamic-tile crops), and an `image_size`-pixel
+        square for Qwen2-VL (default 448, rounded down to whole merged patches). The count covers the path the image
+        takes at inference: the patch embedding, the vision layers, the projector, the LLM over that image's tokens
+        alone (no text, no KV cache) and the LM head on the last token (a prefill under `generate`). As
+        `FlopCounterMode` counts, these are the FLOPs of matrix products, convolutions and attention (2 per
+        multiply-add; attention in full, causal or not); norms, activations, softmax and pooling are not counted.
+
+        Returns `flops_per_image` (Mixpert: shared layers, router, one domain expert, LLM), `base_flops_per_image` (the
+        base model's own path) and `added_flops_per_image` (their difference: the router's two linear layers, plus
+        whatever a domain expert computes beyond the versatile one). Every weight is swapped for a meta tensor of its
+        shape while counting (`torch.func.functional_call`): no arithmetic runs and nothing is copied, at any size.
+        """
+        family = self.model.family
+        vision = family.vision_config
+        if family.has_tiles:
+            size = image_size or _first(vision.image_size)
+            pixels = torch.empty(1, vision.num_channels, size, size, device="meta")
+            images = ImageBatch(pixel_values=pixels, units_per_image=[1])
+        else:  # Qwen2-VL: packed patches of `temporal_patch_size` frames, a grid of whole 2x2-merged blocks
+            block = vision.patch_size * vision.spatial_merge_size
+            side = max(1, (image_size or 448) // block) * vision.spatial_merge_size
+            width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+            pixels = torch.empty(side * side, width, device="meta")
+            images = ImageBatch(pixel_values=pixels, units_per_image=[1],
+                                extra={"image_grid_thw": torch.tensor([[1, side, side]])})
+        probe = _FlopsProbe(self)
+        meta = {name: torch.empty_like(t, device="meta") for name, t in (*probe.named_parameters(),
+                                                                          *probe.named_buffers())}
+        flops, llm = {}, {}
+        for path in ("mixpert", "base"):
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                tokens = torch.func.functional_call(probe, meta, (images, path))
+            if tokens.shape[0] not in llm:  # the LLM's cost depends on the token count alone: counted once per count
+                with torch.no_grad(), FlopCounterMode(display=False) as llm_counter:
+                    torch.func.functional_call(probe, meta, (tokens, "llm"))
+                llm[tokens.shape[0]] = llm_counter.get_total_flops()
+            flops[path] = counter.get_total_flops() + llm[tokens.shape[0]]
+        return {
+            "flops_per_image": flops["mixpert"],
+            "base_flops_per_image": flops["base"],
+            "added_flops_per_image": flops["mixpert"] - flops["base"],
+        }
+
+
+def _first(size) -> int:
+    """A config's image / patch size given as an int or as `[height, width]`."""
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 MixpertForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

@@ -122,7 +122,9 @@ class ImageBatch:
 
     def unit_image(self, device=None) -> torch.LongTensor:
         counts = torch.tensor(self.units_per_image, dtype=torch.long, device=device)
-        return torch.repeat_interleave(torch.arange(len(self.units_per_image), device=device), counts)
+        # `output_size`: known on the host, so no device sync, and it also runs on meta tensors (FLOPs counting).
+        return torch.repeat_interleave(torch.arange(len(self.units_per_image), device=device), counts,
+                                       output_size=sum(self.units_per_image))
 
 
 class BackboneFamily(ABC):
@@ -513,7 +515,9 @@ class Qwen2VLFamily(BackboneFamily):
         visual = self.backbone.visual
         grid_thw = images.extra["image_grid_thw"]
         hidden = visual.patch_embed(images.pixel_values.type(visual.dtype))
-        rotary = visual.rotary_pos_emb(hidden, get_vision_position_ids(grid_thw, visual.spatial_merge_size))
+        # `.to`: the grid may sit on the host while the tower does not (a meta-device FLOPs count).
+        positions = get_vision_position_ids(grid_thw, visual.spatial_merge_size).to(hidden.device)
+        rotary = visual.rotary_pos_emb(hidden, positions)
         return VisionActivations(
             hidden=hidden, unit_image=images.unit_image(hidden.device), taps={0: hidden}, grid_thw=grid_thw,
             rotary=rotary,
@@ -526,14 +530,16 @@ class Qwen2VLFamily(BackboneFamily):
 
     def _patch_index(self, acts, unit_index):
         """Indices of the packed patches of the units `unit_index`, in that order."""
-        lengths = acts.grid_thw.prod(-1).to(acts.hidden.device)
+        # Computed where the grid is (the model's device, or the host for a meta-device FLOPs count), then moved.
+        device = acts.grid_thw.device
+        lengths = acts.grid_thw.prod(-1)
         starts = torch.cumsum(lengths, 0) - lengths
-        unit_index = unit_index.to(acts.hidden.device)
+        unit_index = unit_index.to(device)
         chosen = lengths[unit_index]
-        offsets = torch.arange(int(chosen.sum()), device=acts.hidden.device) - torch.repeat_interleave(
+        offsets = torch.arange(int(chosen.sum()), device=device) - torch.repeat_interleave(
             torch.cumsum(chosen, 0) - chosen, chosen
         )
-        return torch.repeat_interleave(starts[unit_index], chosen) + offsets
+        return (torch.repeat_interleave(starts[unit_index], chosen) + offsets).to(acts.hidden.device)
 
     def select_units(self, acts, unit_index):
         patches = self._patch_index(acts, unit_index)

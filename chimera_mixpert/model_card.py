@@ -63,9 +63,12 @@ def _describe(config: dict) -> dict:
     if kind == "mixpert":
         backbone = config["base_config"]
         rows = [[i, d] for i, d in enumerate(config.get("domains", []), start=1)]
+        cloned = ("cloned per domain (Mixpert §3.2)" if config.get("expert_adapter", "full") == "full" else
+                  f"adapted per domain by LoRA updates of rank {config.get('expert_lora_rank')} (alpha "
+                  f"{config.get('expert_lora_alpha')}; not in the paper: the versatile weights are shared)")
         architecture = (
-            f"The last {config.get('num_expert_layers')} vision layers and the projector are cloned per domain "
-            "(Mixpert §3.2); the original ones form the versatile expert. A 2-layer MLP router on the pooled shared "
+            f"The last {config.get('num_expert_layers')} vision layers and the projector are {cloned}; the original "
+            "ones form the versatile expert. A 2-layer MLP router on the pooled shared "
             f"features picks one expert per {'tile' if config.get('routing_granularity') == 'sub_image' else 'image'} "
             f"with the `{config.get('routing_strategy')}` rule (threshold {config.get('routing_threshold')}, §3.3).\n\n"
             + _table([[0, "versatile (fallback)"]] + rows, ["expert", "domain"])

@@ -219,8 +219,8 @@ def test_parameter_accounting_adds_up():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"num_expert_layers": 3}, r"`num_expert_layers` must be between 1 and 2"),
-        ({"num_expert_layers": 0}, r"`num_expert_layers` must be between 1 and 2"),
+        ({"num_expert_layers": 4}, r"`num_expert_layers` must be an integer between 0 and 3"),
+        ({"num_expert_layers": -1}, r"`num_expert_layers` must be an integer between 0 and 3"),
         ({"domains": ["chart", "chart"]}, r"Duplicate domain names \['chart'\]"),
         ({"domains": ["versatile"]}, "fallback expert"),
         ({"routing_threshold": 1.5}, r"routing_threshold` must be in \[0, 1\]"),
