@@ -29,7 +29,11 @@ setup(
     packages=find_packages(
         include=["chimera_mixpert", "chimera_mixpert.*", "train", "train.*", "evaluation", "evaluation.*"]
     ),
-    package_data={"train": ["configs/*/*.yaml"]},
+    package_data={"train": ["configs/*/*.yaml"],
+                  "evaluation": ["lmms_eval_plugin/tasks/*/*.yaml", "lmms_eval_plugin/tasks/*/*.py"]},
+    # lmms-eval finds the `chimera` and `mixpert` models through this entry point (its documented plugin mechanism,
+    # `lmms_eval.models.registry_v2`); it is read only by lmms-eval, installed with the `lmms` extra.
+    entry_points={"lmms_eval.models": ["chimera_mixpert = evaluation.lmms_eval_plugin.registry:manifests"]},
     # transformers and TRL: the releases CI tests (the README's test command pins the oldest, 5.23.0; a second CI
     # stage runs the newest pip serves). The remote-code files themselves read what differs between releases off the
     # installed transformers (`vlm_backbones.CACHE_NAME`), since a Hub user is bound by no pin.
@@ -56,5 +60,9 @@ setup(
         # parameterized, pytest-timeout: imported by transformers' common model tests (tests/transformers_common.py)
         # ruff: `ruff check .` is a test (tests/test_repo.py); pinned so the check is the same on every machine
         "dev": ["pytest>=8", "parameterized>=0.9", "pytest-timeout>=2", "ruff==0.17.6"],
+        # `python -m lmms_eval --model chimera|mixpert` (evaluation/lmms_eval_plugin); lmms-eval pinned to the release
+        # the plugin and tests/test_lmms_eval_plugin.py were written against (its model entry points are new in 0.7);
+        # filelock < 4: lmms-eval 0.7.3 imports `filelock._api`, which filelock 4 removed (every run fails at start)
+        "lmms": ["lmms-eval==0.7.3", "filelock<4"],
     },
 )
