@@ -807,8 +807,10 @@ class MixpertForConditionalGeneration(RoutedVLMForConditionalGeneration, Mixpert
 
         Returns `flops_per_image` (Mixpert: shared layers, router, one domain expert, LLM), `base_flops_per_image` (the
         base model's own path) and `added_flops_per_image` (their difference: the router's two linear layers, plus
-        whatever a domain expert computes beyond the versatile one). Every weight is swapped for a meta tensor of its
-        shape while counting (`torch.func.functional_call`): no arithmetic runs and nothing is copied, at any size.
+        whatever a domain expert computes beyond the versatile one: for LoRA experts, the merge `B @ A` of every
+        adapted weight, done once per expert pass and so shared by the images of a batch). Every weight is swapped
+        for a meta tensor of its shape while counting (`torch.func.functional_call`): no arithmetic runs and nothing
+        is copied, at any size.
         """
         family = self.model.family
         vision = family.vision_config

@@ -118,8 +118,11 @@ def llava_onevision_7b_table():
     )
     with torch.device("meta"):
         base = LlavaOnevisionForConditionalGeneration(config)
-        model = MixpertForConditionalGeneration.from_base(base, domains=["chart", "document", "math", "ocr", "general"])
-    return model.parameter_counts()
+        domains = ["chart", "document", "math", "ocr", "general"]
+        model = MixpertForConditionalGeneration.from_base(base, domains=domains)
+        lora = MixpertForConditionalGeneration.from_base(base, domains=domains, expert_adapter="lora")
+    # FLOPs of one 384 px tile (729 tokens), counted on the meta weights (`flops_per_image`)
+    return {**model.parameter_counts(), "lora": lora.parameter_counts()}
 
 
 def main(args):
@@ -147,7 +150,9 @@ def main(args):
         counts = llava_onevision_7b_table()
         print("\nLLaVA-OneVision-7B-sized Mixpert, 5 domains, K=2 (paper Table 6: +237.1M total, +1.3M activated)")
         for key in ("base", "total", "added_by_experts", "router", "activated", "added_activated"):
-            print(f"  {key:<18}{counts[key] / 1e6:>10.1f}M")
+            print(f"  {key:<22}{counts[key] / 1e6:>12.1f}M   LoRA (rank 16): {counts['lora'][key] / 1e6:>8.1f}M")
+        for key in ("base_flops_per_image", "flops_per_image", "added_flops_per_image"):
+            print(f"  {key:<22}{counts[key] / 1e9:>12.4f}G   LoRA (rank 16): {counts['lora'][key] / 1e9:>8.4f}G")
         results["llava_onevision_7b"] = counts
     return results
 

@@ -346,12 +346,13 @@ def test_review_edge_cases_dark_16_bit_bf16_tensors_int32_labels_symlinks_stale_
 
 def test_assembly_refuses_keywords_it_does_not_know():
     """A config keeps any keyword as an attribute, so a typo or a non-existent option used to be accepted and do
-    nothing (`from_base(..., expert_adapter="lora")`)."""
+    nothing (`from_base(..., expert_adapter="lora")` before LoRA experts existed)."""
     from chimera_mixpert.tiny import build_tiny_chimera, build_tiny_mixpert
 
-    with pytest.raises(TypeError, match=r"from_base\(\) got unknown keyword argument\(s\) 'expert_adapter'\. .*"
+    with pytest.raises(TypeError, match=r"from_base\(\) got unknown keyword argument\(s\) 'expert_adaptor' "
+                                        r"\(did you mean 'expert_adapter'\?\)\. .*"
                                         r"MixpertConfig: .*routing_strategy"):
-        build_tiny_mixpert("internvl", expert_adapter="lora")
+        build_tiny_mixpert("internvl", expert_adaptor="lora")
     with pytest.raises(TypeError, match=r"'routing_stratgy' \(did you mean 'routing_strategy'\?\)"):
         build_tiny_mixpert("internvl", routing_stratgy="direct")
     with pytest.raises(TypeError, match=r"from_generalist\(\) .*'gscm_ration' \(did you mean 'gscm_ratio'\?\)"):

@@ -464,6 +464,14 @@ def test_assemble_cli_builds_loadable_starting_checkpoints(tmp_path):
     ]))
     mixpert = AutoModelForImageTextToText.from_pretrained(tmp_path / "mixpert", trust_remote_code=True)
     assert mixpert.config.domains == ["chart", "document"] and mixpert.config.num_expert_layers == 2
+    assemble(make_parser().parse_args([
+        "mixpert", "--base", str(tmp_path / "base"), "--domains", "chart", "--num_expert_layers", "0",
+        "--expert_adapter", "lora", "--expert_lora_rank", "4", "--output_dir", str(tmp_path / "mixpert-lora"),
+    ]))
+    lora = AutoModelForImageTextToText.from_pretrained(tmp_path / "mixpert-lora", trust_remote_code=True)
+    assert (lora.config.num_expert_layers, lora.config.expert_adapter, lora.config.expert_lora_rank,
+            lora.config.expert_lora_alpha) == (0, "lora", 4, 8)
+    assert {name.rsplit(".", 1)[-1] for name, _ in lora.model.vision_experts.named_parameters()} >= {"lora_A", "lora_B"}
     with pytest.raises(ValueError, match="DOMAIN=VALUE"):
         assemble(make_parser().parse_args(["chimera", "--generalist", "x", "--expert", "nodomain",
                                            "--output_dir", str(tmp_path / "bad")]))

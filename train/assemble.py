@@ -8,6 +8,9 @@
     # Mixpert: upcycle a native VLM (K = 2 expert layers per domain, paper defaults)
     python -m train.assemble mixpert --base llava-hf/llava-onevision-qwen2-7b-si-hf \\
         --domains chart document math ocr general --output_dir runs/mixpert-upcycled
+    # ... with K = 0 (projector-only experts, Mixpert Table 2) and LoRA experts of rank 16 (not in the paper)
+    python -m train.assemble mixpert --base llava-hf/llava-onevision-qwen2-7b-si-hf --num_expert_layers 0 \\
+        --expert_adapter lora --expert_lora_rank 16 --output_dir runs/mixpert-k0-lora
 
 The output folder loads with `AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)` and is
 what `train.chimera` / `train.mixpert` take as `--model_name_or_path`.
@@ -41,6 +44,11 @@ def make_parser(prog: str | None = None):
                          choices=["direct", "score_threshold", "score_difference"])
     mixpert.add_argument("--routing_threshold", type=float, default=0.6)
     mixpert.add_argument("--routing_granularity", default="image", choices=["image", "sub_image"])
+    mixpert.add_argument("--expert_adapter", default="full", choices=["full", "lora"],
+                         help="domain experts as full copies (the paper) or LoRA updates of the versatile expert")
+    mixpert.add_argument("--expert_lora_rank", type=int, default=None, help="with --expert_adapter lora (default 16)")
+    mixpert.add_argument("--expert_lora_alpha", type=float, default=None,
+                         help="with --expert_adapter lora (default 2 * rank)")
     for p in (chimera, mixpert):
         p.add_argument("--output_dir", required=True)
         p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: as saved)")
@@ -88,7 +96,8 @@ def main(args):
         model = MixpertForConditionalGeneration.from_base(
             args.base, domains=args.domains, num_expert_layers=args.num_expert_layers,
             routing_strategy=args.routing_strategy, routing_threshold=args.routing_threshold,
-            routing_granularity=args.routing_granularity, dtype=dtype,
+            routing_granularity=args.routing_granularity, dtype=dtype, expert_adapter=args.expert_adapter,
+            **{k: getattr(args, k) for k in ("expert_lora_rank", "expert_lora_alpha") if getattr(args, k) is not None},
         )
         processor = AutoProcessor.from_pretrained(args.base)
     model.save_pretrained(args.output_dir)
