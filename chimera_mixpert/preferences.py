@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from chimera_mixpert.data.export import qa_messages
-from evaluation.metrics import DEFAULT_DOMAIN_METRICS, METRICS, score
+from evaluation.metrics import DEFAULT_DOMAIN_METRICS, METRICS, score_row
 
 
 logger = logging.getLogger(__name__)
@@ -72,15 +72,8 @@ def score_answer(row: dict, answer: str, metric: str) -> float:
     """One answer's score against the row's reference, with the targets and options `train.evaluate` uses (TEDS
     against `html` when the row has it; MathVista's `question_type` / `answer_type` / `choices` / `precision`). An
     answer the metric cannot parse (e.g. a generated table with `colspan="x"`) scores 0: it is a wrong answer."""
-    target = row["html"] if metric == "teds" and row.get("html") else row["answer"]
-    extra = {}
-    if metric == "mathvista":
-        extra = {k: row.get(k) for k in ("question_type", "answer_type", "choices", "precision")
-                 if row.get(k) is not None}
-        if isinstance(extra.get("choices"), str):
-            extra["choices"] = json.loads(extra["choices"]) if extra["choices"] else None
     try:
-        return float(score(metric, answer, target, **extra))
+        return score_row(metric, answer, row)
     except (ValueError, TypeError, KeyError, IndexError):
         return 0.0
 

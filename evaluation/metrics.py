@@ -21,6 +21,7 @@ Routing quality is measured with [`router_accuracy`] and [`confusion_matrix`].
 """
 
 import functools
+import json
 import re
 from types import MappingProxyType
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
@@ -42,6 +43,7 @@ __all__ = [
     "relaxed_accuracy",
     "router_accuracy",
     "score",
+    "score_row",
     "teds",
 ]
 
@@ -699,3 +701,19 @@ def score(metric_name: str, prediction: Any, target_or_targets: Any, **kwargs) -
     if metric_name not in METRICS:
         raise ValueError(f"Unknown metric {metric_name!r}; available: {sorted(METRICS)}.")
     return float(METRICS[metric_name](prediction, target_or_targets, **kwargs))
+
+
+def score_row(metric_name: str, prediction: Any, row: Mapping[str, Any]) -> float:
+    """Score one prediction against a dataset row (the project's row format: `answer`, and optionally `html` and
+    MathVista's `question_type` / `answer_type` / `choices` / `precision`): TEDS compares with the row's `html` when it
+    has one, MathVista reads its metadata (`choices` may be a JSON string, as the exported JSONL stores it). Raises
+    what the metric raises on a malformed prediction; `train.evaluate` and the preference-pair builder both score
+    through here, so a model is judged the same way in evaluation and in its DPO data."""
+    target = row["html"] if metric_name == "teds" and row.get("html") else row["answer"]
+    extra = {}
+    if metric_name == "mathvista":
+        keys = ("question_type", "answer_type", "choices", "precision")
+        extra = {k: row.get(k) for k in keys if row.get(k) is not None}
+        if isinstance(extra.get("choices"), str):
+            extra["choices"] = json.loads(extra["choices"]) if extra["choices"] else None
+    return score(metric_name, prediction, target, **extra)

@@ -30,7 +30,7 @@ from evaluation.metrics import (
     METRICS,
     confusion_matrix,
     router_accuracy,
-    score,
+    score_row,
 )
 from processing_chimera import load_rgb_image
 
@@ -201,15 +201,8 @@ def score_rows(rows, answers, metric_overrides=None) -> dict:
     for index, (row, answer) in enumerate(zip(rows, answers)):
         domain = row["domain"]
         metric = (metric_overrides or {}).get(domain) or DEFAULT_DOMAIN_METRICS[domain]
-        target = row["html"] if metric == "teds" and row.get("html") else row["answer"]
-        extra = {}
-        if metric == "mathvista":
-            extra = {k: row.get(k) for k in ("question_type", "answer_type", "choices", "precision")
-                     if row.get(k) is not None}
-            if isinstance(extra.get("choices"), str):
-                extra["choices"] = json.loads(extra["choices"]) if extra["choices"] else None
         try:
-            value = float(score(metric, answer, target, **extra))
+            value = score_row(metric, answer, row)
         except (ValueError, TypeError, KeyError, IndexError) as error:
             # A malformed prediction (e.g. a generated table with `colspan="x"`) scores 0 instead of losing the report.
             logger.warning("row %d (%s, %s): prediction %r could not be scored (%s: %s); it scores 0.", index, domain,
@@ -376,19 +369,24 @@ def plot_per_domain(reports: dict, path: str, title: str = "Score per domain") -
 
 def plot_confusion(router: dict, path: str, data_domains=None) -> str:
     """Router confusion matrix (rows: target expert, columns: chosen expert)."""
-    matrix = router["confusion_matrix"]
     labels = router["labels"]
-    fig = Figure(figsize=(0.6 * len(labels) + 2, 0.6 * len(labels) + 1.5))
+    return plot_matrix(router["confusion_matrix"], labels, labels, "routed to", "target expert",
+                       f"Router accuracy {_rate(router['accuracy'])}", path)
+
+
+def plot_matrix(matrix, row_labels, column_labels, xlabel: str, ylabel: str, title: str, path: str) -> str:
+    """A count matrix as an annotated heat map PNG (no pyplot: no global backend)."""
+    fig = Figure(figsize=(0.6 * len(column_labels) + 2, 0.6 * len(row_labels) + 1.5))
     ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             ax.text(j, i, str(value), ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("routed to")
-    ax.set_ylabel("target expert")
-    ax.set_title(f"Router accuracy {_rate(router['accuracy'])}")
+    ax.set_xticks(range(len(column_labels)), column_labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path

@@ -52,7 +52,6 @@ import json
 import os
 
 import torch
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from chimera_mixpert.training import read_model_type
@@ -61,6 +60,7 @@ from train.evaluate import (
     domain_targets,
     load_model,
     load_rows,
+    plot_matrix,
     prompt_for,
     router_argmax,
     router_report,
@@ -193,21 +193,8 @@ def write_router_report(report: dict, output_dir: str, title: str = "Router eval
 
 def plot_domain_confusion(report: dict, path: str) -> str:
     """The confusion matrix as a PNG (rows: true domain, columns: expert used)."""
-    matrix, labels, domains = report["domain_confusion_matrix"], report["labels"], report["domains"]
-    fig = Figure(figsize=(0.6 * len(labels) + 2, 0.6 * len(domains) + 1.5))  # no pyplot: no global backend
-    ax = fig.subplots()
-    ax.imshow(matrix, cmap="Blues")
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=8)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(domains)), domains)
-    ax.set_xlabel("expert used")
-    ax.set_ylabel("true domain")
-    ax.set_title(f"Router accuracy {_rate(report['accuracy'])}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return plot_matrix(report["domain_confusion_matrix"], report["domains"], report["labels"], "expert used",
+                       "true domain", f"Router accuracy {_rate(report['accuracy'])}", path)
 
 
 def main(args):
