@@ -93,6 +93,13 @@ class MixpertConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.check_fields()
+
+    def check_fields(self):
+        """Check every field and fill the defaults that depend on others (LoRA rank / alpha, router width, tied
+        embeddings). `__post_init__` runs it, and so does `MixpertModel.__init__`: keyword overrides of
+        `from_pretrained(..., expert_adapter="lora", expert_lora_rank=4)` are set on the config after `__post_init__`
+        (transformers' `PreTrainedConfig.from_dict`), and must not skip the checks or leave a default unfilled."""
         model_type = self.base_config.model_type
         if model_type not in SUPPORTED_FAMILIES:
             raise unsupported_family_error(model_type)

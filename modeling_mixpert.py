@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -166,10 +167,13 @@ class MixpertLoraLinear(nn.Module):
 
     def merged_weight(self, weight: torch.Tensor, scaling: float) -> torch.Tensor:
         """`weight + scaling * B @ A`, summed in the wider of the two dtypes (fp32 LoRA master weights over a bf16
-        `W` round once), returned in `W`'s dtype. Autograd reaches `lora_A` / `lora_B`."""
+        `W` round once), returned in `W`'s dtype and on `W`'s device. The update is moved to `W`'s device: under an
+        accelerate `device_map` the expert and the versatile layer may sit on different devices, and the expert's
+        weights are never moved by accelerate's hooks (the mirror runs no forward of its own). Autograd reaches
+        `lora_A` / `lora_B` through the move."""
         delta = (self.lora_B @ self.lora_A) * scaling
         dtype = torch.promote_types(weight.dtype, delta.dtype)
-        return (weight.to(dtype) + delta.to(dtype)).to(weight.dtype)
+        return (weight.to(dtype) + delta.to(weight.device, dtype)).to(weight.dtype)
 
 
 class MixpertLoraMirror(nn.Module):
@@ -192,16 +196,17 @@ class MixpertLoraMirror(nn.Module):
                 self.add_module(name, MixpertLoraMirror(child, rank))
 
     def parameters_for(self, source: nn.Module, scaling: float, prefix: str = "") -> dict:
-        """Every parameter of `source` (by its name there) as this expert computes it, for `functional_call`."""
+        """Every parameter of `source` (by its name there) as this expert computes it, for `functional_call`: on the
+        device and in the dtype of `source`'s own (see `MixpertLoraLinear.merged_weight`)."""
         out = {}
         for name, param in source.named_parameters(recurse=False):
-            out[prefix + name] = getattr(self, name).to(param.dtype)
+            out[prefix + name] = getattr(self, name).to(param.device, param.dtype)
         for name, child in source.named_children():
             part = self._modules.get(name)
             if isinstance(part, MixpertLoraLinear):
                 out[f"{prefix}{name}.weight"] = part.merged_weight(child.weight, scaling)
                 if part.bias is not None:
-                    out[f"{prefix}{name}.bias"] = part.bias.to(child.bias.dtype)
+                    out[f"{prefix}{name}.bias"] = part.bias.to(child.bias.device, child.bias.dtype)
             elif part is not None:
                 out.update(part.parameters_for(child, scaling, f"{prefix}{name}."))
         return out
@@ -424,6 +429,7 @@ class MixpertModel(RoutedVLMModel, MixpertPreTrainedModel):
     zero_label = "the versatile expert"
 
     def __init__(self, config: MixpertConfig):
+        config.check_fields()  # `from_pretrained`'s keyword overrides are set after the config's `__post_init__`
         super().__init__(config)
         self.backbone = AutoModel.from_config(config.base_config)
         self.vision_experts = nn.ModuleDict(
@@ -768,7 +774,7 @@ class MixpertForConditionalGeneration(RoutedVLMForConditionalGeneration, Mixpert
 
     # ---------------------------------------------------------------------------------------------- accounting
 
-    def parameter_counts(self, image_size: int | None = None) -> dict:
+    def parameter_counts(self, image_size: int | None = None, flops: bool = True) -> dict:
         """Parameter accounting in the style of Mixpert Table 6.
 
         Returns a dict with `total`, `base` (what the upcycled model had), `added_by_experts` (the domain experts'
@@ -777,29 +783,82 @@ class MixpertForConditionalGeneration(RoutedVLMForConditionalGeneration, Mixpert
         replaces the versatile modules, a LoRA expert adds its matrices, counted for the largest expert) and
         `added_activated` (`activated - base`: the router, + those LoRA matrices), plus the FLOPs of
         one image, `flops_per_image`, `base_flops_per_image` and `added_flops_per_image` (see `flops_per_image`,
-        which `image_size` is passed to).
+        which `image_size` is passed to). `image_size` is checked before anything is counted (a `ValueError` names the
+        sizes the family takes); the default size is always one it takes. `flops=False` returns the parameter counts
+        alone, without running the FLOPs count (`image_size` must then stay unset).
         """
+        if flops:
+            images = self._flops_images(image_size)  # a bad size fails here, before any counting
+        elif image_size is not None:
+            raise ValueError("`image_size` only applies to the FLOPs count: drop it or pass `flops=True`.")
         total = sum(p.numel() for p in self.parameters())
         experts = sum(p.numel() for p in self.model.vision_experts.parameters())
         router = sum(p.numel() for p in self.model.vision_router.parameters())
         base = total - experts - router
         lora = max((e.added_activated_parameters() for e in self.model.vision_experts.values()), default=0)
-        return {
+        counts = {
             "total": total,
             "base": base,
             "added_by_experts": experts,
             "router": router,
             "activated": base + router + lora,
             "added_activated": router + lora,
-            **self.flops_per_image(image_size),
         }
+        return {**counts, **self._count_flops(images)} if flops else counts
+
+    def _flops_size_rule(self) -> tuple[int, str, int, str]:
+        """`(default, rule, size, allowed)`: the default `image_size` of `flops_per_image`, the sizes it takes (`rule`
+        "equal" / "multiple" / "at_least" of `size`) and those in words.
+
+        * LLaVA-OneVision: SigLIP adds a fixed table of position embeddings (no interpolation), so only the tower's
+          `image_size` (one anyres crop).
+        * InternVL: InternViT interpolates its positions, but the pixel shuffle needs the patch grid's side times
+          `downsample_ratio` to be whole: multiples of `patch_size / downsample_ratio` (28 at patch 14, ratio 0.5);
+          default the tower's `image_size`.
+        * Qwen2-VL: any size of at least one merged block (`patch_size * spatial_merge_size`, 28), rounded down to
+          whole blocks; default 448 (or one block where a block is larger).
+        """
+        family = self.model.family
+        vision = family.vision_config
+        if not family.has_tiles:
+            block = vision.patch_size * vision.spatial_merge_size
+            return max(448, block), "at_least", block, f"an integer of at least {block} (one merged block)"
+        native = _first(vision.image_size)
+        if family.model_type == "llava_onevision":
+            return native, "equal", native, f"{native} (the tower's `image_size`: SigLIP's position table is fixed)"
+        step = _first(vision.patch_size) * Fraction(self.config.base_config.downsample_ratio).limit_denominator(
+            64).denominator
+        return native, "multiple", step, (f"a positive multiple of {step} (`patch_size / downsample_ratio`: the pixel "
+                                          "shuffle needs a whole number of merged patches per side)")
+
+    def _flops_images(self, image_size: int | None) -> ImageBatch:
+        """One image on the meta device for `flops_per_image`, after checking `image_size` (`_flops_size_rule`)."""
+        family = self.model.family
+        vision = family.vision_config
+        default, rule, step, allowed = self._flops_size_rule()
+        size = default if image_size is None else image_size
+        valid = not isinstance(size, bool) and isinstance(size, int) and size >= 1 and (
+            size == step if rule == "equal" else size % step == 0 if rule == "multiple" else size >= step)
+        if not valid:
+            raise ValueError(f"`image_size` of the FLOPs count of a Mixpert on {family.model_type} must be {allowed}; "
+                             f"got {image_size!r}.")
+        if family.has_tiles:
+            pixels = torch.empty(1, vision.num_channels, size, size, device="meta")
+            return ImageBatch(pixel_values=pixels, units_per_image=[1])
+        # Qwen2-VL: packed patches of `temporal_patch_size` frames, a grid of whole merged blocks (rounded down)
+        side = size // step * vision.spatial_merge_size
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.empty(side * side, width, device="meta")
+        return ImageBatch(pixel_values=pixels, units_per_image=[1],
+                          extra={"image_grid_thw": torch.tensor([[1, side, side]])})
 
     def flops_per_image(self, image_size: int | None = None) -> dict:
         """FLOPs of one image, counted from the modules by `torch.utils.flop_counter.FlopCounterMode` (Mixpert Table 6).
 
         One image is one unit at the tower's native size: a single `image_size` x `image_size` tile for LLaVA-OneVision
         and InternVL (default: the tower's `image_size`, so no anyres / dynamic-tile crops), and an `image_size`-pixel
-        square for Qwen2-VL (default 448, rounded down to whole merged patches). The count covers the path the image
+        square for Qwen2-VL (default 448, rounded down to whole merged patches). A size the family cannot take raises a
+        `ValueError` naming the sizes it takes. The count covers the path the image
         takes at inference: the patch embedding, the vision layers, the projector, the LLM over that image's tokens
         alone (no text, no KV cache) and the LM head on the last token (a prefill under `generate`). As
         `FlopCounterMode` counts, these are the FLOPs of matrix products, convolutions and attention (2 per
@@ -812,19 +871,9 @@ class MixpertForConditionalGeneration(RoutedVLMForConditionalGeneration, Mixpert
         for a meta tensor of its shape while counting (`torch.func.functional_call`): no arithmetic runs and nothing
         is copied, at any size.
         """
-        family = self.model.family
-        vision = family.vision_config
-        if family.has_tiles:
-            size = image_size or _first(vision.image_size)
-            pixels = torch.empty(1, vision.num_channels, size, size, device="meta")
-            images = ImageBatch(pixel_values=pixels, units_per_image=[1])
-        else:  # Qwen2-VL: packed patches of `temporal_patch_size` frames, a grid of whole 2x2-merged blocks
-            block = vision.patch_size * vision.spatial_merge_size
-            side = max(1, (image_size or 448) // block) * vision.spatial_merge_size
-            width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-            pixels = torch.empty(side * side, width, device="meta")
-            images = ImageBatch(pixel_values=pixels, units_per_image=[1],
-                                extra={"image_grid_thw": torch.tensor([[1, side, side]])})
+        return self._count_flops(self._flops_images(image_size))
+
+    def _count_flops(self, images: ImageBatch) -> dict:
         probe = _FlopsProbe(self)
         meta = {name: torch.empty_like(t, device="meta") for name, t in (*probe.named_parameters(),
                                                                           *probe.named_buffers())}

@@ -41,6 +41,40 @@ def _table(rows: list[list], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _mixpert_experts_text(config: dict) -> str:
+    """What each Mixpert domain expert owns, from `num_expert_layers` (K), `expert_projector`, `expert_adapter` and
+    whether the family applies a final norm the expert owns (InternVL reading the last layer through InternViT's
+    LayerNorm: `vision_feature_layer=-1` without mean pooling; see `versatile_modules`). Read off `config.json` (with
+    transformers' defaults for fields a saved config leaves out), so the card needs no model."""
+    k = int(config.get("num_expert_layers", 2))
+    backbone = config["base_config"]
+    owned = [] if k == 0 else ["The last vision layer"] if k == 1 else [f"The last {k} vision layers"]
+    final_norm = (backbone.get("model_type") == "internvl" and backbone.get("vision_feature_layer", -1) == -1
+                  and not backbone.get("vision_config", {}).get("use_mean_pooling", True))
+    if final_norm:
+        owned.append("the vision tower's final LayerNorm")
+    projector = config.get("expert_projector", True)
+    if projector:
+        owned.append("the projector")
+    if not owned:  # `MixpertConfig` refuses this too; the card reads `config.json` without building the config
+        raise ValueError("This Mixpert config.json gives the experts nothing of their own (`num_expert_layers=0` with "
+                         "`expert_projector=false`): fix config.json.")
+    owned[0] = owned[0][0].upper() + owned[0][1:]
+    subject = owned[0] if len(owned) == 1 else ", ".join(owned[:-1]) + " and " + owned[-1]
+    verb = "are" if len(owned) > 1 or k > 1 else "is"
+    if config.get("expert_adapter", "full") == "full":
+        how = "cloned per domain (Mixpert §3.2)"
+    else:
+        how = (f"adapted per domain by LoRA updates of rank {config.get('expert_lora_rank')} (alpha "
+               f"{config.get('expert_lora_alpha')}; not in the paper: the versatile weights are shared)")
+    text = f"{subject} {verb} {how}; the base model's own form the versatile expert."
+    if k == 0:
+        text += " Every vision layer is shared by all experts."
+    if not projector:
+        text += " Every expert shares the base model's projector."
+    return text
+
+
 def _describe(config: dict) -> dict:
     kind = config["model_type"]
     if kind == "chimera":
@@ -63,12 +97,8 @@ def _describe(config: dict) -> dict:
     if kind == "mixpert":
         backbone = config["base_config"]
         rows = [[i, d] for i, d in enumerate(config.get("domains", []), start=1)]
-        cloned = ("cloned per domain (Mixpert §3.2)" if config.get("expert_adapter", "full") == "full" else
-                  f"adapted per domain by LoRA updates of rank {config.get('expert_lora_rank')} (alpha "
-                  f"{config.get('expert_lora_alpha')}; not in the paper: the versatile weights are shared)")
         architecture = (
-            f"The last {config.get('num_expert_layers')} vision layers and the projector are {cloned}; the original "
-            "ones form the versatile expert. A 2-layer MLP router on the pooled shared "
+            f"{_mixpert_experts_text(config)} A 2-layer MLP router on the pooled shared "
             f"features picks one expert per {'tile' if config.get('routing_granularity') == 'sub_image' else 'image'} "
             f"with the `{config.get('routing_strategy')}` rule (threshold {config.get('routing_threshold')}, §3.3).\n\n"
             + _table([[0, "versatile (fallback)"]] + rows, ["expert", "domain"])

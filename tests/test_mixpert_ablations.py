@@ -5,6 +5,8 @@ one: InternVL with `vision_feature_layer=-1`). K = D: every used tower layer is 
 is shared and the router pools its output.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ from chimera_mixpert.tiny import (
     chat_prompt,
     random_images,
 )
+from chimera_mixpert.model_card import render_model_card
 from configuration_mixpert import MixpertConfig
 from modeling_mixpert import MixpertForConditionalGeneration
 from tests.test_mixpert import DOMAINS, batch
@@ -212,12 +215,30 @@ def _vision_qwen2_vl(config, size):
     return embed + DEPTH * layer + _linear(tokens, merged, merged) + _linear(tokens, merged, v.hidden_size), tokens
 
 
+def _vision_internvl(config, size):
+    """InternViT (CLS + patches; q, k, v, o projections; MLP), then the pixel shuffle (a reshape: no FLOPs) and the
+    LayerNorm-Linear-GELU-Linear projector over the merged patches (CLS dropped: `default` feature selection)."""
+    v = config.vision_config
+    patches = (size // v.patch_size[0]) ** 2
+    t, d = patches + 1, v.hidden_size
+    layer = _linear(t, d, d) * 4 + 2 * (2 * t * t * d) + _linear(t, d, v.intermediate_size) \
+        + _linear(t, v.intermediate_size, d)
+    embed = _linear(patches, v.num_channels * v.patch_size[0] ** 2, d)  # the patch convolution (no CLS)
+    ratio = config.downsample_ratio
+    tokens, merged, h = int(patches * ratio**2), int(d / ratio**2), config.text_config.hidden_size
+    return embed + DEPTH * layer + _linear(tokens, merged, h) + _linear(tokens, h, h), tokens
+
+
+VISION_COUNTS = {"llava_onevision": _vision_llava_onevision, "qwen2_vl": _vision_qwen2_vl,
+                 "internvl": _vision_internvl}
+
+
 @pytest.mark.parametrize("k", [0, 2, DEPTH])
-@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_flops_per_image_match_a_hand_count(family, k):
     model, _, _ = build_k(family, k)
     config = model.config.base_config
-    vision, tokens = (_vision_llava_onevision if family == "llava_onevision" else _vision_qwen2_vl)(config, 16)
+    vision, tokens = VISION_COUNTS[family](config, 16)
     base = vision + _llm_and_head(config.text_config, tokens, config.text_config.vocab_size)
     router = model.model.vision_router
     router_flops = _linear(1, router.fc1.in_features, router.fc1.out_features) + _linear(
@@ -245,3 +266,93 @@ def test_flops_on_a_meta_model_equal_the_real_one_and_leave_the_model_intact(fam
     assert all(p.device.type == "cpu" for p in real.parameters())
     with torch.no_grad():
         assert torch.equal(real(**inputs, expert_labels=torch.tensor([1, 2, 0])).logits, before)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "internvl"])
+def test_flops_at_another_size_match_a_hand_count(family):
+    """InternViT interpolates its positions (any multiple of patch / downsample_ratio = 8 here); Qwen2-VL rounds a
+    size down to whole merged blocks (8 pixels here): 20 counts as 16."""
+    model, _, _ = build_k(family, 2)
+    config = model.config.base_config
+    vision, tokens = VISION_COUNTS[family](config, 24 if family == "internvl" else 16)
+    counts = model.flops_per_image(image_size=24 if family == "internvl" else 20)
+    assert counts["base_flops_per_image"] == vision + _llm_and_head(config.text_config, tokens,
+                                                                    config.text_config.vocab_size)
+
+
+@pytest.mark.parametrize(
+    "family,sizes,allowed",
+    [
+        # SigLIP's position table is fixed: the tower's size only (any other fails to broadcast in the embedding)
+        ("llava_onevision", [24, 8, 3, 0], r"must be 16 \(the tower's `image_size`: SigLIP's position table is "
+                                           r"fixed\)"),
+        # pixel shuffle: a whole number of merged patches per side (12 px = 3 patches: a reshape error before)
+        ("internvl", [12, 20, 4, 3, -8], r"must be a positive multiple of 8 \(`patch_size / downsample_ratio`"),
+        # under one 2x2 merged block of 4-pixel patches (silently rounded up to one block before)
+        ("qwen2_vl", [7, 4, 0, -28], r"must be an integer of at least 8 \(one merged block\)"),
+    ],
+)
+def test_flops_reject_an_image_size_the_family_cannot_take(family, sizes, allowed):
+    model, _, _ = build_k(family, 2, meta=True)
+    for size in [*sizes, 16.0, True, "16"]:
+        got = re.escape(repr(size))
+        message = rf"`image_size` of the FLOPs count of a Mixpert on {family} {allowed}.*; got {got}\.$"
+        with pytest.raises(ValueError, match=message):
+            model.flops_per_image(image_size=size)
+        with pytest.raises(ValueError, match=message):
+            model.parameter_counts(image_size=size)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_counts_at_the_default_size_and_without_flops(family):
+    """The default size is one the family takes, so plain `parameter_counts()` always counts; `flops=False` gives
+    the parameters alone and refuses an `image_size` it would ignore."""
+    model, _, _ = build_k(family, 2, meta=True)
+    counts = model.parameter_counts()
+    params = model.parameter_counts(flops=False)
+    assert params == {k: v for k, v in counts.items() if "flops" not in k}
+    assert set(counts) - set(params) == {"flops_per_image", "base_flops_per_image", "added_flops_per_image"}
+    assert params["total"] == sum(p.numel() for p in model.parameters())
+    default = {"llava_onevision": 16, "internvl": 16, "qwen2_vl": 448}[family]
+    assert counts["flops_per_image"] == model.flops_per_image(image_size=default)["flops_per_image"] > 0
+    with pytest.raises(ValueError, match=r"`image_size` only applies to the FLOPs count: drop it or pass `flops=True`"):
+        model.parameter_counts(image_size=16, flops=False)
+
+
+# -------------------------------------------------------------------------------------------------- model card
+
+
+def _card_architecture(tmp_path, family, **kwargs):
+    """The model card's architecture paragraph for a saved Mixpert config (the card reads `config.json` alone)."""
+    base = build_generalist_config(family, build_tokenizer(family), num_vision_layers=DEPTH)
+    MixpertConfig(base_config=base, domains=DOMAINS, **kwargs).save_pretrained(tmp_path)
+    text = str(render_model_card(tmp_path))
+    return text[text.index("## Model Details"):]
+
+
+@pytest.mark.parametrize(
+    "family,kwargs,expected",
+    [
+        ("llava_onevision", {"num_expert_layers": 0},
+         "The projector is cloned per domain (Mixpert §3.2); the base model's own form the versatile expert. Every "
+         "vision layer is shared by all experts."),
+        ("llava_onevision", {"num_expert_layers": 1},
+         "The last vision layer and the projector are cloned per domain (Mixpert §3.2);"),
+        ("llava_onevision", {"num_expert_layers": 2},
+         "The last 2 vision layers and the projector are cloned per domain (Mixpert §3.2); the base model's own"),
+        ("internvl", {"num_expert_layers": 0},
+         "The vision tower's final LayerNorm and the projector are cloned per domain (Mixpert §3.2);"),
+        ("internvl", {"num_expert_layers": 2, "expert_adapter": "lora", "expert_lora_rank": 4},
+         "The last 2 vision layers, the vision tower's final LayerNorm and the projector are adapted per domain by "
+         "LoRA updates of rank 4 (alpha 8; not in the paper: the versatile weights are shared);"),
+        ("qwen2_vl", {"num_expert_layers": 2, "expert_projector": False},
+         "The last 2 vision layers are cloned per domain (Mixpert §3.2); the base model's own form the versatile "
+         "expert. Every expert shares the base model's projector."),
+    ],
+)
+def test_model_card_names_what_the_experts_own(tmp_path, family, kwargs, expected):
+    text = _card_architecture(tmp_path, family, **kwargs)
+    assert expected in text
+    assert "last 0" not in text
+    assert ("LayerNorm" in text) == (family == "internvl")
+    assert ("projector are" in text or "projector is" in text) == kwargs.get("expert_projector", True)

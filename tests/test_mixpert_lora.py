@@ -5,6 +5,7 @@ checkpointing, the expert phase of `train.mixpert` training only the tuned domai
 `trust_remote_code` round trip, the parameter accounting, the config's checks, and the storage at LLaVA-OneVision-7B
 width (meta device: no memory, no arithmetic)."""
 
+import copy
 import logging
 
 import pytest
@@ -293,3 +294,96 @@ def test_lora_expert_is_under_ten_percent_of_a_full_copy_at_llava_onevision_7b_w
     assert counts["added_by_experts"] == 5 * lora[0]
     assert counts["activated"] - counts["base"] - counts["router"] == matrices
     assert full_model.parameter_counts()["added_by_experts"] == 5 * full[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_added_flops_are_the_router_and_one_merge_per_adapted_weight(family):
+    """A LoRA expert adds to an image's path the router and, per adapted `nn.Linear`, the merge `B @ A`: an
+    (out x r) @ (r x in) product, 2 * out * r * in FLOPs (its layers then run at the versatile layers' cost)."""
+    model, _, _ = build(family, **LORA)
+    router = model.model.vision_router
+    router_flops = 2 * (router.fc1.in_features * router.fc1.out_features
+                        + router.fc2.in_features * router.fc2.out_features)
+    linears = lora_linears(model.model.vision_experts["chart"])
+    merges = sum(2 * m.lora_B.shape[0] * 4 * m.lora_A.shape[1] for m in linears)
+    # 2 layers of 6 matrices (q, k, v, o, fc1, fc2; Qwen2-VL 4: fused qkv) and the projector's 2
+    assert len(linears) == 2 * (4 if family == "qwen2_vl" else 6) + 2
+    assert model.parameter_counts()["added_flops_per_image"] == router_flops + merges
+
+
+def test_from_pretrained_lora_overrides_are_checked_and_must_match_the_weights(tmp_path):
+    """Keyword overrides of `from_pretrained` are set on the config after its `__post_init__`: the model checks the
+    config again and fills the LoRA defaults (alpha = 2 r), so a mismatch with the saved weights is the load's clear
+    error, never a TypeError on an unset alpha and never randomly initialised experts."""
+    full, _ = build_tiny_mixpert("internvl", ("chart", "math"), num_vision_layers=2, num_expert_layers=1)
+    full.save_pretrained(tmp_path / "full")
+    lora, _ = build_tiny_mixpert("internvl", ("chart", "math"), num_vision_layers=2, num_expert_layers=1, **LORA)
+    lora.save_pretrained(tmp_path / "lora")
+    missing = r"does not match its MixpertConfig: missing weights \[.*lora_A.*Nothing is initialised at random"
+    for overrides in ({"expert_adapter": "lora", "expert_lora_rank": 4}, {"expert_adapter": "lora"}):
+        with pytest.raises(ValueError, match=missing):
+            MixpertForConditionalGeneration.from_pretrained(tmp_path / "full", **overrides)
+    with pytest.raises(ValueError, match=r"holds weights whose shapes do not match its MixpertConfig"):
+        MixpertForConditionalGeneration.from_pretrained(tmp_path / "lora", expert_lora_rank=8)
+    with pytest.raises(ValueError, match=r"`expert_lora_rank`, `expert_lora_alpha` only apply to LoRA experts"):
+        MixpertForConditionalGeneration.from_pretrained(tmp_path / "lora", expert_adapter="full")
+    with pytest.raises(ValueError, match=r"`expert_lora_rank` must be a positive integer"):
+        MixpertForConditionalGeneration.from_pretrained(tmp_path / "lora", expert_lora_rank=0)
+    # a matching override loads, with the default alpha filled in: alpha 8 (= 2 * 4, as saved)
+    loaded = MixpertForConditionalGeneration.from_pretrained(tmp_path / "lora", expert_lora_alpha=None)
+    assert (loaded.config.expert_lora_rank, loaded.config.expert_lora_alpha) == (4, 8)
+    assert loaded.model.vision_experts["chart"].lora_scaling == 2.0
+
+
+def test_lora_expert_in_fp32_over_a_bf16_model_matches_the_fp32_model():
+    """The fp32-master-weights training mode (`chimera_mixpert.training.fp32_master_weights`) keeps the trained
+    expert in fp32 inside a bf16 model: the expert's weights and vectors are cast to the shared layers' dtype where
+    they meet them, the forward runs, equals the fp32 model up to bf16 rounding, and the gradient reaches B in fp32."""
+    model, _, processor = build("internvl", **LORA)
+    randomise_b(model)
+    with torch.no_grad():
+        for p in model.model.vision_experts.parameters():
+            if p.ndim == 1:
+                p.add_(0.05)
+    inputs = batch(processor)
+    labels = torch.tensor([2, 0, 2])
+    with torch.no_grad():
+        reference = model.model.get_image_features(inputs.pixel_values, input_ids=inputs.input_ids,
+                                                   expert_labels=labels).image_features
+        versatile = model.model.get_image_features(inputs.pixel_values, input_ids=inputs.input_ids,
+                                                   expert_labels=torch.zeros(3, dtype=torch.long)).image_features
+    model.to(torch.bfloat16)
+    for p in model.model.vision_experts.parameters():  # as `fp32_master_weights` upcasts the trained parameters
+        p.data = p.data.float()
+    features = model.model.get_image_features(inputs.pixel_values.to(torch.bfloat16), input_ids=inputs.input_ids,
+                                              expert_labels=labels).image_features
+    assert all(f.dtype == torch.bfloat16 for f in features)
+    for ours, ref in zip(features, reference):
+        assert torch.allclose(ours.float(), ref, atol=0.05, rtol=0.05)
+    assert not torch.allclose(reference[0], versatile[0], atol=0.05, rtol=0.05)  # the expert's update shows
+    features[0].float().square().sum().backward()
+    grads = [m.lora_B.grad for m in lora_linears(model.model.vision_experts["document"])]
+    assert all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
+
+
+def test_lora_mirror_computes_on_the_shared_modules_device_and_dtype():
+    """Under an accelerate `device_map` the expert can sit on another device than the versatile module it updates
+    (and no hook moves it: the mirror runs no forward). The merged weights and copied vectors go to the module's
+    device and dtype (here: a bf16 module on the meta device, the expert on the CPU in fp32), with autograd kept."""
+    model, _, _ = build("llava_onevision", **LORA)
+    randomise_b(model)
+    expert = model.model.vision_experts["chart"]
+    projector = copy.deepcopy(model.model.family.projector()).to(device="meta", dtype=torch.bfloat16)
+    params = expert.projector.parameters_for(projector, expert.lora_scaling)
+    assert set(params) == {n for n, _ in projector.named_parameters()}
+    assert all(t.device.type == "meta" and t.dtype == torch.bfloat16 for t in params.values())
+    out = torch.func.functional_call(projector, params, (torch.empty(2, 5, 32, device="meta", dtype=torch.bfloat16),))
+    assert out.device.type == "meta" and out.shape == (2, 5, 32)
+    # On one device the merge keeps autograd through the moves and casts (fp32 B over a bf16 W).
+    layer = copy.deepcopy(model.model.family.projector()).to(torch.bfloat16)
+    linear = expert.projector.linear_1
+    merged = linear.merged_weight(layer.linear_1.weight, expert.lora_scaling)
+    expected = layer.linear_1.weight.float() + expert.lora_scaling * linear.lora_B.detach() @ linear.lora_A.detach()
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, expected.to(torch.bfloat16))
+    merged.float().sum().backward()
+    assert linear.lora_B.grad is not None and linear.lora_B.grad.dtype == torch.float32
