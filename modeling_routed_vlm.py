@@ -519,10 +519,13 @@ class RoutedVLMForConditionalGeneration(RoutedVLMPreTrainedModel, GenerationMixi
 
     @staticmethod
     def with_routing(output, features: RoutedImageFeatures):
-        """A `generate` output with `return_dict_in_generate=True` also carries the routing of its images."""
+        """A `generate` output with `return_dict_in_generate=True` also carries the routing of its images (and, where
+        the features have it, `routed_image`: the image of each routed row, a tile with Mixpert's sub-image routing)."""
         if not isinstance(output, torch.Tensor):
             output["expert_index"] = features.expert_index
             output["router_logits"] = features.router_logits
+            if getattr(features, "routed_image", None) is not None:
+                output["routed_image"] = features.routed_image
         return output
 
     # -- assembly

@@ -253,3 +253,97 @@ def test_all_as_one_tunes_the_base_models_own_last_layers_and_projector_and_save
 def test_all_as_one_stands_alone_in_the_experts_phase(flags, tmp_path):
     with pytest.raises(ValueError, match=r"--domains all-as-one \(Mixpert Table 7's baseline.*stands alone"):
         run_mixpert("mixpert_experts.yaml", "--output_dir", tmp_path, *flags)
+
+
+def test_train_evaluate_counts_sub_image_tiles_like_evaluate_router(lab_data, tmp_path):
+    # A sub_image Mixpert routes each of an image's tiles on its own (32 px images, 16 px tiles: several per image).
+    # train.evaluate used to fail after generating everything; now each tile counts with its image's domain.
+    from chimera_mixpert.tiny import build_tiny_mixpert
+    from train.evaluate import load_rows, main as evaluate, make_parser, prompt_for
+
+    model, processor = build_tiny_mixpert("internvl", MIXPERT_DOMAINS, seed=1, routing_granularity="sub_image",
+                                          routing_strategy="direct")
+    with torch.no_grad():  # a sharp random router: tiles of one image go to different experts
+        model.model.vision_router.fc2.weight.mul_(300.0)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    common = ["--model_name_or_path", tmp_path / "model", "--dataset", lab_data / "data", "--split", "validation"]
+    report = evaluate(make_parser().parse_args([str(a) for a in [*common, "--batch_size", 5, "--max_new_tokens", 2,
+                                                                 "--output_dir", tmp_path / "eval"]]))
+    alone = evaluate_router(*common, "--batch_size", 4, "--output_dir", tmp_path / "router")
+    router = report["router"]
+    for key in ("accuracy", "num_rows", "num_argmax_scored", "routed_to_own_expert_rate", "fallback_rate",
+                "expert_share", "confusion_matrix", "argmax_confusion_matrix", "domain_confusion_matrix",
+                "domain_argmax_confusion_matrix", "per_domain", "domains", "labels"):
+        assert router[key] == alone[key], key
+    assert router["routing_granularity"] == "sub_image"
+
+    # The decisions themselves, from the model's own get_image_features: one per tile, with its image's domain.
+    rows = load_rows(str(lab_data / "data"), "validation")
+    inputs = processor(images=[[r["image"]] for r in rows], text=[prompt_for(processor, r["question"]) for r in rows],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        features = model.model.get_image_features(inputs["pixel_values"], input_ids=inputs["input_ids"])
+    tiles = features.routed_image.tolist()
+    assert len(tiles) == router["num_rows"] > len(rows) and sorted(set(tiles)) == list(range(len(rows)))
+    expected = [[0] * 4 for _ in DOMAINS]
+    for image, expert in zip(tiles, features.expert_index.tolist()):
+        expected[DOMAINS.index(rows[image]["domain"])][expert] += 1
+    assert router["domain_confusion_matrix"] == expected
+    assert any(len({e for i, e in zip(tiles, features.expert_index.tolist()) if i == image}) > 1
+               for image in range(len(rows)))  # some image's tiles really went to different experts
+
+    # The report keeps its scores (and is written), router block included.
+    assert report["num_samples"] == 12 and set(report["per_domain"]) == set(DOMAINS)
+    assert all(e["num_samples"] == 2 and 0.0 <= e["score"] <= 1.0 for e in report["per_domain"].values())
+    written = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert written["router"]["domain_confusion_matrix"] == expected and written["per_domain"] == report["per_domain"]
+    assert f"of {len(tiles)} router decisions have a router class" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def _save_mixpert(folder, **mixpert_kwargs):
+    """The tiny config's Mixpert (six domains, 32 px images, 8 px patches), with `mixpert_kwargs`, saved."""
+    from chimera_mixpert.tiny import build_tiny_mixpert
+
+    six = ["chart", "table", "math", "document", "ocr", "general"]
+    model, processor = build_tiny_mixpert("internvl", six, image_size=32, patch_size=8, seed=0,
+                                          generalist_kwargs={"hidden_size": 32}, **mixpert_kwargs)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model
+
+
+def test_all_as_one_without_expert_projectors_leaves_the_projector_frozen(lab_data, tmp_path):
+    # expert_projector=False: domain experts share the base projector and never tune it, so neither does the baseline.
+    initial = _save_mixpert(tmp_path / "upcycled", expert_projector=False)
+    before = {n: p.detach().clone() for n, p in initial.named_parameters()}
+    expert = sum(p.numel() for p in initial.model.vision_experts["chart"].parameters())
+    model, results = run_mixpert("mixpert_experts.yaml", "--output_dir", tmp_path / "run", "--domains", "all-as-one",
+                                 "--model_name_or_path", tmp_path / "upcycled", "--max_steps", 2,
+                                 "--train_file", lab_data / "sft.jsonl", "--save_strategy", "no")
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved and all(n.startswith("model.backbone.") for n in moved)
+    assert any(".vision_tower." in n for n in moved) and not any(".multi_modal_projector." in n for n in moved)
+    projector = sum(p.numel() for p in model.model.backbone.multi_modal_projector.parameters())
+    layers = {n for n, p in model.named_parameters() if n.startswith("model.backbone.vision_tower.")}
+    assert sum(dict(model.named_parameters())[n].numel() for n in moved) == expert  # every expert weight moved
+    assert projector > 0 and moved <= layers
+    result = results["all-as-one"]
+    assert result["trainable_parameters"] == result["domain_expert_trainable_parameters"] == expert
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["results"]["all-as-one"]["trainable_parameters"] == expert
+    assert summary["results"]["all-as-one"]["domain_expert_trainable_parameters"] == expert
+
+
+def test_all_as_one_refuses_lora_experts_naming_both_sizes(lab_data, tmp_path):
+    model = _save_mixpert(tmp_path / "upcycled", expert_adapter="lora", expert_lora_rank=4)
+    lora = sum(p.numel() for p in model.model.vision_experts["chart"].parameters())
+    full = _save_mixpert(tmp_path / "full")
+    versatile = sum(p.numel() for p in full.model.vision_experts["chart"].parameters())
+    assert lora < versatile
+    message = (rf"--domains all-as-one needs full experts, but this Mixpert has expert_adapter='lora': one domain "
+               rf"expert trains {lora} parameters .* \({versatile}\).*--expert_adapter full")
+    with pytest.raises(ValueError, match=message):
+        run_mixpert("mixpert_experts.yaml", "--output_dir", tmp_path / "run", "--domains", "all-as-one",
+                    "--model_name_or_path", tmp_path / "upcycled", "--train_file", lab_data / "sft.jsonl")
+    assert not (tmp_path / "run" / "config.json").exists()

@@ -9,6 +9,8 @@ standard metric, router accuracy and confusion matrix, as `report.json`, `report
 parquet file; rows need an image (`image`, or `images` paths), `question`, `answer`, `domain`, and optionally the
 metric metadata (`html` for TEDS, `question_type` / `answer_type` / `choices` / `precision` for MathVista).
 Metrics per domain: `evaluation.metrics.DEFAULT_DOMAIN_METRICS`, overridable with `--metric domain=name`.
+The router block counts as `train.evaluate_router` does; with a Mixpert's `routing_granularity="sub_image"` every tile
+is one router decision, counted with its image's domain.
 """
 
 from __future__ import annotations
@@ -117,9 +119,11 @@ def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="nati
     """Greedy answers for `rows`; for Chimera / Mixpert also the expert each image used (`expert_labels`: one per row,
     to force experts instead of routing). With `predictions_path`, each batch's answers are appended to that JSONL
     file as soon as they exist, so a failure later loses nothing generated. Returns `(answers, routing or None)`,
-    `routing = {"expert_index": [...], "argmax": [...]}`: per routed row, the expert used and the router's own top
-    choice as an expert index (`router_argmax`)."""
-    answers, experts, argmax = [], [], []
+    `routing = {"expert_index": [...], "argmax": [...], "row": [...]}`: per routed row (an image, or a tile with
+    Mixpert's `sub_image` granularity), the expert used, the router's own top choice as an expert index
+    (`router_argmax`) and the data row its image comes from (the model's `routed_image`, as `train.evaluate_router`
+    maps tiles to rows)."""
+    answers, experts, argmax, routed_rows = [], [], [], []
     stream = open(predictions_path, "w") if predictions_path else None
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -140,6 +144,9 @@ def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="nati
             if kind != "native":
                 experts += out["expert_index"].tolist()
                 argmax += router_argmax(kind, out["router_logits"]).tolist()
+                # One image per row: image i of the batch is row start + i (Chimera: one decision per image).
+                images = out["routed_image"].tolist() if out.get("routed_image") is not None else range(len(batch))
+                routed_rows += [start + i for i in images]
             if stream is not None:
                 for offset, (row, answer) in enumerate(zip(batch, batch_answers)):
                     stream.write(json.dumps({"row": start + offset, "domain": row["domain"],
@@ -150,7 +157,7 @@ def predict(model, processor, rows, batch_size=16, max_new_tokens=16, kind="nati
         tokenizer.padding_side = side
         if stream is not None:
             stream.close()
-    return answers, ({"expert_index": experts, "argmax": argmax} if kind != "native" else None)
+    return answers, ({"expert_index": experts, "argmax": argmax, "row": routed_rows} if kind != "native" else None)
 
 
 def router_argmax(kind: str, router_logits: torch.Tensor) -> torch.LongTensor:
@@ -301,12 +308,11 @@ def evaluate(model, processor, rows, kind="native", batch_size=16, max_new_token
     if routing is not None:
         targets = domain_targets(kind, model, sorted({r["domain"] for r in rows}))
         names = ["none" if kind == "chimera" else "versatile"] + list(model.config.domains)
-        if len(routing["expert_index"]) != len(rows):  # sub_image routing: one decision per tile, not per row
-            raise ValueError(f"{len(routing['expert_index'])} routing decisions for {len(rows)} rows (Mixpert routes "
-                             "tiles with routing_granularity='sub_image'): use python -m train.evaluate_router for "
-                             "its per-tile router report.")
-        report["router"] = router_report([r["domain"] for r in rows], routing["expert_index"], routing["argmax"],
-                                         targets, names, kind, oracle=oracle)
+        # Every decision (a tile with sub_image routing) counts with its image's domain, as in train.evaluate_router.
+        report["router"] = router_report([rows[i]["domain"] for i in routing["row"]], routing["expert_index"],
+                                         routing["argmax"], targets, names, kind, oracle=oracle)
+        if kind == "mixpert":
+            report["router"]["routing_granularity"] = model.config.routing_granularity
     return report
 
 
@@ -341,7 +347,7 @@ def _rate(value) -> str:
 def router_summary_lines(router: dict) -> list[str]:
     """Markdown lines: router (argmax) accuracy, routed-to-own-expert rate, fallback rate, and how they count."""
     lines = [f"Router accuracy: {_rate(router['accuracy'])} (the router's top class; {router['num_argmax_scored']} "
-             f"of {router['num_rows']} rows have a router class)",
+             f"of {router['num_rows']} router decisions have a router class)",
              f"Routed to their own expert: {_rate(router['routed_to_own_expert_rate'])}"]
     if router.get("fallback_rate") is not None:
         lines.append(f"Versatile fallback rate: {_rate(router['fallback_rate'])}")

@@ -5,9 +5,12 @@ trains, on domain `d`'s data alone, with every image routed to it; the LLM, the 
 experts are frozen. Vision layers and projector get their own learning rates (paper: 2e-6 and 1e-5).
 
 `--domains all-as-one` (Mixpert Table 7's baseline): one shared expert for every domain instead, the same trainable
-size as one domain expert and no routing. The base model's own last `K` vision layers, final norm and projector (the
-versatile expert) train on every domain's rows together, and the result is saved as the native base model in
-`--output_dir`: a plain VLM that `train.evaluate` scores as it scores the joint model.
+set as one domain expert and no routing. The base model's own modules that a domain expert replaces (its last `K`
+vision layers, final norm, and projector when `expert_projector=True`) train on every domain's rows together, and the
+result is saved as the native base model in `--output_dir`: a plain VLM that `train.evaluate` scores as it scores the
+joint model. Both sizes (the baseline's trainable parameters and one domain expert's) go to `run_summary.json`. A
+Mixpert with LoRA experts (`expert_adapter="lora"`) is refused: its experts train low-rank updates only, so a baseline
+tuning the full modules would not be Table 7's same-size comparison; upcycle with full experts for the baseline.
 
 Phase `router`: the router (a 2-layer MLP on the pooled shared-layer features) is trained with cross-entropy on the
 images' domains. The shared layers are frozen, so their pooled features are computed once and reused for every
@@ -33,6 +36,7 @@ Real run (paper hyper-parameters, 8 GPUs; see train/configs/real/):
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -82,7 +86,9 @@ class MixpertScriptArguments:
     phase: str = field(default="experts", metadata={"help": "experts (disentangled expert tuning) or router."})
     domains: list[str] | None = field(default=None, metadata={
         "help": "experts phase: tune only these domains; `all-as-one`: Mixpert Table 7's baseline, the base model's "
-                "own last K layers + projector tuned on every domain's data, saved as the native base model."})
+                "own modules a domain expert replaces (last K layers, final norm, projector if expert_projector) "
+                "tuned on every domain's data, saved as the native base model (full experts only, not "
+                "expert_adapter='lora')."})
     projector_learning_rate: float = field(default=1e-5, metadata={"help": "experts phase: projector learning rate "
                                                                           "(paper 1e-5); vision layers use "
                                                                           "--learning_rate (paper 2e-6)."})
@@ -94,6 +100,8 @@ class MixpertScriptArguments:
 
 
 ALL_AS_ONE = "all-as-one"
+
+logger = logging.getLogger(__name__)
 
 
 def load_model_and_processor(model_args: ModelArguments, script_args: MixpertScriptArguments,
@@ -149,29 +157,57 @@ def tune_experts(script_args, training_args, model, processor, data_args, files)
     return trainer, results
 
 
+def all_as_one_trainable(model) -> tuple[dict, list]:
+    """Unfreeze what the all-as-one baseline tunes: the versatile modules a domain expert replaces (the last `K` vision
+    layers, final norm, and the projector only with `expert_projector=True`: otherwise experts share the base projector
+    and never tune it). Returns the run's size summary (`trainable_summary` of the baseline, plus
+    `domain_expert_trainable`: what one domain expert's phase trains) and the projector's parameters (their own
+    learning rate; empty without expert projectors)."""
+    config = model.config
+    layers, norm, projector = versatile_modules(model.model.family, config)
+    own_projector = [projector] if config.expert_projector else []
+    groups = {**mixpert_groups(model), ALL_AS_ONE: [*layers, *([norm] if norm is not None else []), *own_projector]}
+    expert = set_trainable(model, groups, [f"expert:{model.domains[0]}"])["trainable"]
+    summary = set_trainable(model, groups, [ALL_AS_ONE])
+    if config.expert_adapter != "full":
+        # A same-size LoRA baseline would need a LoRA on the base merged into the saved native model; not done here.
+        raise ValueError(
+            f"--domains {ALL_AS_ONE} needs full experts, but this Mixpert has "
+            f"expert_adapter={config.expert_adapter!r}: one domain expert trains {expert} parameters (low-rank "
+            f"updates), the baseline would tune the full versatile modules ({summary['trainable']}), which is not "
+            "Mixpert Table 7's same-size comparison. Upcycle the base again with full experts (train.assemble "
+            "mixpert --expert_adapter full, the default) and run the baseline from that model.")
+    if summary["trainable"] != expert:  # a family whose expert holds more / less than the versatile modules
+        raise ValueError(f"--domains {ALL_AS_ONE} would train {summary['trainable']} parameters but one domain expert "
+                         f"trains {expert}: the baseline is not the size of one expert for this model.")
+    logger.info("all-as-one: %d trainable parameters; one domain expert: %d.", summary["trainable"], expert)
+    return {**summary, "domain_expert_trainable": expert}, [p for m in own_projector for p in m.parameters()]
+
+
 def tune_all_as_one(script_args, training_args, model, processor, data_args, files):
-    """Mixpert Table 7's all-as-one baseline: the versatile expert (the base model's own last `K` vision layers, final
-    norm and projector: the size of one domain expert) tuned on the rows of every expert domain together, every image
-    through it, with the two learning rates of the expert phase. Returns the trainer and the results; `finish_native`
-    saves the tuned base model."""
+    """Mixpert Table 7's all-as-one baseline: the versatile modules one domain expert replaces (`all_as_one_trainable`:
+    the same trainable set and size) tuned on the rows of every expert domain together, every image through them,
+    with the two learning rates of the expert phase. Returns the trainer and the results; `finish_native` saves the
+    tuned base model."""
+    summary, projector = all_as_one_trainable(model)  # refuses LoRA experts before any data is read or trained
     data = load_vl_dataset(files["train"], data_args.image_root, domains=list(model.domains) + ["versatile"],
                            allow_outside_root=data_args.allow_images_outside_root)
     rows = data.filter(lambda row: row["domain"] in model.domains)  # the expert data; "versatile" rows tune no expert
     if len(rows) == 0:
         raise ValueError(f"No training rows with a domain of this model ({model.domains}): --domains {ALL_AS_ONE} "
                          "tunes on every expert domain's data.")
-    summary = set_trainable(model, mixpert_groups(model), ["versatile"])
-    _, _, projector = versatile_modules(model.model.family, model.config)
     args = prepare_training_args(training_args)
     collator = VisionLanguageSFTCollator(processor, force_expert_label=0, max_length=data_args.max_length)
     trainer = GroupLearningRateTrainer(
         model=model, args=args, train_dataset=rows, data_collator=collator, processing_class=processor,
-        lr_groups=[(list(projector.parameters()), script_args.projector_learning_rate)],
+        lr_groups=[(projector, script_args.projector_learning_rate)],
     )
     with fp32_master_weights(model, args) as upcast:
         trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     per_domain = {d: rows["domain"].count(d) for d in model.domains}
-    return trainer, {ALL_AS_ONE: {"trainable": summary, "rows": len(rows), "rows_per_domain": per_domain,
+    return trainer, {ALL_AS_ONE: {"trainable": summary, "trainable_parameters": summary["trainable"],
+                                  "domain_expert_trainable_parameters": summary["domain_expert_trainable"],
+                                  "rows": len(rows), "rows_per_domain": per_domain,
                                   "steps": trainer.state.global_step,
                                   "fp32_master_parameters": sum(p.numel() for p in upcast)}}
 
