@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -202,11 +203,29 @@ def _finish_stats(entry: dict) -> dict:
     return entry
 
 
+_IMAGE_NAME = re.compile(r"q\d{6}\.png")  # `write_preference_folder`'s image names
+
+
+def clear_previous_outputs(output_dir: str) -> list[str]:
+    """Delete what an earlier `write_preference_folder` run left in `output_dir` (`preferences.jsonl`, `stats.json`,
+    `images/q<row>.png`), so an earlier, larger run leaves no stale image; other files are kept. Returns the deleted
+    paths (relative to `output_dir`)."""
+    names = [n for n in (PREFERENCE_FILE, STATS_FILE) if os.path.isfile(os.path.join(output_dir, n))]
+    images = os.path.join(output_dir, "images")
+    if os.path.isdir(images):
+        names += sorted(os.path.join("images", n) for n in os.listdir(images) if _IMAGE_NAME.fullmatch(n))
+    for name in names:
+        os.remove(os.path.join(output_dir, name))
+    return names
+
+
 def write_preference_folder(output_dir: str, rows, samples, rules: PairRules, settings: dict | None = None) -> dict:
     """Turn `samples` (one list per row) into pairs and write `output_dir/preferences.jsonl` (TRL's preference format:
     `prompt`, `chosen`, `rejected`, `images` + `domain`, `question_index`, `chosen_score`, `rejected_score`,
     `chosen_source`), the images of the questions that gave pairs as `output_dir/images/q<row>.png` (referenced
-    relative to the file, as `train.dpo` reads them) and `output_dir/stats.json`. Returns the stats."""
+    relative to the file, as `train.dpo` reads them) and `output_dir/stats.json`; an earlier run's outputs are deleted
+    first (`clear_previous_outputs`; the command refuses them without `--overwrite_output_dir`). Returns the stats."""
+    clear_previous_outputs(output_dir)
     os.makedirs(os.path.join(output_dir, "images"), exist_ok=True)
     per_domain = {}
     with open(os.path.join(output_dir, PREFERENCE_FILE), "w", encoding="utf-8") as f:

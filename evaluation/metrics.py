@@ -705,11 +705,12 @@ def score(metric_name: str, prediction: Any, target_or_targets: Any, **kwargs) -
 
 def score_row(metric_name: str, prediction: Any, row: Mapping[str, Any]) -> float:
     """Score one prediction against a dataset row (the project's row format: `answer`, and optionally `html` and
-    MathVista's `question_type` / `answer_type` / `choices` / `precision`): TEDS compares with the row's `html` when it
-    has one, MathVista reads its metadata (`choices` may be a JSON string, as the exported JSONL stores it). Raises
-    what the metric raises on a malformed prediction; `train.evaluate` and the preference-pair builder both score
-    through here, so a model is judged the same way in evaluation and in its DPO data."""
-    target = row["html"] if metric_name == "teds" and row.get("html") else row["answer"]
+    MathVista's `question_type` / `answer_type` / `choices` / `precision`): TEDS (`teds` and `teds_structure` alike)
+    compares with the row's `html` when it has one, MathVista reads its metadata (`choices` may be a JSON string, as
+    the exported JSONL stores it). Raises what the metric raises on a malformed prediction; `train.evaluate` and the
+    preference-pair builder both score through here, so a model is judged the same way in evaluation and in its DPO
+    data."""
+    target = row["html"] if metric_name in ("teds", "teds_structure") and row.get("html") else row["answer"]
     extra = {}
     if metric_name == "mathvista":
         keys = ("question_type", "answer_type", "choices", "precision")

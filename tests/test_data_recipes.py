@@ -2,6 +2,7 @@
 stage-1 alignment tasks (`train.data.alignment_tasks`), checked on hand-written mixtures and on the mini-lab's data."""
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -153,6 +154,71 @@ def test_split_domains_reads_json_arrays_and_parquet_with_image_bytes(tmp_path):
         assert {r["domain"] for r in out} == {domain}
 
 
+def _two_folders_with_same_named_images(tmp_path):
+    """x/ and y/ each hold `img.png` (different bytes) and a file whose chart rows refer to it: HF format in x/ (an
+    `images` list), LLaVA format in y/ (an `image` string, a list with a sub-folder path); plus one absolute path."""
+    files = {}
+    for folder in ("x", "y"):
+        (tmp_path / folder / "sub").mkdir(parents=True)
+        (tmp_path / folder / "img.png").write_bytes(folder.encode())
+        (tmp_path / folder / "sub" / "img.png").write_bytes(f"{folder}/sub".encode())
+    absolute = str(tmp_path / "y" / "img.png")
+    x_rows = [{**_messages_row("chartqa", 0), "images": ["img.png"]},
+              {**_messages_row("chartqa", 1), "images": [{"path": absolute, "bytes": None}]}]
+    y_rows = [{**_llava_row("chartqa", 2), "image": "img.png"},
+              {**_llava_row("dvqa", 3), "image": ["sub/img.png"]}]
+    files["x"] = _write_jsonl(tmp_path / "x" / "a.jsonl", x_rows)
+    files["y"] = _write_jsonl(tmp_path / "y" / "b.jsonl", y_rows)
+    return files, x_rows + y_rows, [tmp_path / "x" / "img.png", tmp_path / "y" / "img.png", tmp_path / "y" / "img.png",
+                                    tmp_path / "y" / "sub" / "img.png"]
+
+
+def test_split_domains_rebases_image_paths_of_inputs_in_different_folders(tmp_path):
+    files, rows, originals = _two_folders_with_same_named_images(tmp_path)
+    out = tmp_path / "split" / "domains"
+    args = ["--mapping", _write_mapping(tmp_path / "map.yaml"), "--input", files["x"], files["y"],
+            "--output_dir", str(out)]
+    split_domains.main(split_domains.make_parser().parse_args(args))
+    written = _read_jsonl(out / "chart.jsonl")
+    assert [r["images"] if "images" in r else r["image"] for r in written] == [
+        ["../../x/img.png"], [{"path": str(tmp_path / "y" / "img.png"), "bytes": None}], "../../y/img.png",
+        ["../../y/sub/img.png"]]  # relative to the output folder; the absolute path kept
+    strip = ("images", "image", "domain")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in written] == [
+        {k: v for k, v in r.items() if k not in strip} for r in rows]  # otherwise unchanged
+    # The default image root (the output file's folder); the images lie outside it, hence allow_outside_root.
+    loaded = load_vl_dataset(str(out / "chart.jsonl"), allow_outside_root=True)
+    assert [Path(p[0]) for p in loaded["images"]] == originals
+    assert [Path(p[0]).read_bytes() for p in loaded["images"]] == [b"x", b"y", b"y", b"y/sub"]
+    with pytest.raises(ValueError, match=r"image path '\.\./\.\./x/img\.png' leaves the image root"):
+        load_vl_dataset(str(out / "chart.jsonl"))  # the loader's guard still applies
+    # An output folder above the inputs: the paths stay inside it and load with no flag at all.
+    split_by_domain([files["x"], files["y"]], MAPPING, tmp_path)
+    assert [r.get("images", r.get("image")) for r in _read_jsonl(tmp_path / "chart.jsonl")][::2] == [
+        ["x/img.png"], "y/img.png"]
+    assert [Path(p[0]) for p in load_vl_dataset(str(tmp_path / "chart.jsonl"))["images"]] == originals
+
+
+def test_split_domains_rebases_parquet_image_paths_and_reads_a_one_row_json(tmp_path):
+    files, _, originals = _two_folders_with_same_named_images(tmp_path)
+    for folder, name in (("x", "img.png"), ("y", "sub/img.png")):
+        pq.write_table(pa.table({"conversations": [_llava_row("chartqa", 0)["conversations"]], "image": [name],
+                                 "source": ["chartqa"]}), tmp_path / folder / "c.parquet")
+    split_by_domain([str(tmp_path / "x" / "c.parquet"), str(tmp_path / "y" / "c.parquet")], MAPPING, tmp_path / "pq")
+    table = pq.read_table(tmp_path / "pq" / "chart.parquet")
+    assert table.column("image").to_pylist() == ["../x/img.png", "../y/sub/img.png"]
+    loaded = load_vl_dataset(str(tmp_path / "pq" / "chart.parquet"), allow_outside_root=True)
+    assert [Path(p[0]) for p in loaded["images"]] == [originals[0], originals[3]]
+    # A .json file holding one JSON-lines row (one object) is that one row.
+    (tmp_path / "one.json").write_text(json.dumps(_llava_row("geo3k", 7)) + "\n")
+    counts = split_by_domain(str(tmp_path / "one.json"), MAPPING, tmp_path / "one")
+    assert counts["domains"] == {"chart": 0, "math": 1, "ocr": 0, "general": 0}
+    assert _read_jsonl(tmp_path / "one" / "math.jsonl") == [{**_llava_row("geo3k", 7), "domain": "math"}]
+    (tmp_path / "scalar.json").write_text("3")
+    with pytest.raises(ValueError, match=r"scalar\.json: a \.json data file holds an array of rows.*got int"):
+        split_by_domain(str(tmp_path / "scalar.json"), MAPPING, tmp_path / "scalar")
+
+
 def test_shipped_llava_onevision_mapping_uses_mixperts_domains_and_is_disjoint():
     path = ROOT / "train" / "configs" / "data" / "mixpert_llava_ov_domains.yaml"
     mapping = load_domain_mapping(path)
@@ -285,6 +351,63 @@ def test_alignment_sources_with_bad_rows_raise_naming_file_row_and_field(tmp_pat
     with pytest.raises(ValueError, match=r"--source must look like KIND=FILE"):
         alignment_tasks.main(alignment_tasks.make_parser().parse_args(["--source", "tables.jsonl",
                                                                        "--output_dir", str(tmp_path)]))
+
+
+def _ocr_sources(folder, n):
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / "img" / f"w{i}.png").write_bytes(f"word{i}".encode())
+    return _write_jsonl(folder / "ocr.jsonl", [{"image": f"img/w{i}.png", "text": f"word{i}"} for i in range(n)])
+
+
+def test_alignment_tasks_link_images_relatively_so_the_folders_move_together(tmp_path):
+    sources = _ocr_sources(tmp_path / "data" / "src", 2)
+    counts = alignment.build_alignment_tasks([("ocr", sources)], str(tmp_path / "data" / "out"))
+    links = sorted((tmp_path / "data" / "out" / "images" / "ocr").iterdir())
+    assert [link.name for link in links] == ["0000000-w0.png", "0000001-w1.png"]
+    assert [Path(os.readlink(link)).as_posix() for link in links] == [f"../../../src/img/w{i}.png" for i in (0, 1)]
+    assert counts["output"] == str(tmp_path / "data" / "out" / "alignment.jsonl")
+    (tmp_path / "data").rename(tmp_path / "moved")  # e.g. copied to another machine under another path
+    loaded = load_vl_dataset(str(tmp_path / "moved" / "out" / "alignment.jsonl"))
+    assert [Path(p[0]).read_bytes() for p in loaded["images"]] == [b"word0", b"word1"]
+    assert [m[1]["content"][0]["text"] for m in loaded["messages"]] == ["word0", "word1"]
+
+
+def test_alignment_tasks_refuse_an_unknown_domain_and_an_earlier_run_unless_overwriting(tmp_path):
+    sources = _ocr_sources(tmp_path / "src", 3)
+    typo = _write_jsonl(tmp_path / "typo.jsonl", [{"image": "src/img/w0.png", "text": "a"},
+                                                  {"image": "src/img/w1.png", "text": "b", "domain": "charts"}])
+    with pytest.raises(ValueError, match=r"typo\.jsonl, row 1: field 'domain' is 'charts', not one of the project's "
+                                         r"domains \['chart', .*'general'\]"):
+        alignment.build_alignment_tasks([("ocr", typo)], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    out = tmp_path / "out"
+    alignment.build_alignment_tasks([("ocr", sources)], str(out))
+    assert len(list((out / "images" / "ocr").iterdir())) == 3
+    smaller = _write_jsonl(tmp_path / "one.jsonl", [{"image": "src/img/w2.png", "text": "word2", "domain": "document"}])
+    args = ["--source", f"ocr={smaller}", "--output_dir", str(out)]
+    with pytest.raises(FileExistsError, match=r"out already holds the outputs of an earlier run \(alignment\.jsonl, "
+                                              r"counts\.json, images\): pass --overwrite_output_dir"):
+        alignment_tasks.main(alignment_tasks.make_parser().parse_args(args))
+    counts = alignment_tasks.main(alignment_tasks.make_parser().parse_args([*args, "--overwrite_output_dir"]))
+    assert counts["domains"] == {"document": 1}
+    assert [p.name for p in (out / "images" / "ocr").iterdir()] == ["0000000-w2.png"]  # no stale image of run 1
+    assert load_vl_dataset(str(out / "alignment.jsonl"), domains=list(DOMAINS))["domain"] == ["document"]
+    # Sources whose images lie in the folder --overwrite_output_dir clears are refused, not deleted.
+    inside = _write_jsonl(out / "inside.jsonl", [{"image": "images/ocr/0000000-w2.png", "text": "x"}])
+    with pytest.raises(ValueError, match=r"0000000-w2\.png lies in .*images, which this run writes"):
+        alignment.build_alignment_tasks([("ocr", inside)], str(out), overwrite=True)
+    assert (out / "images" / "ocr" / "0000000-w2.png").is_symlink()
+
+
+def test_alignment_tasks_from_synthetic_refuse_then_replace_an_earlier_run(lab, tmp_path):
+    args = ["--from_synthetic", str(lab["folder"] / "data"), "--output_dir", str(tmp_path / "out")]
+    alignment_tasks.main(alignment_tasks.make_parser().parse_args(args))
+    (tmp_path / "out" / "sources" / "images" / "stale.png").write_bytes(b"old")
+    with pytest.raises(FileExistsError, match=r"earlier run \(alignment\.jsonl, counts\.json, images, sources\)"):
+        alignment_tasks.main(alignment_tasks.make_parser().parse_args(args))
+    counts = alignment_tasks.main(alignment_tasks.make_parser().parse_args([*args, "--overwrite_output_dir"]))
+    assert counts["total"] == 24 and not (tmp_path / "out" / "sources" / "images" / "stale.png").exists()
 
 
 def test_table_and_chart_answers_round_trip_with_escapes_and_numbers():

@@ -18,6 +18,7 @@ from evaluation.metrics import (
     relaxed_accuracy,
     router_accuracy,
     score,
+    score_row,
     teds,
 )
 
@@ -467,3 +468,18 @@ def test_score_dispatches_by_name():
 def test_targets_may_be_a_numpy_array():
     assert anls("abcx", np.array(["zzzz", "abcd"])) == 0.75
     assert exact_match("b", np.array(["a", "B"])) == 1.0
+
+
+def test_score_row_compares_both_teds_metrics_with_the_rows_html():
+    # A table row: `answer` is the short text answer, `html` the table TEDS compares with.
+    row = {"answer": "2 columns", "html": TRUE_1x2}
+    assert score_row("teds", TRUE_1x2, row) == 1.0
+    assert score_row("teds_structure", TRUE_1x2, row) == 1.0  # was 0.0: compared with "2 columns"
+    other_text = table("<td>x</td><td>y</td>")
+    assert score_row("teds_structure", other_text, row) == 1.0
+    assert score_row("teds", other_text, row) == pytest.approx(teds(other_text, TRUE_1x2))
+    assert score_row("teds", other_text, row) < 1.0
+    # no `html`: the answer is the target, for both
+    assert score_row("teds_structure", TRUE_1x2, {"answer": TRUE_1x2, "html": ""}) == 1.0
+    assert score_row("teds_structure", TRUE_1x2, {"answer": "2 columns"}) == 0.0
+    assert score_row("exact_match", "2 columns", row) == 1.0  # other metrics keep using `answer`

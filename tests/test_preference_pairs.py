@@ -205,3 +205,17 @@ def test_bad_data_and_an_existing_output_are_refused(lab, tmp_path):
         run(lab, tmp_path / "out", *SAMPLING, dataset=tmp_path / "chrat.jsonl")
     assert run(lab, tmp_path / "out", *SAMPLING, "--metric", "chrat=exact_match", "--overwrite_output_dir",
                dataset=tmp_path / "chrat.jsonl") == stats
+
+
+def test_overwrite_deletes_the_earlier_runs_outputs_and_keeps_other_files(lab, tmp_path):
+    out = tmp_path / "out"
+    first = run(lab, out, *SAMPLING, *LAB, "--reference_as_chosen")
+    assert first["questions_with_pairs"] > 2  # more questions (images) than the second run can have
+    (out / "images" / "notes.txt").write_text("mine")
+    second = run(lab, out, *SAMPLING, *LAB, "--reference_as_chosen", "--limit", "2", "--overwrite_output_dir")
+    referenced = {p["images"][0] for p in read_pairs(out)}
+    assert len(referenced) == second["questions_with_pairs"] <= 2
+    written = {f"images/{p.name}" for p in (out / "images").iterdir() if p.suffix == ".png"}
+    assert written == referenced  # none of the first run's images is left
+    assert (out / "images" / "notes.txt").read_text() == "mine"  # not an output of the command: kept
+    assert json.loads((out / "stats.json").read_text())["questions"] == 2

@@ -20,7 +20,9 @@ pairs a correct answer (score >= `--threshold`) as `chosen` with an incorrect on
 - Output (`--output_dir`): `preferences.jsonl` in TRL's preference format (`prompt` / `chosen` / `rejected`
   conversational, `images` as paths relative to the file: `train.dpo --train_file` reads it as is), the images of the
   questions that gave pairs under `images/` (copied as PNG, so the folder is self-contained), and `stats.json`
-  (questions, pairs, per-domain yield, reference fallbacks, sample accuracy, the settings).
+  (questions, pairs, per-domain yield, reference fallbacks, sample accuracy, the settings). An existing
+  `preferences.jsonl` is refused unless `--overwrite_output_dir`, which first deletes the earlier run's outputs
+  (`preferences.jsonl`, `stats.json`, `images/q*.png`; other files stay) so no stale image is left.
 - Deterministic: the same model, data, flags (`--seed`, `--batch_size` included) and machine give the same bytes.
 """
 
@@ -57,7 +59,8 @@ def make_parser(prog: str | None = None):
     parser.add_argument("--split", default="train", help="split of a save_to_disk folder")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite_output_dir", action="store_true",
-                        help=f"replace the {PREFERENCE_FILE} / {STATS_FILE} already in --output_dir")
+                        help=f"replace the {PREFERENCE_FILE} / {STATS_FILE} / images/ already in --output_dir (an "
+                        "earlier run's outputs are deleted first)")
     parser.add_argument("--num_samples", type=int, default=8, help="answers sampled per question")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_p", type=float, default=1.0)

@@ -6,7 +6,8 @@ captioning. `build_alignment_tasks` turns structured source rows into such instr
 format `chimera_mixpert.data.loading` reads, with `domain` and `task` set.
 
 Source schema, one JSON object per line (`.jsonl`) or a JSON array (`.json`); `image` is a path relative to the source
-file's folder (or absolute); every kind may set `domain` to override its default domain:
+file's folder (or absolute); every kind may set `domain` to override its default domain (one of
+`evaluation.metrics.DOMAINS`; another name is refused with the file, row and the list):
 
 * `table`: `table` (rows of cells, strings or numbers, every row the same length) and optional `title` (a top row
   spanning all columns) -> the table as Markdown (the title on its own line above) or as HTML (the title as a
@@ -36,6 +37,8 @@ import shutil
 import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
+
+from evaluation.metrics import DOMAINS
 
 KINDS = ("table", "chart", "math", "document", "ocr", "caption")
 DEFAULT_DOMAIN = {"table": "table", "chart": "chart", "math": "math", "document": "document", "ocr": "ocr",
@@ -239,7 +242,10 @@ def _check_source_row(kind: str, row, where: str) -> None:
     else:
         _text_field(row, _TEXT_FIELD[kind], where)
     if row.get("domain") is not None:
-        _text_field(row, "domain", where, "a domain name")
+        domain = _text_field(row, "domain", where, "a domain name")
+        if domain not in DOMAINS:
+            raise ValueError(f"{where}: field 'domain' is {domain!r}, not one of the project's domains {list(DOMAINS)} "
+                             "(`evaluation.metrics.DOMAINS`); fix it, or drop it to use the kind's default domain.")
 
 
 def _answer(kind: str, row: Mapping, table_format: str) -> str:
@@ -286,9 +292,46 @@ def _place_image(image: str, source_dir: str, output_dir: str, kind: str, index:
         os.remove(target)
     if mode == "copy":
         shutil.copyfile(path, target)
-    else:  # a symlink inside the output folder: `loading` accepts it (its root check is lexical) and it costs no disk
-        os.symlink(os.path.abspath(path), target)
+    else:
+        # A symlink inside the output folder: `loading` accepts it (its root check is lexical) and it costs no disk.
+        # Relative (real paths on both ends), so the output folder and the sources may move together, e.g. a `data/`
+        # folder copied to another machine; moving one without the other breaks the links (then use "copy").
+        link_dir = os.path.dirname(os.path.realpath(target))
+        os.symlink(os.path.relpath(os.path.realpath(path), link_dir), target)
     return relative.replace(os.sep, "/")
+
+
+OUTPUTS = ("counts.json", "images")  # besides `<name>.jsonl`: what `build_alignment_tasks` writes
+
+
+def previous_outputs(output_dir: str, name: str = "alignment", extra: Sequence[str] = ()) -> list[str]:
+    """The outputs of an earlier run (`<name>.jsonl`, `counts.json`, `images/`, and `extra`) present in `output_dir`."""
+    return [p for p in (f"{name}.jsonl", *OUTPUTS, *extra) if os.path.lexists(os.path.join(output_dir, p))]
+
+
+def clear_previous_outputs(output_dir: str, name: str = "alignment", overwrite: bool = False,
+                           keep: Sequence[str] = (), extra: Sequence[str] = ()) -> None:
+    """Refuse an `output_dir` holding an earlier run's outputs (see `previous_outputs`) unless `overwrite`; then delete
+    them (the whole `images/` folder: an earlier, larger run's images would otherwise stay). Files in `keep` (the
+    sources and their images) must not lie in `images/`."""
+    found = previous_outputs(output_dir, name, extra)
+    if found and not overwrite:
+        raise FileExistsError(f"{output_dir} already holds the outputs of an earlier run ({', '.join(found)}): "
+                              "pass --overwrite_output_dir (overwrite=True) to replace them, or choose another "
+                              "--output_dir.")
+    images = os.path.join(output_dir, "images")
+    for path in keep:
+        for resolve in (os.path.abspath, os.path.realpath):  # the path as named, and the file it leads to
+            if os.path.commonpath([resolve(path), resolve(images)]) == resolve(images):
+                raise ValueError(f"{path} lies in {resolve(images)}, which this run writes (and "
+                                 "--overwrite_output_dir clears); move the sources out of it or choose another "
+                                 "--output_dir.")
+    for item in found:
+        target = os.path.join(output_dir, item)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        else:
+            os.remove(target)
 
 
 def _record(question: str, answer: str, image: str, domain: str, kind: str, fmt: str) -> dict:
@@ -316,7 +359,7 @@ def _check_build_args(sources, fmt, images, table_formats):
 
 def build_alignment_tasks(sources: Sequence[tuple[str, str]], output_dir: str, fmt: str = "messages",
                           seed: int = 0, images: str = "link", table_formats: Sequence[str] = TABLE_FORMATS,
-                          name: str = "alignment") -> dict:
+                          name: str = "alignment", overwrite: bool = False) -> dict:
     """Build `output_dir/<name>.jsonl` (and `counts.json`) from `(kind, source file)` pairs (see the module docstring).
 
     Args:
@@ -325,18 +368,21 @@ def build_alignment_tasks(sources: Sequence[tuple[str, str]], output_dir: str, f
             the image root.
         fmt (`str`, defaults to "messages"): "messages" (TRL) or "conversations" (LLaVA).
         seed (`int`, defaults to 0): picks each row's phrasing (and a table's target format).
-        images (`str`, defaults to "link"): "link" (symlinks) or "copy".
+        images (`str`, defaults to "link"): "link" (relative symlinks: move the output folder together with the
+            sources) or "copy" (a self-contained folder).
         table_formats: the target formats tables are converted to (one per row, chosen by `seed`).
         name (`str`, defaults to "alignment"): the output file's stem.
+        overwrite (`bool`, defaults to False): replace the outputs of an earlier run in `output_dir` (`<name>.jsonl`,
+            `counts.json` and the whole `images/` folder); without it such an `output_dir` is refused.
 
-    Every source row is checked first (missing field, wrong type, missing image -> an error naming the file, row
-    and field), so a bad source writes nothing.
+    Every source row is checked first (missing field, wrong type, unknown domain, missing image -> an error naming
+    the file, row and field), so a bad source writes nothing.
 
     Returns:
         The counts: `total`, `tasks` (rows per kind), `domains` (rows per domain), `output` (the file's path).
     """
     _check_build_args(sources, fmt, images, table_formats)
-    loaded = []
+    loaded, keep = [], []
     for kind, path in sources:
         for i, row in enumerate(read_source_rows(str(path))):
             where = f"{path}, row {i}"
@@ -346,6 +392,8 @@ def build_alignment_tasks(sources: Sequence[tuple[str, str]], output_dir: str, f
             if not os.path.isfile(full):
                 raise FileNotFoundError(f"{where}: field 'image': file not found: {os.path.abspath(full)}")
             loaded.append((kind, str(path), where, row))
+            keep += [os.path.abspath(str(path)), os.path.abspath(full)]
+    clear_previous_outputs(output_dir, name, overwrite, keep)
     for kind in set(k for k, _ in sources):
         os.makedirs(os.path.join(output_dir, "images", kind), exist_ok=True)
     out_path = os.path.join(output_dir, f"{name}.jsonl")

@@ -3,7 +3,8 @@
 Mixpert tunes one vision expert per domain on that domain's data only (Mixpert §3.2, the data split of its Table 1);
 the mixtures it starts from (LLaVA-OneVision's single-image data) name each row's source dataset, not its domain.
 `split_by_domain` maps source names to domains with a mapping file and writes one file per domain, rows unchanged
-plus a `domain` field (what `chimera_mixpert.data.loading`, `train.mixpert` and `train.chimera` read).
+(relative image paths rebased, below) plus a `domain` field (what `chimera_mixpert.data.loading`, `train.mixpert`
+and `train.chimera` read).
 
 Mapping file (YAML): domain -> list of source names or glob patterns (`fnmatch` rules, case-sensitive; a name
 without `*`, `?` or `[` must match exactly):
@@ -16,8 +17,13 @@ Input: `.jsonl`, `.json` (an array of rows, or JSON lines) or `.parquet`, rows i
 inputs, `<domain>.parquet` for parquet inputs (parquet rows may carry image bytes, which JSON cannot), plus
 `counts.json`. A row whose source matches no pattern raises (or, with `unmatched="general"` / `"drop"`, goes to
 `general` / is dropped and counted); a source matching patterns of two domains always raises (fix the mapping).
-Rows are written unchanged, so relative image paths still start from the input's folder (`--image_root` of the
-training scripts).
+
+Rows are written unchanged except for relative image paths (`images` / `image`: a path, a `{"path": ...}` dict, or a
+list of them, in either row format): they are rewritten to start from the output folder (`os.path.relpath`), so every
+output file loads with the training scripts' default image root (the file's folder) whatever folders the inputs came
+from; two inputs in different folders with same-named images stay apart. Absolute paths are kept. Images outside the
+output folder give `../` paths, which the loader accepts with `--allow_images_outside_root true` (its guard against
+data files reading arbitrary files); moving the output folder alone breaks them, moving it with the images does not.
 """
 
 from __future__ import annotations
@@ -87,7 +93,8 @@ def match_domains(source: str, mapping: dict[str, list[str]]) -> list[tuple[str,
 
 
 def _read_json_rows(path: str) -> list[dict]:
-    """A `.json` array of rows, or JSON lines (`.jsonl`, or a `.json` file holding JSON lines, as `datasets` reads)."""
+    """A `.json` array of rows, or JSON lines (`.jsonl`, or a `.json` file holding JSON lines, as `datasets` reads;
+    a `.json` file holding a single object is one JSON-lines row)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.lower().endswith(".json"):
@@ -97,6 +104,8 @@ def _read_json_rows(path: str) -> list[dict]:
             data = None  # JSON lines in a .json file
         if isinstance(data, list):
             rows = data
+        elif isinstance(data, dict):
+            rows = [data]  # one JSON-lines row (`datasets` reads it so too)
         elif data is not None:
             raise ValueError(f"{path}: a .json data file holds an array of rows (or JSON lines), got "
                              f"{type(data).__name__}.")
@@ -132,6 +141,28 @@ def _source_of(value, where: str, field: str) -> str:
         raise ValueError(f"{where}: no source name in field {field!r} (got {value!r}); pass --source_field with the "
                          "field that names each row's dataset, or add it to the rows.")
     return value
+
+
+# ----------------------------------------------------------------------------------------------------- image paths
+
+IMAGE_FIELDS = ("images", "image")  # `loading` reads either field in either row format
+
+
+def rebase_image(value, input_dir: str, output_dir: str):
+    """An image reference (a path, a dict with `path`, or a list of them) with each relative path, which starts from
+    `input_dir`, rewritten to start from `output_dir` (POSIX separators); absolute paths and anything else unchanged."""
+    if isinstance(value, list):
+        return [rebase_image(v, input_dir, output_dir) for v in value]
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        return {**value, "path": rebase_image(value["path"], input_dir, output_dir)}
+    if isinstance(value, str) and value and not os.path.isabs(value):
+        # Lexical, as `loading.resolve_image_path` resolves it: `output_dir/<result>` names the same file.
+        return os.path.relpath(os.path.join(input_dir, value), output_dir).replace(os.sep, "/")
+    return value
+
+
+def _rebased_row(row: dict, input_dir: str, output_dir: str) -> dict:
+    return {k: rebase_image(v, input_dir, output_dir) if k in IMAGE_FIELDS else v for k, v in row.items()}
 
 
 # -------------------------------------------------------------------------------------------------------- assigning
@@ -210,11 +241,12 @@ def _input_kind(files: list[str]) -> str:
 def _split_json(files, mapping, output_dir, source_field, unmatched, domains) -> list[tuple[str, str | None]]:
     rows, sources = [], []
     for f in files:
+        input_dir = os.path.dirname(os.path.abspath(f))
         for i, row in enumerate(_read_json_rows(f)):
             where = f"{f}, row {i}"
             _check_row_format(row, where)
             sources.append((where, _source_of(row.get(source_field), where, source_field)))
-            rows.append(row)
+            rows.append(_rebased_row(row, input_dir, os.path.abspath(output_dir)))
     assigned = _assign(sources, mapping, unmatched)
     for row, (where, _), domain in zip(rows, sources, assigned):
         _check_existing_domain(row.get("domain"), domain, where)
@@ -229,6 +261,19 @@ def _split_json(files, mapping, output_dir, source_field, unmatched, domains) ->
     return [(s, d) for (_, s), d in zip(sources, assigned)]
 
 
+def _rebase_parquet_images(table, files, tables, output_dir):
+    """`table` with the relative paths of its `images` / `image` columns rebased (see `rebase_image`); same types."""
+    import pyarrow as pa  # noqa: PLC0415 (parquet inputs only)
+
+    row_dirs = [os.path.dirname(os.path.abspath(f)) for f, t in zip(files, tables) for _ in range(t.num_rows)]
+    for name in IMAGE_FIELDS:
+        if name in table.column_names:
+            column = table.column(name)
+            values = [rebase_image(v, d, os.path.abspath(output_dir)) for v, d in zip(column.to_pylist(), row_dirs)]
+            table = table.set_column(table.column_names.index(name), name, pa.array(values, type=column.type))
+    return table
+
+
 def _split_parquet(files, mapping, output_dir, source_field, unmatched, domains) -> list[tuple[str, str | None]]:
     # pyarrow directly (not `datasets`): the rows' columns, image bytes included, pass through unchanged.
     import pyarrow as pa  # noqa: PLC0415 (parquet inputs only)
@@ -239,6 +284,7 @@ def _split_parquet(files, mapping, output_dir, source_field, unmatched, domains)
     if len(schemas) > 1:
         raise ValueError(f"Parquet inputs {files} have different columns; split them one file at a time.")
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    table = _rebase_parquet_images(table, files, tables, output_dir)
     names = table.column_names
     where0 = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} more)"
     if "messages" not in names and "conversations" not in names:

@@ -9,8 +9,12 @@
 
 Kinds and their source fields (`image` is relative to the source file's folder): table (`table`: rows of cells,
 optional `title`), chart (`x`, `series`, optional `title` / `chart_type` / `x_name`), math (`description`),
-document (`text`), ocr (`text`), caption (`caption`); any row may set `domain`. Writes `alignment.jsonl` (images under
-`images/`, linked or copied) and `counts.json`; the file is what `train.chimera --stage 1 --train_file` reads.
+document (`text`), ocr (`text`), caption (`caption`); any row may set `domain` (one of `evaluation.metrics.DOMAINS`).
+Writes `alignment.jsonl` (images under `images/`: relative symlinks, so move the output folder together with the
+sources, or `--images copy` for a self-contained folder) and `counts.json`; the file is what
+`train.chimera --stage 1 --train_file` reads. An `--output_dir` holding an earlier run's outputs is refused unless
+`--overwrite_output_dir` (which deletes them first, the whole `images/` folder and, with `--from_synthetic`,
+`sources/` included).
 See `chimera_mixpert.data.alignment`.
 """
 
@@ -19,7 +23,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from chimera_mixpert.data.alignment import FORMATS, KINDS, TABLE_FORMATS, build_alignment_tasks, sources_from_synthetic
+from chimera_mixpert.data.alignment import (
+    FORMATS,
+    KINDS,
+    TABLE_FORMATS,
+    build_alignment_tasks,
+    clear_previous_outputs,
+    sources_from_synthetic,
+)
 
 
 def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -36,6 +47,8 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--images", default="link", choices=["link", "copy"],
                         help="symlink (default) or copy the images into OUTPUT_DIR/images")
     parser.add_argument("--table_formats", nargs="+", default=list(TABLE_FORMATS), choices=TABLE_FORMATS)
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="replace an earlier run's outputs in --output_dir (its images/ folder is cleared)")
     return parser
 
 
@@ -54,6 +67,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.from_synthetic:
         from chimera_mixpert.data.synthetic import load_dataset  # noqa: PLC0415 (matplotlib: --from_synthetic only)
 
+        # Its sources go into OUTPUT_DIR/sources: refuse (or clear) an earlier run before writing them.
+        clear_previous_outputs(args.output_dir, overwrite=args.overwrite_output_dir, extra=("sources",))
         splits = load_dataset(args.from_synthetic)
         if args.synthetic_split not in splits:
             raise ValueError(f"--synthetic_split {args.synthetic_split!r} is not in {args.from_synthetic} "
@@ -61,7 +76,7 @@ def main(args: argparse.Namespace) -> dict:
         derived = sources_from_synthetic(splits[args.synthetic_split], os.path.join(args.output_dir, "sources"))
         sources += list(derived.items())
     counts = build_alignment_tasks(sources, args.output_dir, fmt=args.format, seed=args.seed, images=args.images,
-                                   table_formats=args.table_formats)
+                                   table_formats=args.table_formats, overwrite=args.overwrite_output_dir)
     for kind, n in counts["tasks"].items():
         print(f"{kind:<10} {n:>8}")
     print(f"{'total':<10} {counts['total']:>8}  -> {counts['output']}")

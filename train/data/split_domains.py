@@ -7,8 +7,9 @@
 Writes `<domain>.jsonl` (`.parquet` for parquet inputs), rows unchanged plus `domain`, and `counts.json`; prints the
 counts. A row whose source is in no domain of the mapping is an error (the message names the file, row and source)
 unless `--unmatched general` or `--unmatched drop`; a source matching two domains is always an error.
-Rows are unchanged, so relative image paths still start from the input file's folder: train on the split files with
-`--image_root <that folder>`.
+Relative image paths are rewritten to start from `--output_dir` (absolute ones are kept), so the split files load
+with the default image root (their folder) whatever the inputs' folders; images outside `--output_dir` (`../` paths)
+need `--allow_images_outside_root true` when training.
 See `chimera_mixpert.data.domains`.
 """
 
