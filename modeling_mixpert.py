@@ -703,7 +703,8 @@ class MixpertForConditionalGeneration(RoutedVLMForConditionalGeneration, Mixpert
     def generate(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
         """`GenerationMixin.generate`, with the images routed and encoded once before decoding (so beam search and
         `num_return_sequences` repeat whole images, tiles included). With `return_dict_in_generate=True` the output
-        also carries `expert_index` and `router_logits`. Pass `expert_labels` to force experts."""
+        also carries `expert_index`, `router_logits` and `routed_image` (the image of each routing decision). Pass
+        `expert_labels` to force experts."""
         image_kwargs = {name: kwargs.pop(name, None) for name in (
             "expert_labels", "image_sizes", "batch_num_images", "image_num_patches", "routing_strategy",
             "routing_threshold")}

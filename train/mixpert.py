@@ -24,7 +24,7 @@ Tiny, offline:
 
 The all-as-one baseline, and the router data-size sweep of Mixpert Table 3 (`train.evaluate_router` documents it):
 
-    python -m train.mixpert --config train/configs/tiny/mixpert_experts.yaml --domains all-as-one \
+    python -m train.mixpert --config train/configs/tiny/mixpert_experts.yaml --domains all-as-one \\
         --output_dir runs/mixpert-all-as-one
     python -m train.evaluate --model_name_or_path runs/mixpert-all-as-one --dataset DATA --split test
 
