@@ -118,3 +118,19 @@ def test_a_malformed_prediction_scores_zero_with_a_warning_instead_of_losing_the
         scores = score_rows(rows, [table, '<table><tr><td colspan="x">1</td></tr></table>'])
     assert scores["table"]["score"] == 0.5 and scores["table"]["num_samples"] == 2
     assert "row 1 (table, teds)" in caplog.text and "it scores 0" in caplog.text
+
+
+def test_expert_token_ablation_on_the_toy_lab(toy_run):
+    """bench.chimera_expert_tokens: the assembled Chimera with no expert answers exactly as the generalist it wraps,
+    and an expert block masked from attention changes no answer (its tokens' positions alone do nothing)."""
+    from bench.chimera_expert_tokens import main as ablation, make_parser as ablation_parser
+
+    folder, _ = toy_run
+    out = ablation(ablation_parser().parse_args(["--lab", str(folder), "--stages", "chimera-router"]))
+    answers = out["answers"]
+    assert out["assembled_identical_to_joint"] and answers["assembled, no expert"] == answers["joint"]
+    assert answers["chimera-router, experts masked"] == answers["chimera-router, no expert"]
+    assert len(answers["joint"]) == len(out["scores"]["joint"]) * 3  # the toy lab: 3 test images per domain
+    assert set(out["scores"]) == {"joint", "assembled, no expert", "chimera-router, no expert",
+                                  "chimera-router, experts", "chimera-router, experts masked",
+                                  "chimera-router, experts zeroed"}
