@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from train.quickstart import SCALES, claims, main, make_parser
+from train.quickstart import SCALES, claim_values, claims, main, make_parser, summarize_seeds, write_seeds_report
 
 
 @pytest.fixture(scope="module")
@@ -24,29 +24,98 @@ def test_toy_quickstart_writes_the_full_report(toy_run):
     assert set(report["mixpert"]["routing"]) == {"direct", "score_threshold", "score_difference"}
     assert 0.0 <= report["chimera"]["router_accuracy"] <= 1.0 and 0.0 <= report["mixpert"]["router_accuracy"] <= 1.0
     assert report["chimera"]["gscm_attention"]["with_gscm"] > 0
-    assert set(report["dpo"]["preference_accuracy"]) == {"before", "after"}
-    assert [c["claim"] for c in report["claims"]][0].startswith("Chimera router accuracy")
+    assert set(report["dpo"]["preference_accuracy"]) == {"before", "after", "control"}
+    for control in ("generalist_control", "chimera_no_gscm", "mixpert_control"):
+        assert set(report[control]["per_domain"]) == domains, control
+    assert report["test_per_domain"] == {d: SCALES["toy"].test_per_domain for d in domains}
+    assert [c["key"] for c in report["claims"]] == [
+        "chimera_router", "chimera_vs_control", "chimera_vs_generalist", "gscm_attention_ratio", "mixpert_vs_control",
+        "mixpert_vs_control_worst", "mixpert_router", "routing", "dpo_vs_control"]
     assert report["metrics"] == {"chart": "relaxed_accuracy", "table": "exact_match", "math": "mathvista",
                                  "document": "anls", "ocr": "ocrbench", "general": "exact_match"}
-    for name in ("report.md", "chimera_vs_generalist.png", "mixpert_vs_joint.png", "chimera_router_confusion.png",
-                 "eval/chimera/router_confusion.png", "eval/generalist/per_domain.png"):
+    for name in ("report.md", "chimera_vs_generalist.png", "chimera_vs_control.png", "mixpert_vs_joint.png",
+                 "mixpert_vs_control.png", "chimera_router_confusion.png", "eval/chimera/router_confusion.png",
+                 "eval/generalist/per_domain.png", "eval/generalist-control/report.json",
+                 "eval/mixpert-control/report.json", "eval/chimera-no-gscm/report.json",
+                 "generalist-control/config.json", "mixpert-control/config.json", "chimera-sft-chosen/config.json"):
         assert (folder / name).is_file(), name
+    # The controls are the native model (Chimera's and Mixpert's) and a DPO run with TRL's SFT loss.
+    assert json.loads((folder / "generalist-control" / "config.json").read_text())["model_type"] == "internvl"
+    assert json.loads((folder / "mixpert-control" / "config.json").read_text())["model_type"] == "internvl"
     assert report["timings_seconds"]["total"] > 0
     n_test = SCALES["toy"].test_per_domain * 6
     assert json.loads((folder / "eval" / "chimera" / "report.json").read_text())["num_samples"] == n_test
 
 
-def test_claims_are_judged_from_the_numbers_not_assumed():
-    base = {
-        "chimera": {"router_accuracy": 0.96, "gscm_attention_ratio": 1.2},
-        "mixpert": {"per_domain": {"chart": {"joint": 0.5, "mixpert": 0.4}, "ocr": {"joint": 0.1, "mixpert": 0.3}},
-                    "routing": {"direct": 0.3, "score_threshold": 0.2, "score_difference": 0.3}},
-        "dpo": {"preference_accuracy": {"before": 0.5, "after": 0.5}},
+def _results(router=0.96, chimera=0.5, control=0.4, generalist=0.45, gscm=1.2, mixpert=(0.4, 0.3),
+             mixpert_control=0.35, routing=(0.3, 0.3), dpo=(0.5, 0.6, 0.55)):
+    """A lab's results with the numbers the claims and the report read. Mixpert scores `mixpert[0]` on the first
+    three domains, `mixpert[1]` on the last three."""
+    domains = ("chart", "table", "math", "document", "ocr", "general")
+
+    def scores(value):
+        return {"per_domain": dict.fromkeys(domains, value)}
+
+    return {
+        "chimera": {"router_accuracy": router, "gscm_attention_ratio": gscm, **scores(chimera)},
+        "generalist": scores(generalist), "generalist_control": scores(control), "chimera_no_gscm": scores(0.0),
+        "mixpert": {"router_accuracy": 0.92,
+                    "per_domain": {d: {"joint": 0.0, "mixpert": mixpert[i // 3]} for i, d in enumerate(domains)},
+                    "routing": {"direct": routing[0], "score_threshold": 0.0, "score_difference": routing[1]}},
+        "mixpert_control": scores(mixpert_control),
+        "dpo": {"preference_accuracy": dict(zip(("before", "after", "control"), dpo))},
     }
-    held = {c["claim"].split(" ")[0] + c["claim"].split(" ")[1]: c["held"] for c in claims(base)}
-    assert held == {"Chimerarouter": True, "GSCMraises": False, "Mixpert>=": False, "score-differencerouting": True,
-                    "DPOraises": False}
-    assert claims(base)[2]["note"] == "lower on ['chart']"
+
+
+def test_claims_are_judged_from_the_numbers_not_assumed():
+    values = claim_values(_results())
+    assert values["chimera_vs_control"] == pytest.approx(0.1)
+    assert values["chimera_vs_generalist"] == pytest.approx(0.05)
+    assert values["mixpert_vs_control"] == 0.0  # +0.05 and -0.05: a tie, exactly (no rounding residue)
+    assert values["mixpert_vs_control_worst"] == pytest.approx(-0.05)
+    assert values["dpo_vs_control"] == pytest.approx(0.05) and values["routing"] == 0.0
+    held = {c["key"]: c["held"] for c in claims(_results())}
+    assert held == {"chimera_router": True, "chimera_vs_control": True, "chimera_vs_generalist": True,
+                    "gscm_attention_ratio": False, "mixpert_vs_control": False, "mixpert_vs_control_worst": False,
+                    "mixpert_router": True, "routing": True, "dpo_vs_control": True}
+    # ">" needs a gain, ">=" accepts a tie
+    assert {c["key"]: c["held"] for c in claims(_results(chimera=0.4))}["chimera_vs_control"] is False
+    assert {c["key"]: c["held"] for c in claims(_results(chimera=0.45))}["chimera_vs_generalist"] is True
+
+
+def test_claims_over_seeds_are_judged_on_the_mean_with_its_spread(tmp_path):
+    per_seed = {0: _results(router=0.97, chimera=0.55), 1: _results(router=0.96, chimera=0.35),
+                2: _results(router=0.98, chimera=0.45)}
+    summary = {c["key"]: c for c in summarize_seeds(per_seed)}
+    router = summary["chimera_router"]
+    assert router["per_seed"] == {0: 0.97, 1: 0.96, 2: 0.98}
+    assert router["mean"] == pytest.approx(0.97) and router["sd"] == pytest.approx(0.01)
+    assert router["verdict"] == "yes" and router["held_every_seed"]
+    # Chimera - control: +0.15, -0.05, +0.05 -> mean +0.05, sd 0.1: held on the mean, not decided, not every seed
+    versus = summary["chimera_vs_control"]
+    assert versus["mean"] == pytest.approx(0.05) and versus["sd"] == pytest.approx(0.1)
+    assert versus["held"] and versus["verdict"] == "yes (within spread)" and not versus["held_every_seed"]
+    assert summary["gscm_attention_ratio"]["verdict"] == "no"  # 1.2 on every seed, sd 0
+    report = write_seeds_report(str(tmp_path), per_seed, {0: 10.0, 1: 11.0, 2: 12.0, "all": 33.0})
+    assert report["seeds"] == [0, 1, 2] and len(report["claims"]) == 9
+    assert report["mean_per_domain"]["chimera"]["chart"] == pytest.approx(0.45)
+    text = (tmp_path / "report.md").read_text()
+    assert "| Chimera - its control (generalist continued as long), expert domains > 0 | 0.150 | -0.050 | 0.050 | " \
+           "0.050 ± 0.100 | yes (within spread) |" in text
+    assert (tmp_path / "claims.png").stat().st_size > 0 and json.loads((tmp_path / "report.json").read_text())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0"], "at least two different seeds"),
+    (["--seeds", "0,0"], "at least two different seeds"),
+    (["--seeds", "0,a"], "integers separated by commas"),
+    (["--seed", "1", "--seeds", "0,1"], "not allowed with argument"),
+])
+def test_bad_seeds_are_refused_naming_the_argument(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(argv)
+    assert message in capsys.readouterr().err
+    assert make_parser().parse_args(["--seeds", "2,0,1"]).seeds == [2, 0, 1]
 
 
 def test_evaluate_cli_on_a_saved_model(toy_run, tmp_path):

@@ -82,7 +82,7 @@ class LabConfig:
     num_text_layers: int = 2
     vocab_size: int = 400
     train_per_domain: int = 500
-    test_per_domain: int = 60
+    test_per_domain: int = 200
     mixed: int = 90
     kind_questions: float = 0.2
     batch_size: int = 16
@@ -122,8 +122,22 @@ def make_parser(prog: str | None = None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/quickstart")
     parser.add_argument("--scale", choices=sorted(SCALES), default="lab")
-    parser.add_argument("--seed", type=int, default=None, help="override the lab's seed")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--seed", type=int, default=None, help="override the lab's seed (one run in --output_dir)")
+    group.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2",
+                       help="run the lab once per seed (in --output_dir/seed-<n>) and judge each claim on the mean "
+                            "over seeds with its standard deviation (report.md, report.json, claims.png)")
     return parser
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds takes integers separated by commas, e.g. 0,1,2; got {text!r}")
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds needs at least two different seeds (one seed: --seed); got {text!r}")
+    return seeds
 
 
 class Lab:
@@ -277,11 +291,28 @@ def train_chimera(lab: Lab):
                         "--output_dir", lab.path(name), *common, *lab.training_args(cfg.stage2_steps, cfg.stage2_lr)])
 
 
+def train_generalist_control(lab: Lab):
+    """Chimera's control: the joint model continued on the same data, steps and learning rates, training what
+    Chimera's stages train of the generalist (its projector in stage 1, projector + LLM in stage 2; the router stage
+    trains neither). Chimera vs this model isolates the experts from the extra fine-tuning."""
+    cfg = lab.cfg
+    data = ["--train_file", lab.path("data", "train.jsonl")]
+    run("sft", ["--model_name_or_path", lab.path("joint"), "--output_dir", lab.path("generalist-control-stage1"),
+                *data, "--train_groups", "projector", *lab.training_args(cfg.stage1_steps, cfg.stage1_lr)])
+    run("sft", ["--model_name_or_path", lab.path("generalist-control-stage1"), "--output_dir",
+                lab.path("generalist-control"), *data, "--train_groups", "projector", "llm",
+                *lab.training_args(cfg.stage2_steps, cfg.stage2_lr)])
+
+
 def train_dpo(lab: Lab):
-    run("dpo", ["--model_name_or_path", lab.path("chimera-stage2"), "--output_dir", lab.path("chimera-dpo"),
-                "--train_file", lab.path("data", "preference-train.jsonl"), "--beta", "0.1",
-                "--gradient_checkpointing", "false",
-                *lab.training_args(lab.cfg.dpo_steps, lab.cfg.dpo_lr, batch=max(lab.cfg.batch_size // 2, 2))])
+    """DPO (Chimera's last stage) and its control: the same trainer, pairs, steps and learning rate with TRL's
+    `loss_type=sft` (the chosen answers' negative log-likelihood only), so DPO vs control isolates the rejected
+    answers' contribution."""
+    for name, loss in (("chimera-dpo", "sigmoid"), ("chimera-sft-chosen", "sft")):
+        run("dpo", ["--model_name_or_path", lab.path("chimera-stage2"), "--output_dir", lab.path(name),
+                    "--train_file", lab.path("data", "preference-train.jsonl"), "--beta", "0.1", "--loss_type", loss,
+                    "--gradient_checkpointing", "false",
+                    *lab.training_args(lab.cfg.dpo_steps, lab.cfg.dpo_lr, batch=max(lab.cfg.batch_size // 2, 2))])
 
 
 def train_mixpert(lab: Lab):
@@ -299,6 +330,13 @@ def train_mixpert(lab: Lab):
                     "--output_dir", lab.path("mixpert-experts"), "--train_file", lab.path("data", "train.jsonl"),
                     "--projector_learning_rate", str(cfg.mixpert_expert_lr),
                     *lab.training_args(cfg.mixpert_expert_steps, cfg.mixpert_expert_lr)])
+    # The control (Mixpert Table 7's all-as-one baseline): one expert-sized set of the same modules tuned on every
+    # domain for as many steps as all the domain experts together, so each domain's data is seen as often.
+    run("mixpert", ["--phase", "experts", "--domains", "all-as-one", "--model_name_or_path",
+                    lab.path("mixpert-upcycled"), "--output_dir", lab.path("mixpert-control"),
+                    "--train_file", lab.path("data", "train.jsonl"),
+                    "--projector_learning_rate", str(cfg.mixpert_expert_lr),
+                    *lab.training_args(cfg.mixpert_expert_steps * len(DOMAINS), cfg.mixpert_expert_lr)])
     run("mixpert", ["--phase", "router", "--model_name_or_path", lab.path("mixpert-experts"),
                     "--output_dir", lab.path("mixpert"), "--train_file", lab.path("data", "train.jsonl"),
                     "--num_train_epochs", str(cfg.router_epochs), "--per_device_train_batch_size", "64",
@@ -325,9 +363,12 @@ def evaluate_all(lab: Lab, data):
         return kind, model, processor, report
 
     run_eval("generalist", "joint", test)
-    _, chimera, chimera_processor, _ = run_eval("chimera", "chimera-stage2", test)
+    run_eval("generalist-control", "generalist-control", test)
+    run_eval("chimera", "chimera-stage2", test)
+    run_eval("chimera-no-gscm", "chimera-stage2-no-gscm", test)
     run_eval("chimera-oracle", "chimera-stage2", test, oracle=True)
     _, mixpert, _, _ = run_eval("mixpert", "mixpert", test)
+    run_eval("mixpert-control", "mixpert-control", test)
     run_eval("mixpert-oracle", "mixpert", test, oracle=True)
     routing = {}
     for strategy in ("direct", "score_threshold", "score_difference"):
@@ -340,14 +381,26 @@ def evaluate_all(lab: Lab, data):
     mixpert_router = reports["mixpert"]["router"]["argmax_accuracy"]  # the router's top class, thresholds aside
     attention = gscm_attention_ratio(lab, test)
     dpo = {"before": preference_accuracy(lab, "chimera-stage2", lab.test_pairs),
-           "after": preference_accuracy(lab, "chimera-dpo", lab.test_pairs)}
+           "after": preference_accuracy(lab, "chimera-dpo", lab.test_pairs),
+           "control": preference_accuracy(lab, "chimera-sft-chosen", lab.test_pairs)}
     plot_confusion(chimera_router, lab.path("chimera_router_confusion.png"))
     plot_per_domain({"generalist": reports["generalist"], "chimera": reports["chimera"]},
                     lab.path("chimera_vs_generalist.png"), "Chimera vs its generalist (test)")
     plot_per_domain({"joint": reports["generalist"], "mixpert": reports["mixpert"]}, lab.path("mixpert_vs_joint.png"),
                     "Mixpert vs the joint model it was upcycled from (test)")
+    plot_per_domain({"control": reports["generalist-control"], "chimera": reports["chimera"]},
+                    lab.path("chimera_vs_control.png"), "Chimera vs its generalist continued as long (test)")
+    plot_per_domain({"control": reports["mixpert-control"], "mixpert": reports["mixpert"]},
+                    lab.path("mixpert_vs_control.png"), "Mixpert vs the all-as-one control (test)")
     return {
         "generalist": {"per_domain": _scores(reports["generalist"]), "overall": reports["generalist"]["overall"]},
+        "generalist_control": {"per_domain": _scores(reports["generalist-control"]),
+                               "overall": reports["generalist-control"]["overall"]},
+        "chimera_no_gscm": {"per_domain": _scores(reports["chimera-no-gscm"]),
+                            "overall": reports["chimera-no-gscm"]["overall"]},
+        "mixpert_control": {"per_domain": _scores(reports["mixpert-control"]),
+                            "overall": reports["mixpert-control"]["overall"]},
+        "test_per_domain": {d: e["num_samples"] for d, e in reports["generalist"]["per_domain"].items()},
         "chimera": {
             "router_accuracy": chimera_router["accuracy"],
             "router_confusion": chimera_router,
@@ -389,7 +442,7 @@ def gscm_attention_ratio(lab, rows) -> dict:
     shares = {}
     for name in ("chimera-stage2", "chimera-stage2-no-gscm"):
         model = ChimeraForConditionalGeneration.from_pretrained(lab.path(name), attn_implementation="eager").eval()
-        processor = ChimeraProcessor.from_pretrained(lab.path(name))
+        processor = ChimeraProcessor.from_pretrained(lab.path(name), trust_remote_code=False)
         token_ids = torch.tensor(model.config.expert_token_ids)
         values = []
         for start in range(0, len(rows), 16):
@@ -417,7 +470,7 @@ def preference_accuracy(lab, folder, pairs, batch_size: int = 16) -> float:
     from train.evaluate import prompt_for  # noqa: PLC0415 (transformers: --help stays fast)
 
     model = ChimeraForConditionalGeneration.from_pretrained(lab.path(folder)).eval()
-    processor = ChimeraProcessor.from_pretrained(lab.path(folder))
+    processor = ChimeraProcessor.from_pretrained(lab.path(folder), trust_remote_code=False)
     processor.tokenizer.padding_side = "right"
     end = "<|im_end|>"
 
@@ -443,24 +496,84 @@ def preference_accuracy(lab, folder, pairs, batch_size: int = 16) -> float:
 # ------------------------------------------------------------------------------------------------------ report
 
 
+# Each claim as one number compared with a target (Chimera §4 and Mixpert §4 as the lab can test them). Differences are
+# paired: the two models answer the same test images. `op` ">=" holds at the target, ">" only above it.
+CLAIMS = (
+    ("chimera_router", "Chimera router accuracy (paper 95.4%)", ">=", 0.95),
+    ("chimera_vs_control", "Chimera - its control (generalist continued as long), expert domains", ">", 0.0),
+    ("chimera_vs_generalist", "Chimera - its generalist, expert domains", ">=", 0.0),
+    ("gscm_attention_ratio", "GSCM attention on expert tokens, with / without", ">=", 1.5),
+    ("mixpert_vs_control", "Mixpert - its control (all-as-one), mean over domains", ">", 0.0),
+    ("mixpert_vs_control_worst", "Mixpert - its control, worst domain", ">=", 0.0),
+    ("mixpert_router", "Mixpert router accuracy (top class)", ">=", 0.90),
+    ("routing", "score-difference - direct routing, mixed split", ">=", 0.0),
+    ("dpo_vs_control", "DPO - its control (SFT on the chosen answers), preference accuracy", ">", 0.0),
+)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _passes(value, op: str, target: float) -> bool:
+    return value is not None and (value >= target if op == ">=" else value > target)
+
+
+def claim_values(results: dict) -> dict:
+    """The number behind each of `CLAIMS` for one lab run."""
+    chimera, mixpert = results["chimera"], results["mixpert"]
+
+    def expert_mean(scores):
+        return _mean(scores[d] for d in EXPERT_DOMAINS)
+
+    mixpert_gain = {d: v["mixpert"] - results["mixpert_control"]["per_domain"][d]
+                    for d, v in mixpert["per_domain"].items()}
+    routing, dpo = mixpert["routing"], results["dpo"]["preference_accuracy"]
+    chimera_mean = expert_mean(chimera["per_domain"])
+    values = {
+        "chimera_router": chimera["router_accuracy"],
+        "chimera_vs_control": chimera_mean - expert_mean(results["generalist_control"]["per_domain"]),
+        "chimera_vs_generalist": chimera_mean - expert_mean(results["generalist"]["per_domain"]),
+        "gscm_attention_ratio": chimera["gscm_attention_ratio"],
+        "mixpert_vs_control": _mean(mixpert_gain.values()),
+        "mixpert_vs_control_worst": min(mixpert_gain.values()),
+        "mixpert_router": mixpert["router_accuracy"],
+        "routing": routing["score_difference"] - routing["direct"],
+        "dpo_vs_control": dpo["after"] - dpo["control"],
+    }
+    # Scores are counts over the test images: round off float residue so a tie reads as a tie, not a 1e-17 gain.
+    return {key: None if v is None else round(v, 9) for key, v in values.items()}
+
+
 def claims(results: dict) -> list[dict]:
-    """Each paper claim, its measured value, its target and whether it held."""
+    """Each claim of `CLAIMS` for one run: its value, target and whether it held."""
+    values = claim_values(results)
+    return [{"key": key, "claim": f"{text} {op} {target:g}", "value": values[key], "target": target, "op": op,
+             "held": _passes(values[key], op, target)} for key, text, op, target in CLAIMS]
+
+
+def summarize_seeds(per_seed: dict) -> list[dict]:
+    """Each claim over seeds: the per-seed values, their mean and sample standard deviation, and a verdict judged on
+    the mean with its spread: `yes` / `no` when mean - sd and mean + sd fall on the same side of the target, else
+    `yes (within spread)` / `no (within spread)`: a claim one standard deviation can flip is not decided."""
     out = []
-    router = results["chimera"]["router_accuracy"]
-    out.append({"claim": "Chimera router accuracy >= 0.95 (paper 95.4%)", "value": router, "held": router >= 0.95})
-    ratio = results["chimera"]["gscm_attention_ratio"]
-    out.append({"claim": "GSCM raises attention on expert tokens >= 1.5x", "value": ratio,
-                "held": ratio is not None and ratio >= 1.5})
-    per_domain = results["mixpert"]["per_domain"]
-    worse = [d for d, v in per_domain.items() if v["mixpert"] < v["joint"]]
-    out.append({"claim": "Mixpert >= joint model on every domain", "value": per_domain, "held": not worse,
-                "note": f"lower on {worse}" if worse else ""})
-    routing = results["mixpert"]["routing"]
-    out.append({"claim": "score-difference routing >= direct routing on the mixed split", "value": routing,
-                "held": routing["score_difference"] >= routing["direct"]})
-    dpo = results["dpo"]["preference_accuracy"]
-    out.append({"claim": "DPO raises preference accuracy", "value": dpo, "held": dpo["after"] > dpo["before"]})
+    for key, text, op, target in CLAIMS:
+        values = [claim_values(results)[key] for results in per_seed.values()]
+        known = [v for v in values if v is not None]
+        mean = _mean(known) if known else None
+        sd = (sum((v - mean) ** 2 for v in known) / (len(known) - 1)) ** 0.5 if len(known) > 1 else 0.0
+        held = _passes(mean, op, target)
+        decided = mean is not None and _passes(mean - sd, op, target) == _passes(mean + sd, op, target)
+        verdict = ("yes" if held else "no") + ("" if decided else " (within spread)")
+        out.append({"key": key, "claim": f"{text} {op} {target:g}", "target": target, "op": op,
+                    "per_seed": dict(zip(per_seed, values)), "mean": mean, "sd": sd, "held": held,
+                    "held_every_seed": all(_passes(v, op, target) for v in values), "verdict": verdict})
     return out
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def write_lab_report(lab: Lab, results: dict):
@@ -469,50 +582,107 @@ def write_lab_report(lab: Lab, results: dict):
     results["config"] = lab.report["config"]
     with open(lab.path("report.json"), "w") as f:
         json.dump(results, f, indent=2)
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else json.dumps(v)  # noqa: E731
-    lines = ["# Mini-lab report", "", "Synthetic six-domain data, tiny models, CPU. Metrics per domain: "
+    n = results["test_per_domain"]
+    lines = ["# Mini-lab report", "", f"Seed {lab.cfg.seed}. Synthetic six-domain data, tiny models, CPU; "
+             f"{min(n.values())} test images per domain (one image moves a domain's score by "
+             f"{1 / min(n.values()):.3f}). Metrics per domain: "
              + ", ".join(f"{d}: {m}" for d, m in results["metrics"].items()) + ". Question kinds: "
              + "; ".join(f"{d}: {', '.join(k)}" for d, k in LAB_QUESTION_KINDS.items())
              + " (plus 'what kind of image is this?' in training).", "", "## Claims", "",
              "| claim | measured | held |", "|---|---|---|"]
-    for c in results["claims"]:
-        value = c["value"] if not isinstance(c["value"], dict) else {
-            k: (round(v, 3) if isinstance(v, float) else {kk: round(vv, 3) for kk, vv in v.items()})
-            for k, v in c["value"].items()}
-        lines.append(f"| {c['claim']} | {fmt(value) if not isinstance(value, dict) else json.dumps(value)} | "
-                     f"{'yes' if c['held'] else 'NO'} {c.get('note', '')} |")
-    lines += ["", "## Per domain (test split)", "",
-              "Routed = the model's own routing; oracle = every image sent to its domain's expert (upper bound of the "
-              "routing).", "",
-              "| domain | generalist | Chimera | Chimera (oracle) | joint | Mixpert | Mixpert (oracle) |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['claim']} | {_fmt(c['value'])} | {'yes' if c['held'] else 'NO'} |" for c in results["claims"]]
     chimera, mixpert = results["chimera"], results["mixpert"]
+    lines += ["", "## Per domain (test split)", "",
+              "Generalist = the joint model; its control = the joint model continued on Chimera's data, steps and "
+              "learning rates without experts; Mixpert's control = the all-as-one model (one expert-sized set tuned on "
+              "every domain as long as all experts together). Oracle = every image sent to its domain's expert.", "",
+              "| domain | generalist | control | Chimera | no GSCM | Chimera (oracle) | Mixpert control | Mixpert "
+              "| Mixpert (oracle) |", "|---|---|---|---|---|---|---|---|---|"]
     for d in sorted(results["generalist"]["per_domain"]):
-        lines.append(f"| {d} | {results['generalist']['per_domain'][d]:.3f} | {chimera['per_domain'][d]:.3f} | "
-                     f"{chimera['per_domain_oracle_experts'][d]:.3f} | {mixpert['per_domain'][d]['joint']:.3f} | "
-                     f"{mixpert['per_domain'][d]['mixpert']:.3f} | {mixpert['per_domain_oracle_experts'][d]:.3f} |")
-    routing = mixpert["routing"]
+        lines.append(f"| {d} | {results['generalist']['per_domain'][d]:.3f} | "
+                     f"{results['generalist_control']['per_domain'][d]:.3f} | {chimera['per_domain'][d]:.3f} | "
+                     f"{results['chimera_no_gscm']['per_domain'][d]:.3f} | "
+                     f"{chimera['per_domain_oracle_experts'][d]:.3f} | "
+                     f"{results['mixpert_control']['per_domain'][d]:.3f} | {mixpert['per_domain'][d]['mixpert']:.3f} "
+                     f"| {mixpert['per_domain_oracle_experts'][d]:.3f} |")
+    routing, dpo = mixpert["routing"], results["dpo"]["preference_accuracy"]
     lines += ["", f"Chimera router accuracy {chimera['router_accuracy']:.3f}; Mixpert router accuracy (top class) "
               f"{mixpert['router_accuracy']:.3f}; share of test images Mixpert sent to a domain expert (the rest to "
               f"the versatile one) {mixpert['expert_share']:.3f}.",
-              f"GSCM attention share on expert tokens: {results['chimera']['gscm_attention']['with_gscm']:.4f} with, "
-              f"{results['chimera']['gscm_attention']['without_gscm']:.4f} without.",
+              f"GSCM attention share on expert tokens: {chimera['gscm_attention']['with_gscm']:.4f} with, "
+              f"{chimera['gscm_attention']['without_gscm']:.4f} without.",
               f"Mixed split (ambiguous images), mean score: direct {routing['direct']:.3f}, score-threshold "
               f"{routing['score_threshold']:.3f}, score-difference {routing['score_difference']:.3f}; joint model "
-              f"{results['mixpert']['routing_joint_model']:.3f}.",
-              f"DPO preference accuracy: {results['dpo']['preference_accuracy']['before']:.3f} before, "
-              f"{results['dpo']['preference_accuracy']['after']:.3f} after.", "",
+              f"{mixpert['routing_joint_model']:.3f}.",
+              f"Preference accuracy on held-out pairs: {dpo['before']:.3f} before, {dpo['after']:.3f} after DPO, "
+              f"{dpo['control']:.3f} after its control (SFT on the chosen answers).", "",
               "## Time (seconds)", "", "| stage | s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in lab.timings.items()]
-    lines += ["", "Plots: chimera_vs_generalist.png, mixpert_vs_joint.png, chimera_router_confusion.png, eval/*/."]
+    lines += ["", "Plots: chimera_vs_generalist.png, chimera_vs_control.png, mixpert_vs_joint.png, "
+              "mixpert_vs_control.png, chimera_router_confusion.png, eval/*/."]
     with open(lab.path("report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def main(args):
-    config = SCALES[args.scale] if args.seed is None else replace(SCALES[args.scale], seed=args.seed)
+def plot_claims(summary: list[dict], path: str) -> str:
+    """One panel per claim: each seed's value (dots), the mean with one standard deviation (bar) and the target."""
+    from matplotlib.figure import Figure  # noqa: PLC0415 (matplotlib: --help stays fast)
+
+    fig = Figure(figsize=(3 * len(summary), 3))
+    for ax, claim in zip(fig.subplots(1, len(summary)), summary):
+        values = [v for v in claim["per_seed"].values() if v is not None]
+        ax.scatter(range(len(values)), values, color="tab:blue", zorder=3, label="seeds")
+        if claim["mean"] is not None:
+            ax.errorbar([(len(values) - 1) / 2], [claim["mean"]], yerr=[claim["sd"]], fmt="s", color="black",
+                        capsize=4, label="mean ± sd")
+        ax.axhline(claim["target"], color="tab:red", linestyle="--", label="target")
+        ax.set_xticks(range(len(values)), list(claim["per_seed"]))
+        ax.set_title(claim["key"] + f"\n{claim['verdict']}", fontsize=8)
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def write_seeds_report(output_dir: str, per_seed: dict, timings: dict) -> dict:
+    """`report.json`, `report.md` and `claims.png` over seeds, in `output_dir` (each seed's own in `seed-<n>/`)."""
+    summary = summarize_seeds(per_seed)
+    keys = ("generalist", "generalist_control", "chimera", "chimera_no_gscm", "mixpert_control")
+    domains = list(next(iter(per_seed.values()))["generalist"]["per_domain"])
+    per_domain = {name: {d: _mean(r[name]["per_domain"][d] for r in per_seed.values()) for d in domains}
+                  for name in keys}
+    per_domain["mixpert"] = {d: _mean(r["mixpert"]["per_domain"][d]["mixpert"] for r in per_seed.values())
+                             for d in domains}
+    report = {"seeds": list(per_seed), "claims": summary, "mean_per_domain": per_domain,
+              "timings_seconds": timings}
+    with open(os.path.join(output_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plot_claims(summary, os.path.join(output_dir, "claims.png"))
+    seeds = list(per_seed)
+    lines = ["# Mini-lab report over seeds", "",
+             f"Seeds {', '.join(map(str, seeds))}; each seed's own report in seed-<n>/report.md. Each claim is judged "
+             "on the mean over seeds; '(within spread)' when one standard deviation either side of the mean falls on "
+             "both sides of the target.", "", "## Claims", "",
+             "| claim | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | held |",
+             "|---|" + "---|" * len(seeds) + "---|---|"]
+    for c in summary:
+        cells = " | ".join(_fmt(v) for v in c["per_seed"].values())
+        lines.append(f"| {c['claim']} | {cells} | {_fmt(c['mean'])} ± {c['sd']:.3f} | {c['verdict']} |")
+    lines += ["", "## Mean score per domain over seeds (test split)", "",
+              "| domain | " + " | ".join(per_domain) + " |", "|---|" + "---|" * len(per_domain)]
+    lines += [f"| {d} | " + " | ".join(f"{per_domain[name][d]:.3f}" for name in per_domain) + " |" for d in domains]
+    lines += ["", "## Time (seconds)", "", "| seed | s |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in timings.items()]
+    lines += ["", "Plot: claims.png (each claim: the seeds, the mean ± sd, the target)."]
+    with open(os.path.join(output_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return report
+
+
+def run_lab(output_dir: str, config: LabConfig) -> dict:
+    """Every stage of the lab for one seed, in `output_dir`; returns the results (also in `report.json`)."""
     torch.manual_seed(config.seed)
-    lab = Lab(args.output_dir, config)
+    lab = Lab(output_dir, config)
     start = time.perf_counter()
     with lab.stage("data"):
         data = write_data(lab)
@@ -524,6 +694,8 @@ def main(args):
         assemble_chimera(lab, towers)
     with lab.stage("chimera stages 1-2"):
         train_chimera(lab)
+    with lab.stage("chimera control"):
+        train_generalist_control(lab)
     with lab.stage("chimera dpo"):
         train_dpo(lab)
     with lab.stage("mixpert"):
@@ -532,8 +704,23 @@ def main(args):
         results = evaluate_all(lab, data)
     lab.timings["total"] = round(time.perf_counter() - start, 1)
     write_lab_report(lab, results)
-    print(open(lab.path("report.md")).read())
     return results
+
+
+def main(args):
+    config = SCALES[args.scale]
+    if args.seeds is None:
+        results = run_lab(args.output_dir, config if args.seed is None else replace(config, seed=args.seed))
+        print(open(os.path.join(args.output_dir, "report.md")).read())
+        return results
+    per_seed, timings = {}, {}
+    for seed in args.seeds:
+        per_seed[seed] = run_lab(os.path.join(args.output_dir, f"seed-{seed}"), replace(config, seed=seed))
+        timings[seed] = per_seed[seed]["timings_seconds"]["total"]
+    timings["all"] = round(sum(timings.values()), 1)
+    report = write_seeds_report(args.output_dir, per_seed, timings)
+    print(open(os.path.join(args.output_dir, "report.md")).read())
+    return report
 
 
 if __name__ == "__main__":
