@@ -1,6 +1,8 @@
 """The mini-lab end to end at toy size, and the evaluation CLI on its outputs."""
 
+import dataclasses
 import json
+import os
 
 import pytest
 
@@ -39,9 +41,26 @@ def test_toy_quickstart_writes_the_full_report(toy_run):
                  "eval/mixpert-control/report.json", "eval/chimera-no-gscm/report.json",
                  "generalist-control/config.json", "mixpert-control/config.json", "chimera-sft-chosen/config.json"):
         assert (folder / name).is_file(), name
-    # The controls are the native model (Chimera's and Mixpert's) and a DPO run with TRL's SFT loss.
+    # The controls: the native model continued as Chimera's stages train it, the all-as-one model as long as all the
+    # domain experts together, the same DPO run with TRL's SFT loss.
+    cfg = SCALES["toy"]
+
+    def summary(name):
+        return json.loads((folder / name / "run_summary.json").read_text())
+
     assert json.loads((folder / "generalist-control" / "config.json").read_text())["model_type"] == "internvl"
+    assert summary("generalist-control-stage1")["groups"] == ["projector"]
+    assert summary("generalist-control")["groups"] == ["projector", "llm"]
+    assert summary("generalist-control")["global_step"] == cfg.stage2_steps == summary("chimera-stage2")["global_step"]
+    assert summary("generalist-control-stage1")["global_step"] == cfg.stage1_steps
+    mixpert_control = summary("mixpert-control")
     assert json.loads((folder / "mixpert-control" / "config.json").read_text())["model_type"] == "internvl"
+    assert mixpert_control["domains"] == "all-as-one" and mixpert_control["global_step"] == cfg.mixpert_expert_steps * 6
+    assert summary("chimera-sft-chosen")["loss_type"] == ["sft"] and summary("chimera-dpo")["loss_type"] == ["sigmoid"]
+    assert summary("chimera-sft-chosen")["groups"] == summary("chimera-dpo")["groups"] == ["llm"]
+    # Each routing rule is applied to its own evaluation (the direct rule sends every image to a domain expert).
+    share = report["mixpert"]["routing_expert_share"]
+    assert share["direct"] == 1.0 and share["score_difference"] < 1.0
     assert report["timings_seconds"]["total"] > 0
     n_test = SCALES["toy"].test_per_domain * 6
     assert json.loads((folder / "eval" / "chimera" / "report.json").read_text())["num_samples"] == n_test
@@ -101,8 +120,53 @@ def test_claims_over_seeds_are_judged_on_the_mean_with_its_spread(tmp_path):
     assert report["mean_per_domain"]["chimera"]["chart"] == pytest.approx(0.45)
     text = (tmp_path / "report.md").read_text()
     assert "| Chimera - its control (generalist continued as long), expert domains > 0 | 0.150 | -0.050 | 0.050 | " \
-           "0.050 ± 0.100 | yes (within spread) |" in text
+           "0.050 ± 0.100 | yes (within spread) | no |" in text
     assert (tmp_path / "claims.png").stat().st_size > 0 and json.loads((tmp_path / "report.json").read_text())
+
+
+def test_a_claim_is_undecided_without_two_values_and_a_tie_at_the_target_holds(tmp_path):
+    per_seed = {0: _results(gscm=None, routing=(0.3, 0.3)), 1: _results(gscm=1.6), 2: _results(gscm=None)}
+    summary = {c["key"]: c for c in summarize_seeds(per_seed)}
+    gscm = summary["gscm_attention_ratio"]
+    assert gscm["n"] == 1 and gscm["sd"] is None and gscm["verdict"] == "n/a" and not gscm["held"]
+    assert summary["routing"]["verdict"] == "yes" and summary["routing"]["sd"] == 0.0  # ">=": a tie holds
+    assert summary["chimera_vs_control"]["verdict"] == "yes"  # +0.1 on every seed
+    # below the target by less than one sd on one side: "no (within spread)"
+    per_seed = {0: _results(router=0.97), 1: _results(router=0.90), 2: _results(router=0.92)}
+    assert {c["key"]: c for c in summarize_seeds(per_seed)}["chimera_router"]["verdict"] == "no (within spread)"
+    write_seeds_report(str(tmp_path), {0: _results(gscm=None), 1: _results(gscm=1.6)}, {0: 1.0, 1: 1.0, "all": 2.0})
+    assert "| GSCM attention on expert tokens, with / without >= 1.5 | n/a | 1.600 | 1.600 | n/a |" in \
+        (tmp_path / "report.md").read_text()
+
+
+def test_seeds_run_the_lab_per_seed_folder_and_reuse_finished_seeds(tmp_path, monkeypatch, capsys):
+    import train.quickstart as quickstart
+
+    calls = []
+
+    def fake_run_lab(folder, config):
+        calls.append((folder, config.seed))
+        results = {**_results(router=0.9 + config.seed / 100), "timings_seconds": {"total": 10.0 + config.seed}}
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "report.json"), "w") as f:
+            json.dump({**results, "config": dataclasses.asdict(config)}, f)
+        return results
+
+    monkeypatch.setattr(quickstart, "run_lab", fake_run_lab)
+    report = main(make_parser().parse_args(["--output_dir", str(tmp_path), "--scale", "toy", "--seeds", "3,5"]))
+    assert calls == [(str(tmp_path / "seed-3"), 3), (str(tmp_path / "seed-5"), 5)]
+    assert report["timings_seconds"] == {3: 13.0, 5: 15.0, "all": 28.0}
+    assert {c["key"]: c for c in report["claims"]}["chimera_router"]["per_seed"] == {3: 0.93, 5: 0.95}
+    assert "# Mini-lab report over seeds" in capsys.readouterr().out
+    # Rerun: both seeds finished with the same config, so nothing trains again; a changed config retrains.
+    calls.clear()
+    main(make_parser().parse_args(["--output_dir", str(tmp_path), "--scale", "toy", "--seeds", "3,5"]))
+    assert calls == []
+    data = json.loads((tmp_path / "seed-5" / "report.json").read_text())
+    changed = {**data, "config": {**data["config"], "joint_steps": 1}}
+    (tmp_path / "seed-5" / "report.json").write_text(json.dumps(changed))
+    main(make_parser().parse_args(["--output_dir", str(tmp_path), "--scale", "toy", "--seeds", "3,5"]))
+    assert calls == [(str(tmp_path / "seed-5"), 5)]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -115,7 +179,11 @@ def test_bad_seeds_are_refused_naming_the_argument(argv, message, capsys):
     with pytest.raises(SystemExit):
         make_parser().parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_seeds_parse_in_the_order_given():
     assert make_parser().parse_args(["--seeds", "2,0,1"]).seeds == [2, 0, 1]
+    assert make_parser().parse_args([]).seeds is None
 
 
 def test_evaluate_cli_on_a_saved_model(toy_run, tmp_path):

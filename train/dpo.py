@@ -141,6 +141,7 @@ def main(script_args, training_args, model_args, data_args, tiny_args: TinyArgum
         trainer.train(resume_from_checkpoint=resume_checkpoint(training_args))
     finish(trainer, policy, processor, training_args,
            {"script": "dpo", "model": kind, "trainable": summary, "groups": script_args.train_groups,
+            "loss_type": list(training_args.loss_type), "beta": training_args.beta,
             "fp32_master_parameters": sum(p.numel() for p in upcast)})
     return trainer
 

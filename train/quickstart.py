@@ -370,11 +370,11 @@ def evaluate_all(lab: Lab, data):
     _, mixpert, _, _ = run_eval("mixpert", "mixpert", test)
     run_eval("mixpert-control", "mixpert-control", test)
     run_eval("mixpert-oracle", "mixpert", test, oracle=True)
-    routing = {}
-    for strategy in ("direct", "score_threshold", "score_difference"):
-        mixpert.config.routing_strategy = strategy
-        _, _, _, report = run_eval(f"mixpert-mixed-{strategy}", "mixpert", mixed, split="mixed")
-        routing[strategy] = report["overall"]
+    routing, routing_share = {}, {}
+    for strategy in ("direct", "score_threshold", "score_difference"):  # per call: the saved config is unchanged
+        _, _, _, report = run_eval(f"mixpert-mixed-{strategy}", "mixpert", mixed, split="mixed",
+                                   routing_strategy=strategy)
+        routing[strategy], routing_share[strategy] = report["overall"], report["router"]["expert_share"]
     joint_mixed = run_eval("joint-mixed", "joint", mixed, split="mixed")[3]["overall"]
 
     chimera_router = reports["chimera"]["router"]
@@ -418,6 +418,7 @@ def evaluate_all(lab: Lab, data):
             "per_domain_oracle_experts": _scores(reports["mixpert-oracle"]),
             "expert_share": reports["mixpert"]["router"]["expert_share"],
             "routing": routing,
+            "routing_expert_share": routing_share,
             "routing_joint_model": joint_mixed,
         },
         "dpo": {"preference_accuracy": dpo},
@@ -542,7 +543,7 @@ def claim_values(results: dict) -> dict:
         "routing": routing["score_difference"] - routing["direct"],
         "dpo_vs_control": dpo["after"] - dpo["control"],
     }
-    # Scores are counts over the test images: round off float residue so a tie reads as a tie, not a 1e-17 gain.
+    # Differences of means over the same images: round off float residue so a tie reads as a tie, not a 1e-17 gain.
     return {key: None if v is None else round(v, 9) for key, v in values.items()}
 
 
@@ -556,19 +557,24 @@ def claims(results: dict) -> list[dict]:
 def summarize_seeds(per_seed: dict) -> list[dict]:
     """Each claim over seeds: the per-seed values, their mean and sample standard deviation, and a verdict judged on
     the mean with its spread: `yes` / `no` when mean - sd and mean + sd fall on the same side of the target, else
-    `yes (within spread)` / `no (within spread)`: a claim one standard deviation can flip is not decided."""
+    `yes (within spread)` / `no (within spread)`: a claim one standard deviation can flip is not decided. `n/a` when
+    fewer than two seeds gave a value (a spread needs two)."""
     out = []
     for key, text, op, target in CLAIMS:
         values = [claim_values(results)[key] for results in per_seed.values()]
         known = [v for v in values if v is not None]
         mean = _mean(known) if known else None
-        sd = (sum((v - mean) ** 2 for v in known) / (len(known) - 1)) ** 0.5 if len(known) > 1 else 0.0
+        sd = (sum((v - mean) ** 2 for v in known) / (len(known) - 1)) ** 0.5 if len(known) > 1 else None
         held = _passes(mean, op, target)
-        decided = mean is not None and _passes(mean - sd, op, target) == _passes(mean + sd, op, target)
-        verdict = ("yes" if held else "no") + ("" if decided else " (within spread)")
+        if sd is None:
+            verdict = "n/a"
+        else:
+            decided = _passes(mean - sd, op, target) == _passes(mean + sd, op, target)
+            verdict = ("yes" if held else "no") + ("" if decided else " (within spread)")
         out.append({"key": key, "claim": f"{text} {op} {target:g}", "target": target, "op": op,
-                    "per_seed": dict(zip(per_seed, values)), "mean": mean, "sd": sd, "held": held,
-                    "held_every_seed": all(_passes(v, op, target) for v in values), "verdict": verdict})
+                    "per_seed": dict(zip(per_seed, values)), "n": len(known), "mean": mean, "sd": sd,
+                    "held": held and sd is not None, "held_every_seed": all(_passes(v, op, target) for v in values),
+                    "verdict": verdict})
     return out
 
 
@@ -630,13 +636,14 @@ def plot_claims(summary: list[dict], path: str) -> str:
 
     fig = Figure(figsize=(3 * len(summary), 3))
     for ax, claim in zip(fig.subplots(1, len(summary)), summary):
-        values = [v for v in claim["per_seed"].values() if v is not None]
-        ax.scatter(range(len(values)), values, color="tab:blue", zorder=3, label="seeds")
-        if claim["mean"] is not None:
-            ax.errorbar([(len(values) - 1) / 2], [claim["mean"]], yerr=[claim["sd"]], fmt="s", color="black",
+        seeds = list(claim["per_seed"])
+        points = [(i, v) for i, v in enumerate(claim["per_seed"].values()) if v is not None]  # a seed may give none
+        ax.scatter([i for i, _ in points], [v for _, v in points], color="tab:blue", zorder=3, label="seeds")
+        if claim["sd"] is not None:
+            ax.errorbar([(len(seeds) - 1) / 2], [claim["mean"]], yerr=[claim["sd"]], fmt="s", color="black",
                         capsize=4, label="mean ± sd")
         ax.axhline(claim["target"], color="tab:red", linestyle="--", label="target")
-        ax.set_xticks(range(len(values)), list(claim["per_seed"]))
+        ax.set_xticks(range(len(seeds)), [f"seed {seed}" for seed in seeds], fontsize=7)
         ax.set_title(claim["key"] + f"\n{claim['verdict']}", fontsize=8)
     fig.axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -663,11 +670,13 @@ def write_seeds_report(output_dir: str, per_seed: dict, timings: dict) -> dict:
              f"Seeds {', '.join(map(str, seeds))}; each seed's own report in seed-<n>/report.md. Each claim is judged "
              "on the mean over seeds; '(within spread)' when one standard deviation either side of the mean falls on "
              "both sides of the target.", "", "## Claims", "",
-             "| claim | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | held |",
-             "|---|" + "---|" * len(seeds) + "---|---|"]
+             "| claim | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | held | on every seed |",
+             "|---|" + "---|" * len(seeds) + "---|---|---|"]
     for c in summary:
         cells = " | ".join(_fmt(v) for v in c["per_seed"].values())
-        lines.append(f"| {c['claim']} | {cells} | {_fmt(c['mean'])} ± {c['sd']:.3f} | {c['verdict']} |")
+        spread = f"{_fmt(c['mean'])} ± {_fmt(c['sd'])}" if c["sd"] is not None else _fmt(c["mean"])
+        lines.append(f"| {c['claim']} | {cells} | {spread} | {c['verdict']} | "
+                     f"{'yes' if c['held_every_seed'] else 'no'} |")
     lines += ["", "## Mean score per domain over seeds (test split)", "",
               "| domain | " + " | ".join(per_domain) + " |", "|---|" + "---|" * len(per_domain)]
     lines += [f"| {d} | " + " | ".join(f"{per_domain[name][d]:.3f}" for name in per_domain) + " |" for d in domains]
@@ -707,6 +716,20 @@ def run_lab(output_dir: str, config: LabConfig) -> dict:
     return results
 
 
+def finished_run(folder: str, config: LabConfig) -> dict | None:
+    """The results of a seed finished earlier in `folder` with the same config (its `report.json` is written last),
+    so that an interrupted `--seeds` run goes on where it stopped; None otherwise."""
+    path = os.path.join(folder, "report.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    if results.get("config") != asdict(config):
+        return None
+    print(f"[quickstart] seed {config.seed}: finished earlier in {folder}, its results reused", flush=True)
+    return results
+
+
 def main(args):
     config = SCALES[args.scale]
     if args.seeds is None:
@@ -715,7 +738,8 @@ def main(args):
         return results
     per_seed, timings = {}, {}
     for seed in args.seeds:
-        per_seed[seed] = run_lab(os.path.join(args.output_dir, f"seed-{seed}"), replace(config, seed=seed))
+        folder, seed_config = os.path.join(args.output_dir, f"seed-{seed}"), replace(config, seed=seed)
+        per_seed[seed] = finished_run(folder, seed_config) or run_lab(folder, seed_config)
         timings[seed] = per_seed[seed]["timings_seconds"]["total"]
     timings["all"] = round(sum(timings.values()), 1)
     report = write_seeds_report(args.output_dir, per_seed, timings)
