@@ -62,6 +62,8 @@ def test_toy_quickstart_writes_the_full_report(toy_run):
     share = report["mixpert"]["routing_expert_share"]
     assert share["direct"] == 1.0 and share["score_difference"] < 1.0
     assert report["timings_seconds"]["total"] > 0
+    assert report["kernels"]["mode"] == "native" and report["kernels"]["threads"] >= 1
+    assert "Kernels: native (" in (folder / "report.md").read_text()
     n_test = SCALES["toy"].test_per_domain * 6
     assert json.loads((folder / "eval" / "chimera" / "report.json").read_text())["num_samples"] == n_test
 
@@ -169,7 +171,63 @@ def test_seeds_run_the_lab_per_seed_folder_and_reuse_finished_seeds(tmp_path, mo
     assert calls == [(str(tmp_path / "seed-5"), 5)]
 
 
+def _weights(folder) -> dict:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*.safetensors"))}
+
+
+def _run_quickstart(argv, env=None):
+    import subprocess  # noqa: PLC0415 (only here)
+    import sys  # noqa: PLC0415 (only here)
+
+    result = subprocess.run([sys.executable, "-m", "train.quickstart", "--scale", "toy", *argv], capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# An older CPU as the libraries see it: glibc at its x86-64-v2 level (no AVX, AVX2, FMA or AVX-512: the libm functions
+# it picks by CPU take other code) and MKL's automatic dispatch capped at SSE4.2.
+_OLDER_CPU = {"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX,-AVX2,-FMA,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD",
+              "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
+
+
+@pytest.mark.slow
+def test_reproducible_kernels_give_the_same_bits_whatever_the_workers_and_the_cpu_features(tmp_path):
+    # Two seeds two at a time, then seed 2 alone as on an older CPU (`_OLDER_CPU`): every weight file of seed 2 and
+    # every number of its report are identical.
+    _run_quickstart(["--output_dir", str(tmp_path / "pair"), "--seeds", "1,2", "--workers", "2",
+                     "--kernels", "reproducible"])
+    _run_quickstart(["--output_dir", str(tmp_path / "alone"), "--seed", "2", "--kernels", "reproducible"], _OLDER_CPU)
+    pair, alone = _weights(tmp_path / "pair" / "seed-2"), _weights(tmp_path / "alone")
+    assert len(pair) > 20 and pair == alone
+    reports = [json.loads((folder / "report.json").read_text()) for folder in (tmp_path / "pair" / "seed-2",
+                                                                              tmp_path / "alone")]
+    for report in reports:
+        assert {k: report["kernels"][k] for k in ("mode", "cpu_capability", "threads", "MKL_CBWR",
+                                                  "ONEDNN_MAX_CPU_ISA")} == {
+            "mode": "reproducible", "cpu_capability": "DEFAULT", "threads": 1, "MKL_CBWR": "COMPATIBLE",
+            "ONEDNN_MAX_CPU_ISA": "SSE41"}
+        report.pop("kernels"), report.pop("timings_seconds")
+    assert reports[0] == reports[1]
+    assert _weights(tmp_path / "pair" / "seed-1") != pair  # another seed, other weights
+    # The check sees what one kernel changes: with native kernels, ATen's baseline code instead of this CPU's changes
+    # the weights' bits.
+    _run_quickstart(["--output_dir", str(tmp_path / "native"), "--seed", "2"])
+    _run_quickstart(["--output_dir", str(tmp_path / "baseline"), "--seed", "2"], {"ATEN_CPU_CAPABILITY": "default"})
+    native = json.loads((tmp_path / "native" / "report.json").read_text())["kernels"]
+    assert native["mode"] == "native" and native["cpu_capability"] != "DEFAULT", "x86-64 CPUs since 2013 have AVX2"
+    assert _weights(tmp_path / "native").keys() == pair.keys()
+    assert _weights(tmp_path / "native") != _weights(tmp_path / "baseline") != pair
+
+
+def test_workers_need_reproducible_kernels(tmp_path):
+    with pytest.raises(SystemExit, match="--workers needs --kernels reproducible"):
+        main(make_parser().parse_args(["--output_dir", str(tmp_path), "--scale", "toy", "--workers", "2"]))
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--workers", "0"], "--workers takes a positive integer"),
+    (["--kernels", "fast"], "invalid choice: 'fast'"),
     (["--seeds", "0"], "at least two different seeds"),
     (["--seeds", "0,0"], "at least two different seeds"),
     (["--seeds", "0,a"], "integers separated by commas"),

@@ -3,6 +3,7 @@
     python -m train.quickstart --output_dir runs/quickstart             # one seed (see README for the time)
     python -m train.quickstart --output_dir runs/seeds --seeds 0,1,2    # the claims judged over three seeds
     python -m train.quickstart --output_dir runs/toy --scale toy        # a smoke run of every stage
+    python -m train.quickstart --output_dir runs/seeds --seeds 0,1,2 --kernels reproducible  # same bits on any x86-64
 
 What it does, through the same classes and scripts as full-size runs (`train.sft`, `train.chimera`, `train.dpo`,
 `train.mixpert`, `train.evaluate`):
@@ -27,6 +28,11 @@ control and not below its generalist on the expert domains; GSCM raising the att
 score-difference routing at least as good as direct routing on ambiguous images (Mixpert §3.3); DPO above its
 control on held-out preference pairs. With `--seeds`, each claim is judged on the mean over seeds with its standard
 deviation. The report states for each claim whether it held; nothing is tuned to make it hold.
+
+Numbers and machines: with `--kernels native` (the default) PyTorch, MKL and oneDNN pick the fastest code for this
+CPU and the numbers differ between machines (the README gives the spread measured); `--kernels reproducible` pins
+one thread and baseline x86-64 kernels (`REPRODUCIBLE_KERNELS`) so that machines with different CPUs compute the same
+bits, and runs seeds `--workers` at a time. Each seed's report records the kernels it ran with.
 """
 
 from __future__ import annotations
@@ -118,6 +124,7 @@ class LabConfig:
     mixpert_expert_steps: int = 60
     mixpert_expert_lr: float = 5e-4
     router_epochs: int = 40
+    kernels: str = "native"
     seed: int = 0
 
 
@@ -135,12 +142,88 @@ def make_parser(prog: str | None = None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/quickstart")
     parser.add_argument("--scale", choices=sorted(SCALES), default="lab")
+    parser.add_argument("--kernels", choices=sorted(KERNEL_ENV), default="native",
+                        help="CPU kernels: 'native' (default) lets PyTorch, MKL and oneDNN pick this CPU's fastest, "
+                             "so the numbers differ between machines by the spread the README measures; "
+                             "'reproducible' pins one thread and baseline x86-64 kernels (REPRODUCIBLE_KERNELS) so "
+                             "that machines with different CPUs compute the same bits, at some cost per step")
+    parser.add_argument("--workers", type=_positive_int, default=None,
+                        help="with --kernels reproducible and --seeds: how many seeds run at once, one process and one "
+                             "thread each (default: 2, or 1 on a one-core machine); the numbers do not depend on it")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--seed", type=int, default=None, help="override the lab's seed (one run in --output_dir)")
     group.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2",
                        help="run the lab once per seed (in --output_dir/seed-<n>) and judge each claim on the mean "
                             "over seeds with its standard deviation (report.md, report.json, claims.png)")
     return parser
+
+
+# CPU kernels (`--kernels`). Measured here on the lab's joint stage (seed 5, weights hashed): each of the thread count
+# (1 vs 2), ATen's CPU capability (AVX2 vs default), MKL's code branch (auto vs COMPATIBLE) and oneDNN's ISA (AVX2 vs
+# SSE4.1) changed the trained weights' bits, so machines with different CPUs train different models from one seed.
+# "reproducible" pins each to a path every x86-64 CPU runs alike: one thread (reductions split the same way), ATen's
+# baseline kernels, MKL's COMPATIBLE branch (Intel's conditional numerical reproducibility: the branch that gives the
+# same results on Intel and non-Intel CPUs) and oneDNN's SSE4.1 code. They must be set before the libraries start,
+# so the lab then runs in a fresh process (`run_labs`). glibc's libm also picks code by CPU; `tests/test_quickstart.py`
+# checks the pinned lab gives the same bits with the CPU features glibc sees masked.
+REPRODUCIBLE_KERNELS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default",
+                        "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+KERNEL_ENV = {"native": {}, "reproducible": REPRODUCIBLE_KERNELS}
+
+
+def kernel_record() -> dict:
+    """What this process computes with: recorded in each seed's report.json."""
+    import platform  # noqa: PLC0415 (only here)
+
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            **{k: os.environ.get(k) for k in ("MKL_CBWR", "ONEDNN_MAX_CPU_ISA")},
+            "torch": torch.__version__, "machine": platform.machine(), "cpu": _cpu_name()}
+
+
+def _cpu_name() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def _start_reproducible_worker():
+    torch.set_num_threads(1)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "DEFAULT":  # the pins did not reach this process (e.g. a sitecustomize started torch first)
+        raise RuntimeError(f"--kernels reproducible: this process computes with {capability} kernels, not the "
+                           "pinned baseline (ATEN_CPU_CAPABILITY=default); run `python -m train.quickstart` in a "
+                           "fresh shell")
+
+
+def run_labs(jobs: list[tuple[str, LabConfig]], workers: int) -> list[dict]:
+    """`run_lab(folder, config)` for each job: here, one after the other, for native kernels; in fresh processes with
+    the kernels pinned (`REPRODUCIBLE_KERNELS`), up to `workers` at once, for reproducible ones (the environment is
+    read when the libraries start, so it cannot be changed in a process that already computed)."""
+    if all(config.kernels == "native" for _, config in jobs):
+        return [run_lab(folder, config) for folder, config in jobs]
+    import multiprocessing  # noqa: PLC0415 (only here)
+    from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415 (only here)
+
+    saved = {k: os.environ.get(k) for k in REPRODUCIBLE_KERNELS}
+    os.environ.update(REPRODUCIBLE_KERNELS)  # spawned processes start with this environment
+    try:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_start_reproducible_worker) as pool:
+            return [future.result() for future in [pool.submit(run_lab, folder, config) for folder, config in jobs]]
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"--workers takes a positive integer; got {text!r}")
+    return int(text)
 
 
 def _seed_list(text: str) -> list[int]:
@@ -637,10 +720,19 @@ def write_lab_report(lab: Lab, results: dict):
               f"{dpo['control']:.3f} after its control (SFT on the chosen answers).", "",
               "## Time (seconds)", "", "| stage | s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in lab.timings.items()]
-    lines += ["", "Plots: chimera_vs_generalist.png, chimera_vs_control.png, mixpert_vs_joint.png, "
+    lines += ["", f"Kernels: {_kernels_text(results['kernels'])}.",
+              "", "Plots: chimera_vs_generalist.png, chimera_vs_control.png, mixpert_vs_joint.png, "
               "mixpert_vs_control.png, chimera_router_confusion.png, eval/*/."]
     with open(lab.path("report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _kernels_text(kernels: dict | None) -> str:
+    if not kernels:
+        return "not recorded"
+    return (f"{kernels['mode']} ({kernels['cpu_capability']} ATen kernels, {kernels['threads']} thread(s), "
+            f"MKL_CBWR={kernels['MKL_CBWR'] or 'auto'}, ONEDNN_MAX_CPU_ISA={kernels['ONEDNN_MAX_CPU_ISA'] or 'auto'}, "
+            f"torch {kernels['torch']}, {kernels['cpu'] or kernels['machine']})")
 
 
 def plot_claims(summary: list[dict], path: str) -> str:
@@ -664,7 +756,7 @@ def plot_claims(summary: list[dict], path: str) -> str:
     return path
 
 
-def write_seeds_report(output_dir: str, per_seed: dict, timings: dict) -> dict:
+def write_seeds_report(output_dir: str, per_seed: dict, timings: dict, wall: dict | None = None) -> dict:
     """`report.json`, `report.md` and `claims.png` over seeds, in `output_dir` (each seed's own in `seed-<n>/`)."""
     summary = summarize_seeds(per_seed)
     keys = ("generalist", "generalist_control", "chimera", "chimera_no_gscm", "mixpert_control")
@@ -674,7 +766,8 @@ def write_seeds_report(output_dir: str, per_seed: dict, timings: dict) -> dict:
     per_domain["mixpert"] = {d: _mean(r["mixpert"]["per_domain"][d]["mixpert"] for r in per_seed.values())
                              for d in domains}
     report = {"seeds": list(per_seed), "claims": summary, "mean_per_domain": per_domain,
-              "timings_seconds": timings}
+              "timings_seconds": timings, "wall": wall,
+              "kernels": {seed: r.get("kernels") for seed, r in per_seed.items()}}
     with open(os.path.join(output_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     plot_claims(summary, os.path.join(output_dir, "claims.png"))
@@ -695,6 +788,11 @@ def write_seeds_report(output_dir: str, per_seed: dict, timings: dict) -> dict:
     lines += [f"| {d} | " + " | ".join(f"{per_domain[name][d]:.3f}" for name in per_domain) + " |" for d in domains]
     lines += ["", "## Time (seconds)", "", "| seed | s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
+    if wall is not None:
+        lines += ["", f"Wall time of this invocation: {wall['seconds']} s for seeds "
+                  f"{', '.join(map(str, wall['seeds_run'])) or '(none: all reused)'}, {wall['workers']} at once."]
+    lines += ["", "Kernels: " + "; ".join(f"seed {seed}: {_kernels_text(k)}" for seed, k in report["kernels"].items())
+              + "."]
     lines += ["", "Plot: claims.png (each claim: the seeds, the mean ± sd, the target)."]
     with open(os.path.join(output_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -725,6 +823,7 @@ def run_lab(output_dir: str, config: LabConfig) -> dict:
     with lab.stage("evaluation"):
         results = evaluate_all(lab, data)
     lab.timings["total"] = round(time.perf_counter() - start, 1)
+    results["kernels"] = {"mode": config.kernels, **kernel_record()}
     write_lab_report(lab, results)
     return results
 
@@ -744,18 +843,26 @@ def finished_run(folder: str, config: LabConfig) -> dict | None:
 
 
 def main(args):
-    config = SCALES[args.scale]
+    config = replace(SCALES[args.scale], kernels=args.kernels)
+    if args.workers is not None and args.kernels == "native":
+        raise SystemExit("--workers needs --kernels reproducible: with native kernels each seed already uses every "
+                         "core, and its numbers depend on how many it gets; drop --workers")
+    workers = args.workers or min(2, os.cpu_count() or 1)
     if args.seeds is None:
-        results = run_lab(args.output_dir, config if args.seed is None else replace(config, seed=args.seed))
+        [results] = run_labs([(args.output_dir, config if args.seed is None else replace(config, seed=args.seed))],
+                             workers)
         print(open(os.path.join(args.output_dir, "report.md")).read())
         return results
-    per_seed, timings = {}, {}
-    for seed in args.seeds:
-        folder, seed_config = os.path.join(args.output_dir, f"seed-{seed}"), replace(config, seed=seed)
-        per_seed[seed] = finished_run(folder, seed_config) or run_lab(folder, seed_config)
-        timings[seed] = per_seed[seed]["timings_seconds"]["total"]
+    start = time.perf_counter()
+    jobs = [(os.path.join(args.output_dir, f"seed-{seed}"), replace(config, seed=seed)) for seed in args.seeds]
+    per_seed = {config.seed: finished_run(folder, config) for folder, config in jobs}
+    todo = [(folder, config) for folder, config in jobs if per_seed[config.seed] is None]
+    per_seed.update({config.seed: results for (_, config), results in zip(todo, run_labs(todo, workers))})
+    timings = {seed: results["timings_seconds"]["total"] for seed, results in per_seed.items()}
     timings["all"] = round(sum(timings.values()), 1)
-    report = write_seeds_report(args.output_dir, per_seed, timings)
+    wall = {"seconds": round(time.perf_counter() - start, 1), "workers": 1 if config.kernels == "native" else workers,
+            "seeds_run": [config.seed for _, config in todo]}
+    report = write_seeds_report(args.output_dir, per_seed, timings, wall)
     print(open(os.path.join(args.output_dir, "report.md")).read())
     return report
 
