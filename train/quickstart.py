@@ -3,7 +3,7 @@
     python -m train.quickstart --output_dir runs/quickstart             # one seed (see README for the time)
     python -m train.quickstart --output_dir runs/seeds --seeds 0,1,2    # the claims judged over three seeds
     python -m train.quickstart --output_dir runs/toy --scale toy        # a smoke run of every stage
-    python -m train.quickstart --output_dir runs/seeds --seeds 0,1,2 --kernels reproducible  # same bits on any x86-64
+    python -m train.quickstart --output_dir runs/seeds --seeds 0,1,2 --kernels reproducible  # kernels pinned
 
 What it does, through the same classes and scripts as full-size runs (`train.sft`, `train.chimera`, `train.dpo`,
 `train.mixpert`, `train.evaluate`):
@@ -31,8 +31,9 @@ deviation. The report states for each claim whether it held; nothing is tuned to
 
 Numbers and machines: with `--kernels native` (the default) PyTorch, MKL and oneDNN pick the fastest code for this
 CPU and the numbers differ between machines (the README gives the spread measured); `--kernels reproducible` pins
-one thread and baseline x86-64 kernels (`REPRODUCIBLE_KERNELS`) so that machines with different CPUs compute the same
-bits, and runs seeds `--workers` at a time. Each seed's report records the kernels it ran with.
+one thread and baseline x86-64 kernels (`REPRODUCIBLE_KERNELS`), so that x86-64 machines with different CPUs and the
+same software versions compute the same bits (checked on one machine with CPU features masked, not yet on two), and
+runs seeds `--workers` at a time. Each seed's report records the kernels it ran with.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def make_parser(prog: str | None = None):
                         help="CPU kernels: 'native' (default) lets PyTorch, MKL and oneDNN pick this CPU's fastest, "
                              "so the numbers differ between machines by the spread the README measures; "
                              "'reproducible' pins one thread and baseline x86-64 kernels (REPRODUCIBLE_KERNELS) so "
-                             "that machines with different CPUs compute the same bits, at some cost per step")
+                             "that x86-64 CPUs compute the same bits with the same software versions, at some cost "
+                             "per step")
     parser.add_argument("--workers", type=_positive_int, default=None,
                         help="with --kernels reproducible and --seeds: how many seeds run at once, one process and one "
                              "thread each (default: 2, or 1 on a one-core machine); the numbers do not depend on it")
@@ -161,11 +163,11 @@ def make_parser(prog: str | None = None):
 # CPU kernels (`--kernels`). Measured here on the lab's joint stage (seed 5, weights hashed): each of the thread count
 # (1 vs 2), ATen's CPU capability (AVX2 vs default), MKL's code branch (auto vs COMPATIBLE) and oneDNN's ISA (AVX2 vs
 # SSE4.1) changed the trained weights' bits, so machines with different CPUs train different models from one seed.
-# "reproducible" pins each to a path every x86-64 CPU runs alike: one thread (reductions split the same way), ATen's
-# baseline kernels, MKL's COMPATIBLE branch (Intel's conditional numerical reproducibility: the branch that gives the
-# same results on Intel and non-Intel CPUs) and oneDNN's SSE4.1 code. They must be set before the libraries start,
-# so the lab then runs in a fresh process (`run_labs`). glibc's libm also picks code by CPU; `tests/test_quickstart.py`
-# checks the pinned lab gives the same bits with the CPU features glibc sees masked.
+# "reproducible" pins each to a path every x86-64 CPU can run: one thread (reductions split the same way), ATen's
+# baseline kernels, MKL's COMPATIBLE branch (Intel's conditional numerical reproducibility: the branch meant to give
+# the same results on Intel and non-Intel CPUs) and oneDNN's SSE4.1 code. They are read when the libraries start, so
+# each seed then runs in a fresh process (`run_labs`). glibc's libm also picks code by CPU, and is not pinned:
+# `tests/test_quickstart.py` masks the CPU features glibc sees and checks the bits do not change.
 REPRODUCIBLE_KERNELS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default",
                         "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
 KERNEL_ENV = {"native": {}, "reproducible": REPRODUCIBLE_KERNELS}
@@ -177,7 +179,8 @@ def kernel_record() -> dict:
 
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             **{k: os.environ.get(k) for k in ("MKL_CBWR", "ONEDNN_MAX_CPU_ISA")},
-            "torch": torch.__version__, "machine": platform.machine(), "cpu": _cpu_name()}
+            "mkl": torch.backends.mkl.is_available(), "torch": torch.__version__, "machine": platform.machine(),
+            "libc": " ".join(platform.libc_ver()), "cpu": _cpu_name()}
 
 
 def _cpu_name() -> str | None:
@@ -188,30 +191,42 @@ def _cpu_name() -> str | None:
         return None
 
 
-def _start_reproducible_worker():
+def check_reproducible_kernels_apply():
+    """The pins are x86-64's and MKL's: elsewhere they would pin nothing while the report said they did."""
+    import platform  # noqa: PLC0415 (only here)
+
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        raise SystemExit(f"--kernels reproducible pins x86-64 kernels; this machine is {platform.machine()}: use "
+                         "--kernels native")
+    if not torch.backends.mkl.is_available():
+        raise SystemExit("--kernels reproducible pins MKL's code branch; this torch build has no MKL: install the "
+                         "PyPI torch wheel, or use --kernels native")
+
+
+def _run_lab_pinned(folder: str, config: LabConfig) -> dict:
     torch.set_num_threads(1)
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability != "DEFAULT":  # the pins did not reach this process (e.g. a sitecustomize started torch first)
+    if capability != "DEFAULT":  # the pinned environment did not reach this process
         raise RuntimeError(f"--kernels reproducible: this process computes with {capability} kernels, not the "
-                           "pinned baseline (ATEN_CPU_CAPABILITY=default); run `python -m train.quickstart` in a "
-                           "fresh shell")
+                           "pinned baseline (ATEN_CPU_CAPABILITY=default)")
+    return run_lab(folder, config)
 
 
 def run_labs(jobs: list[tuple[str, LabConfig]], workers: int) -> list[dict]:
-    """`run_lab(folder, config)` for each job: here, one after the other, for native kernels; in fresh processes with
-    the kernels pinned (`REPRODUCIBLE_KERNELS`), up to `workers` at once, for reproducible ones (the environment is
-    read when the libraries start, so it cannot be changed in a process that already computed)."""
+    """`run_lab(folder, config)` for each job: here, one after the other, for native kernels; for reproducible ones,
+    each in a fresh process with the kernels pinned (`REPRODUCIBLE_KERNELS`), up to `workers` at once."""
     if all(config.kernels == "native" for _, config in jobs):
         return [run_lab(folder, config) for folder, config in jobs]
     import multiprocessing  # noqa: PLC0415 (only here)
-    from concurrent.futures import ProcessPoolExecutor  # noqa: PLC0415 (only here)
 
     saved = {k: os.environ.get(k) for k in REPRODUCIBLE_KERNELS}
     os.environ.update(REPRODUCIBLE_KERNELS)  # spawned processes start with this environment
     try:
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_start_reproducible_worker) as pool:
-            return [future.result() for future in [pool.submit(run_lab, folder, config) for folder, config in jobs]]
+        # maxtasksperchild=1: a process per seed (a pool would reuse one for the next seed); leaving the `with` on an
+        # error terminates the other seeds at once instead of training them to the end first.
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)), maxtasksperchild=1) as pool:
+            pending = [pool.apply_async(_run_lab_pinned, job) for job in jobs]
+            return [result.get() for result in pending]
     finally:
         for k, v in saved.items():
             if v is None:
@@ -253,11 +268,11 @@ class Lab:
         class _Timer:
             def __enter__(self):
                 self.start = time.perf_counter()
-                print(f"[quickstart] {name} ...", flush=True)
+                print(f"[quickstart] seed {lab.cfg.seed}: {name} ...", flush=True)
 
             def __exit__(self, *exc):
                 lab.timings[name] = round(time.perf_counter() - self.start, 1)
-                print(f"[quickstart] {name}: {lab.timings[name]} s", flush=True)
+                print(f"[quickstart] seed {lab.cfg.seed}: {name}: {lab.timings[name]} s", flush=True)
 
         return _Timer()
 
@@ -836,7 +851,7 @@ def finished_run(folder: str, config: LabConfig) -> dict | None:
         return None
     with open(path) as f:
         results = json.load(f)
-    if results.get("config") != asdict(config):
+    if {"kernels": "native", **results.get("config", {})} != asdict(config):  # reports before --kernels ran native
         return None
     print(f"[quickstart] seed {config.seed}: finished earlier in {folder}, its results reused", flush=True)
     return results
@@ -844,10 +859,14 @@ def finished_run(folder: str, config: LabConfig) -> dict | None:
 
 def main(args):
     config = replace(SCALES[args.scale], kernels=args.kernels)
-    if args.workers is not None and args.kernels == "native":
-        raise SystemExit("--workers needs --kernels reproducible: with native kernels each seed already uses every "
-                         "core, and its numbers depend on how many it gets; drop --workers")
-    workers = args.workers or min(2, os.cpu_count() or 1)
+    if args.workers is not None and (args.kernels == "native" or args.seeds is None):
+        raise SystemExit("--workers needs --seeds and --kernels reproducible: it runs that many seeds at once, one "
+                         "thread each (with native kernels a seed already uses every core, and its numbers depend on "
+                         "how many it gets); drop --workers or add those")
+    if args.kernels == "reproducible":
+        check_reproducible_kernels_apply()
+    workers = args.workers or min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                  else os.cpu_count() or 1)
     if args.seeds is None:
         [results] = run_labs([(args.output_dir, config if args.seed is None else replace(config, seed=args.seed))],
                              workers)
@@ -860,7 +879,8 @@ def main(args):
     per_seed.update({config.seed: results for (_, config), results in zip(todo, run_labs(todo, workers))})
     timings = {seed: results["timings_seconds"]["total"] for seed, results in per_seed.items()}
     timings["all"] = round(sum(timings.values()), 1)
-    wall = {"seconds": round(time.perf_counter() - start, 1), "workers": 1 if config.kernels == "native" else workers,
+    wall = {"seconds": round(time.perf_counter() - start, 1),
+            "workers": 1 if config.kernels == "native" else min(workers, max(len(todo), 1)),
             "seeds_run": [config.seed for _, config in todo]}
     report = write_seeds_report(args.output_dir, per_seed, timings, wall)
     print(open(os.path.join(args.output_dir, "report.md")).read())
