@@ -143,7 +143,7 @@ def make_parser(prog: str | None = None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/quickstart")
     parser.add_argument("--scale", choices=sorted(SCALES), default="lab")
-    parser.add_argument("--kernels", choices=sorted(KERNEL_ENV), default="native",
+    parser.add_argument("--kernels", choices=("native", "reproducible"), default="native",
                         help="CPU kernels: 'native' (default) lets PyTorch, MKL and oneDNN pick this CPU's fastest, "
                              "so the numbers differ between machines by the spread the README measures; "
                              "'reproducible' pins one thread and baseline x86-64 kernels (REPRODUCIBLE_KERNELS) so "
@@ -170,7 +170,6 @@ def make_parser(prog: str | None = None):
 # `tests/test_quickstart.py` masks the CPU features glibc sees and checks the bits do not change.
 REPRODUCIBLE_KERNELS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default",
                         "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "SSE41"}
-KERNEL_ENV = {"native": {}, "reproducible": REPRODUCIBLE_KERNELS}
 
 
 def kernel_record() -> dict:
@@ -874,14 +873,14 @@ def main(args):
         return results
     start = time.perf_counter()
     jobs = [(os.path.join(args.output_dir, f"seed-{seed}"), replace(config, seed=seed)) for seed in args.seeds]
-    per_seed = {config.seed: finished_run(folder, config) for folder, config in jobs}
-    todo = [(folder, config) for folder, config in jobs if per_seed[config.seed] is None]
-    per_seed.update({config.seed: results for (_, config), results in zip(todo, run_labs(todo, workers))})
+    per_seed = {cfg.seed: finished_run(folder, cfg) for folder, cfg in jobs}
+    todo = [(folder, cfg) for folder, cfg in jobs if per_seed[cfg.seed] is None]
+    per_seed.update({cfg.seed: results for (_, cfg), results in zip(todo, run_labs(todo, workers))})
     timings = {seed: results["timings_seconds"]["total"] for seed, results in per_seed.items()}
     timings["all"] = round(sum(timings.values()), 1)
     wall = {"seconds": round(time.perf_counter() - start, 1),
             "workers": 1 if config.kernels == "native" else min(workers, max(len(todo), 1)),
-            "seeds_run": [config.seed for _, config in todo]}
+            "seeds_run": [cfg.seed for _, cfg in todo]}
     report = write_seeds_report(args.output_dir, per_seed, timings, wall)
     print(open(os.path.join(args.output_dir, "report.md")).read())
     return report
