@@ -32,3 +32,65 @@ def test_real_shape_bench_runs_and_loading_stays_within_1_3_times_the_checkpoint
     ratios = [float(line.rsplit("ratio ", 1)[1]) for line in run.stdout.splitlines() if "MB in" in line]
     assert len(ratios) == 3 and all(r <= 1.3 for r in ratios), run.stdout[-2000:]
     assert "general / generalist" in run.stdout and "per-image loop / grouped" in run.stdout
+
+
+def _fake_lab(values):
+    """`run_labs` stand-in for `bench.reproducible_digest`: writes two weight files instead of training."""
+    import torch
+    from safetensors.torch import save_file
+
+    def run_labs(jobs, workers):
+        (folder, config), = jobs
+        assert workers == 1 and config.kernels == "reproducible" and config.joint_steps == 60
+        for name, value in zip(("joint", "mixpert"), values):
+            os.makedirs(os.path.join(folder, name))
+            save_file({"w": torch.full((3,), float(value))}, os.path.join(folder, name, "model.safetensors"))
+        return [{"kernels": {"mode": "reproducible", "seed": config.seed}}]
+
+    return run_labs
+
+
+def test_reproducible_digest_hashes_every_weight_file_and_compares_with_expected(tmp_path, monkeypatch, capsys):
+    import hashlib
+    import json
+
+    import train.quickstart
+    from bench import reproducible_digest as bench
+
+    monkeypatch.setattr(train.quickstart, "check_reproducible_kernels_apply", lambda: None)
+    parser = bench.make_parser()
+    monkeypatch.setattr(train.quickstart, "run_labs", _fake_lab([1, 2]))
+    assert bench.main(parser.parse_args(["--output_dir", str(tmp_path / "a")])) == 0
+    record = json.loads((tmp_path / "a" / "digest.json").read_text())
+    files = {f"{name}/model.safetensors": hashlib.sha256((tmp_path / "a" / name / "model.safetensors").read_bytes())
+             .hexdigest()[:12] for name in ("joint", "mixpert")}
+    assert record["files"] == files
+    assert record["digest"] == hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+    assert record["kernels"] == {"mode": "reproducible", "seed": 5} and record["versions"]["torch"]
+    assert f"2 weight files, seed 5: digest {record['digest']}" in capsys.readouterr().out
+
+    # the same weights again: the same digest, and --expected passes
+    args = parser.parse_args(["--output_dir", str(tmp_path / "b"), "--expected", record["digest"]])
+    assert bench.main(args) == 0
+    # one value changed in one file: another digest, and --expected fails with a message
+    monkeypatch.setattr(train.quickstart, "run_labs", _fake_lab([1, 3]))
+    args = parser.parse_args(["--output_dir", str(tmp_path / "c"), "--expected", record["digest"]])
+    assert bench.main(args) == 1
+    assert f"differs from --expected {record['digest']}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "c" / "digest.json").read_text())["files"]["joint/model.safetensors"] == \
+        files["joint/model.safetensors"]
+
+
+def test_reproducible_digest_refuses_bad_arguments(tmp_path, capsys):
+    from bench import reproducible_digest as bench
+
+    parser = bench.make_parser()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "old.safetensors").write_bytes(b"x")
+    with pytest.raises(SystemExit, match=r"--output_dir .*used is not empty: .* pass a new folder"):
+        bench.main(parser.parse_args(["--output_dir", str(tmp_path / "used")]))
+    with pytest.raises(SystemExit, match=r"--executable .*nope is not an executable file"):
+        bench.main(parser.parse_args(["--output_dir", str(tmp_path / "new"), "--executable", str(tmp_path / "nope")]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--expected", "54055C4AF6B"])
+    assert "--expected takes the 12 lowercase hex digits this script prints" in capsys.readouterr().err
