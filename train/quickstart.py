@@ -32,7 +32,7 @@ deviation. The report states for each claim whether it held; nothing is tuned to
 Numbers and machines: with `--kernels native` (the default) PyTorch, MKL and oneDNN pick the fastest code for this
 CPU and the numbers differ between machines (the README gives the spread measured); `--kernels reproducible` pins
 one thread and baseline x86-64 kernels (`REPRODUCIBLE_KERNELS`), so that x86-64 machines with different CPUs and the
-same software versions compute the same bits (checked on one machine with CPU features masked, not yet on two), and
+same software versions compute the same bits (the README gives the machines and the emulated CPU checked), and
 runs seeds `--workers` at a time. Each seed's report records the kernels it ran with.
 """
 
