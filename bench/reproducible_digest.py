@@ -76,14 +76,18 @@ def package_versions() -> dict[str, str | None]:
 def main(args) -> int:
     from train.quickstart import LabConfig, check_reproducible_kernels_apply, run_labs  # noqa: PLC0415 (--help stays fast)
 
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise SystemExit(f"--output_dir {args.output_dir} is a file: pass a new folder")
     if os.path.isdir(args.output_dir) and os.listdir(args.output_dir):
         raise SystemExit(f"--output_dir {args.output_dir} is not empty: the digest hashes every weight file in it; "
                          "pass a new folder")
     if args.executable is not None:
         if not (os.path.isfile(args.executable) and os.access(args.executable, os.X_OK)):
-            raise SystemExit(f"--executable {args.executable} is not an executable file")
+            raise SystemExit(f"--executable {args.executable} is not an executable file: pass the path of a Python "
+                             "or of a script that runs one (a command line with arguments goes in such a script)")
         import multiprocessing  # noqa: PLC0415 (only here)
 
+        # A process-wide setting: this script is a command, it ends after the one lab.
         multiprocessing.set_executable(args.executable)  # the pinned lab runs in a spawned process (run_labs)
     check_reproducible_kernels_apply()
     start = time.perf_counter()

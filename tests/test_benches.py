@@ -45,6 +45,8 @@ def _fake_lab(values):
         for name, value in zip(("joint", "mixpert"), values):
             os.makedirs(os.path.join(folder, name))
             save_file({"w": torch.full((3,), float(value))}, os.path.join(folder, name, "model.safetensors"))
+            with open(os.path.join(folder, name, "trainer_state.json"), "w") as f:  # differs per run: not hashed
+                f.write(folder)
         return [{"kernels": {"mode": "reproducible", "seed": config.seed}}]
 
     return run_labs
@@ -89,8 +91,13 @@ def test_reproducible_digest_refuses_bad_arguments(tmp_path, capsys):
     (tmp_path / "used" / "old.safetensors").write_bytes(b"x")
     with pytest.raises(SystemExit, match=r"--output_dir .*used is not empty: .* pass a new folder"):
         bench.main(parser.parse_args(["--output_dir", str(tmp_path / "used")]))
-    with pytest.raises(SystemExit, match=r"--executable .*nope is not an executable file"):
-        bench.main(parser.parse_args(["--output_dir", str(tmp_path / "new"), "--executable", str(tmp_path / "nope")]))
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--expected", "54055C4AF6B"])
-    assert "--expected takes the 12 lowercase hex digits this script prints" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit, match=r"--output_dir .*a-file is a file: pass a new folder"):
+        bench.main(parser.parse_args(["--output_dir", str(tmp_path / "a-file")]))
+    for executable in (tmp_path / "nope", tmp_path / "a-file"):  # missing; present but not executable
+        with pytest.raises(SystemExit, match=r"--executable .* is not an executable file: pass the path of a Python"):
+            bench.main(parser.parse_args(["--output_dir", str(tmp_path / "new"), "--executable", str(executable)]))
+    for bad in ("54055C4AF6B7", "54055c4af6b"):  # upper case; 11 digits
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--expected", bad])
+        assert "--expected takes the 12 lowercase hex digits this script prints" in capsys.readouterr().err
